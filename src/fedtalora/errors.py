@@ -1,0 +1,32 @@
+"""Exceptions raised at the library's boundaries.
+
+Every error a user can cause by what they hand us (a config, a path, a file, a client update) is a
+:class:`FedTaLoRAError`. The CLI prints its message as one line and exits with code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedTaLoRAError(Exception):
+    """Base class of user-facing errors: the message is one line that names the problem."""
+
+
+class ConfigError(FedTaLoRAError, ValueError):
+    """A configuration key, value or preset is invalid."""
+
+
+class DataError(FedTaLoRAError):
+    """A dataset is missing, malformed or cannot satisfy the requested scenario."""
+
+
+class PartitionError(DataError, ValueError):
+    """A partition request cannot be satisfied (e.g. alpha above the classes of a task)."""
+
+
+class ModelError(FedTaLoRAError):
+    """A backbone, checkpoint or pretrained weight cannot be built or loaded."""
+
+
+class AggregationError(FedTaLoRAError, ValueError):
+    """Client updates do not agree on keys or shapes, or weights are invalid."""
