@@ -1,0 +1,206 @@
+"""Server-side aggregation: weighted FedAvg and the exact LoRA residual (ResWU).
+
+For one adapted weight ``W`` with LoRA factors ``B (d_out x r)``, ``A (r x d_in)`` and scaling ``s``,
+``K`` clients with weights ``p_k`` (summing to one) return ``(B_k, A_k)``. Naive averaging gives the
+global effective weight ``W_base + s * Bbar @ Abar`` with ``Bbar = sum_k p_k B_k``, ``Abar = sum_k p_k A_k``,
+which is *not* the average of the clients' effective weights ``W_base + s * B_k @ A_k``. The residual
+
+    W_res = s * (sum_k p_k B_k A_k - Bbar Abar)
+
+folded into the base (``W_base += W_res``, accumulated over rounds and tasks) makes the global model
+the exact weighted average of the clients' models (Fed-TaLoRA, arXiv 2505.12318; FedEx-LoRA).
+
+The residual has rank at most ``(K + 1) r`` and is computed from its factors
+
+    L = [p_1 B_1, ..., p_K B_K, -Bbar]   (d_out x (K+1) r)
+    R = [A_1; ...; A_K; Abar]             ((K+1) r x d_in)
+
+so ``W_res = s * L @ R`` is one GEMM, and ``(L, R)`` is also the compact form a server can send
+instead of the dense ``d_out x d_in`` matrix (see :func:`residual_nbytes`).
+
+Every function here is pure: tensors in, new tensors out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AggregationError
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def normalize_weights(counts: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Aggregation weights ``p_k = n_k / sum(n)`` in float64.
+
+    Raises:
+        AggregationError: if there are no clients, a count is negative or not finite, or all are zero.
+    """
+    w = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    if w.numel() == 0:
+        raise AggregationError("cannot aggregate zero client updates")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise AggregationError(f"aggregation weights must be finite and >= 0, got {w.tolist()}")
+    total = w.sum()
+    if total <= 0:
+        raise AggregationError("aggregation weights sum to zero")
+    return w / total
+
+
+def check_updates(updates: Sequence[StateDict]) -> None:
+    """Raise :class:`AggregationError` unless all updates share the same keys, shapes and dtypes."""
+    if not updates:
+        raise AggregationError("cannot aggregate zero client updates")
+    ref = updates[0]
+    for i, upd in enumerate(updates[1:], start=1):
+        if set(upd) != set(ref):
+            missing = sorted(set(ref) - set(upd))
+            extra = sorted(set(upd) - set(ref))
+            raise AggregationError(f"update {i} has different keys (missing {missing[:3]}, unexpected {extra[:3]})")
+        for k, t in upd.items():
+            if t.shape != ref[k].shape:
+                raise AggregationError(f"update {i}: {k} has shape {tuple(t.shape)}, expected {tuple(ref[k].shape)}")
+            if t.dtype != ref[k].dtype:
+                raise AggregationError(f"update {i}: {k} has dtype {t.dtype}, expected {ref[k].dtype}")
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_k p_k t_k`` accumulated in float64, returned in the tensors' dtype."""
+    if len(tensors) != weights.numel():
+        raise AggregationError(f"{len(tensors)} tensors but {weights.numel()} weights")
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
+    for t, p in zip(tensors, weights.tolist(), strict=True):
+        acc.add_(t.to(torch.float64), alpha=p)
+    return acc.to(tensors[0].dtype)
+
+
+def fedavg(updates: Sequence[StateDict], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Key-wise weighted average of state dicts (checked for matching keys and shapes)."""
+    check_updates(updates)
+    return {k: weighted_average([u[k] for u in updates], weights) for k in updates[0]}
+
+
+def residual_factors(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor,
+    Bbar: torch.Tensor, Abar: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors ``(L, R)`` with ``L @ R = sum_k p_k B_k A_k - Bbar Abar``.
+
+    Shapes: ``B_k (d_out, r)``, ``A_k (r, d_in)`` -> ``L (d_out, (K+1) r)``, ``R ((K+1) r, d_in)``.
+    """
+    p = weights.to(Bbar.dtype).tolist()
+    L = torch.cat([B * pk for B, pk in zip(Bs, p, strict=True)] + [-Bbar], dim=1)
+    R = torch.cat(list(As) + [Abar], dim=0)
+    return L, R
+
+
+def lora_residual(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """``W_res = s * (sum_k p_k B_k A_k - Bbar Abar)`` (dense, ``d_out x d_in``)."""
+    Bbar = weighted_average(Bs, weights)
+    Abar = weighted_average(As, weights)
+    L, R = residual_factors(Bs, As, weights, Bbar, Abar)
+    return (L @ R) * scaling
+
+
+def relative_aggregation_error(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor, scaling: float,
+    Bbar: torch.Tensor, Abar: torch.Tensor, residual: torch.Tensor | None,
+) -> float:
+    """Fraction of the clients' averaged update that aggregation loses, for one layer.
+
+    ``|dW_global - sum_k p_k dW_k|_F / |sum_k p_k dW_k|_F`` with ``dW_k = s B_k A_k`` and
+    ``dW_global = s Bbar Abar + W_res`` (``W_res = 0`` without the residual). Computed in float64
+    from the factors, never by subtracting the large frozen weights (which would drown it in rounding).
+    """
+    f64 = torch.float64
+    target = torch.zeros(Bbar.shape[0], Abar.shape[1], dtype=f64, device=Bbar.device)
+    for B, A, p in zip(Bs, As, weights.tolist(), strict=True):
+        target.addmm_(B.to(f64), A.to(f64), alpha=p)
+    target.mul_(scaling)
+    got = (Bbar.to(f64) @ Abar.to(f64)) * scaling
+    if residual is not None:
+        got = got + residual.to(f64)
+    denom = torch.linalg.matrix_norm(target)
+    num = torch.linalg.matrix_norm(got - target)
+    if denom == 0:
+        return 0.0 if num == 0 else float("inf")
+    return float(num / denom)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """Keys of one adapted layer's factors in a state dict, and its LoRA scaling ``alpha / r``."""
+
+    layer: str
+    a_key: str
+    b_key: str
+    scaling: float
+
+
+@dataclass
+class Aggregate:
+    """The result of one round's aggregation."""
+
+    state: dict[str, torch.Tensor]
+    """New global trainable state (averaged LoRA factors, head, ...)."""
+    residuals: dict[str, torch.Tensor]
+    """Per adapted layer, the dense ``W_res`` to add into the base weight (empty without the residual)."""
+    errors: dict[str, float]
+    """Per adapted layer, :func:`relative_aggregation_error`."""
+    residual_ranks: dict[str, int]
+    """Per adapted layer, the inner dimension ``(K+1) r`` of the factored residual."""
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+def aggregate_lora(
+    updates: Sequence[StateDict], weights: torch.Tensor, pairs: Sequence[LoraPair], *, residual: bool,
+) -> Aggregate:
+    """FedAvg of every tensor, plus (optionally) the exact residual of every LoRA pair.
+
+    Args:
+        updates: one state dict per client, all with the same keys and shapes.
+        weights: normalised aggregation weights (see :func:`normalize_weights`).
+        pairs: the LoRA layers whose ``(B, A)`` appear in the updates.
+        residual: compute ``W_res`` (ResWU); without it the residuals dict is empty.
+    """
+    check_updates(updates)
+    if len(updates) != weights.numel():
+        raise AggregationError(f"{len(updates)} updates but {weights.numel()} weights")
+    for pair in pairs:
+        for k in (pair.a_key, pair.b_key):
+            if k not in updates[0]:
+                raise AggregationError(f"LoRA key {k!r} of layer {pair.layer!r} is missing from the updates")
+    state = fedavg(updates, weights)
+    residuals: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    for pair in pairs:
+        Bs = [u[pair.b_key] for u in updates]
+        As = [u[pair.a_key] for u in updates]
+        Bbar, Abar = state[pair.b_key], state[pair.a_key]
+        res = None
+        if residual:
+            L, R = residual_factors(Bs, As, weights, Bbar, Abar)
+            res = (L @ R) * pair.scaling
+            residuals[pair.layer] = res
+        ranks[pair.layer] = (len(updates) + 1) * Bbar.shape[1]
+        errors[pair.layer] = relative_aggregation_error(Bs, As, weights, pair.scaling, Bbar, Abar, res)
+    return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks)
+
+
+def residual_nbytes(d_out: int, d_in: int, inner: int, element_size: int = 4) -> tuple[int, int]:
+    """Bytes of one layer's residual as a dense matrix and as its factors ``(L, R)``."""
+    return d_out * d_in * element_size, (d_out + d_in) * inner * element_size
+
+
+def state_nbytes(state: StateDict) -> int:
+    """Bytes of a state dict's tensors as they would travel (numel x element size)."""
+    return sum(t.numel() * t.element_size() for t in state.values())

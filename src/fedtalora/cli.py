@@ -1,0 +1,202 @@
+"""Command line: ``fedtalora run | demo | presets | methods``.
+
+The only module that parses argv, configures logging, draws progress bars and prints. Every
+user-facing error (:class:`~fedtalora.errors.FedTaLoRAError`) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .errors import ConfigError, FedTaLoRAError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedtalora", description="Federated class-incremental learning with task-agnostic "
+                "LoRA and exact residual aggregation (Fed-TaLoRA).")
+    p.add_argument("--version", action="version", version=f"fedtalora {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add_run_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. fed.residual=false lora.blocks=[0,1]")
+        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
+        sp.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    r = sub.add_parser("run", help="run an experiment from a preset name or YAML file")
+    r.add_argument("preset", metavar="PRESET_OR_PATH", help="a shipped preset (see `fedtalora presets`) or a YAML file")
+    add_run_args(r)
+    d = sub.add_parser("demo", help="offline demo: digits, tiny ViT (not pretrained), 5 tasks x 5 clients")
+    add_run_args(d)
+    sub.add_parser("presets", help="list the shipped presets")
+    sub.add_parser("methods", help="list the methods")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "presets":
+            return _cmd_presets()
+        if args.command == "methods":
+            return _cmd_methods()
+        preset = "demo" if args.command == "demo" else args.preset
+        return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose)
+    except FedTaLoRAError as e:
+        sys.stderr.write(f"fedtalora: error: {_one_line(str(e))}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("fedtalora: interrupted; metrics of completed tasks are in the run directory\n")
+        return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _cmd_presets() -> int:
+    from .config import preset_description, preset_names
+
+    for name in preset_names():
+        print(f"{name:28s} {preset_description(name)}")
+    return 0
+
+
+def _cmd_methods() -> int:
+    from .methods import METHODS
+
+    for name in METHODS.names():
+        print(f"{name:12s} {METHODS.get(name).summary}")
+    for name, note in METHODS.planned().items():
+        print(f"{name:12s} (planned) {note}")
+    return 0
+
+
+def _run_dir(cfg: Any, preset: str) -> Path:
+    stem = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+    name = cfg.output.name or f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.output.dir).expanduser() / name
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not cfg.output.overwrite:
+        raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
+                          "or set output.overwrite=true")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory {path}: {e.strerror}") from None
+    return path
+
+
+def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -> int:
+    from .config import resolve
+
+    cfg = resolve(preset, overrides)  # validates before anything heavy is imported
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    interactive = sys.stderr.isatty() and not quiet
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet or interactive else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from .engine import run
+
+    run_dir = _run_dir(cfg, preset)
+    with _Progress(enabled=interactive) as progress:
+        result = run(cfg, run_dir=run_dir, progress=progress)
+    _print_summary(result.metrics, run_dir)
+    return 0
+
+
+class _Progress:
+    """A rich progress bar over tasks x rounds x clients (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if self._bar is None:
+            return
+        bar = self._bar
+        if kind == "start":
+            self._T, self._R, self._m = event["num_tasks"], event["rounds_per_task"], event["clients_per_round"]
+            self._tasks = bar.add_task("tasks", total=self._T, info="")
+            self._rounds = bar.add_task(f"task 1/{self._T} rounds", total=self._R, info="")
+            self._clients = bar.add_task("round 1 clients", total=self._m, info="")
+        elif kind == "client":
+            bar.update(self._clients, advance=1, info=f"loss {event['loss']:.3f}")
+        elif kind == "round":
+            bar.update(self._rounds, advance=1, info=f"agg. error {event['aggregation_error']:.2e}")
+            if event["round"] + 1 < self._R:
+                bar.reset(self._clients, total=self._m, description=f"round {event['round'] + 2} clients")
+        elif kind == "task":
+            bar.update(self._tasks, advance=1, info=f"acc {event['seen_accuracy']:.3f}")
+            t = event["task"] + 1
+            if t < self._T:
+                bar.reset(self._rounds, total=self._R, description=f"task {t + 1}/{self._T} rounds")
+                bar.reset(self._clients, total=self._m, description="round 1 clients")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
+    rounds = m["rounds"]
+    n = max(len(rounds), 1)
+    fgt = m.get("forgetting")
+    pre = "pretrained" if m["pretrained"] else "NOT pretrained: random initialisation"
+    rows = [
+        ("backbone", f"{m['backbone']} ({pre})"),
+        ("final average accuracy (F_AA)", f"{m['final_average_accuracy']:.4f}"),
+        ("average incremental accuracy (AIA)", f"{m['average_incremental_accuracy']:.4f}"),
+        ("forgetting", "n/a (one task)" if fgt is None else f"{fgt:.4f}"),
+        ("max aggregation error", f"{m['max_aggregation_error']:.2e}"),
+        ("uplink per round", _fmt_bytes(m["uplink_bytes_total"] / n)),
+        ("downlink per round", _fmt_bytes(m["downlink_bytes_total"] / n)),
+        ("trainable parameters", f"{m['trainable_parameters']:,}"),
+        ("wall time", f"{m['wall_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{'metric':{width}s}  value")
+    print(f"{'-' * width}  {'-' * 12}")
+    for k, v in rows:
+        print(f"{k:{width}s}  {v}")
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""One client's local round, and batched evaluation, on the single shared model.
+
+A client holds no model: before training, the global trainable state is loaded into the shared
+:class:`~fedtalora.model.FedModel`; afterwards the trained state is read back out. The frozen base is
+the global one (all clients of a round start from the same base), so this is exactly a fresh copy of
+the global model per client, without the copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data import Split
+from .methods import Method
+from .model import FedModel
+
+Transform = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ClientResult:
+    """What one client returns after local training."""
+
+    client: int
+    state: dict[str, torch.Tensor]
+    """Trained tensors (the keys of :meth:`Method.trainable_keys`), on the CPU."""
+    num_samples: int
+    loss: float
+    """Mean training loss over all local steps."""
+    steps: int
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield perm[start:start + batch_size]
+
+
+def local_train(
+    model: FedModel,
+    method: Method,
+    global_state: dict[str, torch.Tensor],
+    *,
+    client: int,
+    split: Split,
+    indices: np.ndarray,
+    targets: np.ndarray,
+    class_mask: torch.Tensor | None,
+    transform: Transform,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> ClientResult:
+    """Train the method's tensors on one client's data, starting from ``global_state``.
+
+    Args:
+        indices: positions of the client's samples in ``split``.
+        targets: their head-output labels (positions in the scenario's class order).
+        class_mask: bool ``(num_classes,)``; logits where it is False are excluded from the loss.
+        generator: CPU generator for shuffling and augmentation (derived from the root seed).
+    """
+    model.load_trainable(global_state)
+    keys = list(global_state)
+    params = model.parameters_by_key()
+    for k, p in params.items():
+        p.requires_grad_(k in keys)
+    opt = torch.optim.SGD(method.param_groups(model, keys), momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    inputs = split.inputs[torch.as_tensor(indices)]
+    y_all = torch.as_tensor(targets, dtype=torch.long)
+    mask = None if class_mask is None else class_mask.to(device)
+    model.train()
+    total = torch.zeros((), device=device)
+    steps = 0
+    for _ in range(cfg.local_epochs):
+        for b in _batches(len(indices), cfg.batch_size, generator):
+            x = transform(inputs[b].to(device, non_blocking=True), train=True, generator=generator)
+            y = y_all[b].to(device, non_blocking=True)
+            with autocast(device, cfg.precision):
+                logits = model(x)
+            logits = logits.float()
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            loss = method.loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            steps += 1
+    state = {k: params[k].detach().to("cpu", copy=True) for k in keys}
+    return ClientResult(client=client, state=state, num_samples=len(indices),
+                        loss=float(total) / max(steps, 1), steps=steps)
+
+
+@torch.no_grad()
+def predict(
+    model: FedModel,
+    split: Split,
+    indices: np.ndarray,
+    *,
+    num_seen: int,
+    transform: Transform,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """Arg-max over the first ``num_seen`` head outputs (all classes seen so far, no task id)."""
+    model.eval()
+    preds: list[torch.Tensor] = []
+    idx = torch.as_tensor(indices)
+    for start in range(0, len(idx), batch_size):
+        x = transform(split.inputs[idx[start:start + batch_size]].to(device, non_blocking=True), train=False)
+        with autocast(device, precision):
+            logits = model(x)
+        preds.append(logits[:, :num_seen].argmax(dim=1))
+    if not preds:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat(preds).cpu().numpy()
+
+
+def accuracy_per_task(preds: np.ndarray, targets: np.ndarray, task_of: np.ndarray,
+                      num_tasks_seen: int) -> list[float]:
+    """Top-1 accuracy on each task's test samples (``task_of`` gives the task of each sample)."""
+    out = []
+    for t in range(num_tasks_seen):
+        sel = task_of == t
+        out.append(float((preds[sel] == targets[sel]).mean()) if sel.any() else 0.0)
+    return out
+

@@ -1,0 +1,43 @@
+"""Communication accounting: what travels up and down each round, in bytes.
+
+Uplink is each sampled client's trainable state. Downlink is the global trainable state plus the
+part of the frozen base a client does not have yet: the residuals of every round since it last
+participated. Per adapted layer it receives whichever is smaller, the factors of the residuals it
+missed (``(d_out + d_in) (K+1) r`` floats each) or the dense accumulated delta (``d_out d_in``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class DownlinkLedger:
+    """Cumulative per-layer residual sizes, and each client's last synchronised round."""
+
+    def __init__(self, dense_bytes: Mapping[str, int]) -> None:
+        self.dense = dict(dense_bytes)
+        self.cumulative: dict[str, list[int]] = {k: [0] for k in self.dense}
+        self.last_sync: dict[int, int] = {}
+
+    @property
+    def rounds(self) -> int:
+        """Residual rounds recorded so far."""
+        return len(next(iter(self.cumulative.values()), [0])) - 1
+
+    def record_round(self, factored_bytes: Mapping[str, int]) -> None:
+        """Record one round's residual (per layer, the bytes of its factors; 0 when there is none)."""
+        for k, cum in self.cumulative.items():
+            cum.append(cum[-1] + int(factored_bytes.get(k, 0)))
+
+    def catch_up_bytes(self, client: int) -> int:
+        """Bytes to bring ``client`` up to the current base (smaller of factors or dense per layer)."""
+        since = self.last_sync.get(client, 0)
+        total = 0
+        for k, cum in self.cumulative.items():
+            missed = cum[-1] - cum[since]
+            if missed:
+                total += min(missed, self.dense[k])
+        return total
+
+    def sync(self, client: int) -> None:
+        self.last_sync[client] = self.rounds

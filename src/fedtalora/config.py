@@ -1,0 +1,425 @@
+"""One validated run configuration: nested dataclasses, YAML presets and ``key=value`` overrides.
+
+A run is described by :class:`RunConfig`. It is built from
+
+1. the defaults below,
+2. a preset: a YAML file shipped in ``fedtalora/presets`` (selected by name) or any YAML path; a
+   preset may start with ``extends: OTHER`` to inherit from another preset,
+3. ``key=value`` overrides (``fed.residual=false``, ``lora.blocks=[0,1]``), values parsed as YAML.
+
+Unknown keys, wrong types and out-of-range values raise :class:`~fedtalora.errors.ConfigError` with
+one line naming the key and what is allowed. The resolved config is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """Dataset name from the dataset registry (``fedtalora presets`` lists presets, not datasets)."""
+    root: str = "data"
+    """Folder holding the dataset files (ignored by bundled datasets such as ``digits``)."""
+    image_size: int = 224
+    """Side of the square images fed to the backbone; images are resized per batch."""
+    download: bool = False
+    """Let torchvision download missing files (needs internet)."""
+
+    def validate(self) -> None:
+        _check(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1")
+
+
+@dataclass
+class ScenarioConfig:
+    num_tasks: int = 10
+    """Number of tasks; the classes are split into this many disjoint, near-equal groups."""
+    class_order: Literal["random", "natural"] = "random"
+    """``random``: class order drawn from the seed; ``natural``: 0, 1, 2, ..."""
+
+    def validate(self) -> None:
+        _check(self.num_tasks >= 1, "scenario.num_tasks", self.num_tasks, "an integer >= 1")
+
+
+@dataclass
+class PartitionConfig:
+    kind: Literal["iid", "quantity", "dirichlet"] = "dirichlet"
+    """How each task's training data is split across clients (fixed for the whole task)."""
+    alpha: int = 4
+    """``quantity``: number of distinct classes of the current task each client holds."""
+    beta: float = 0.5
+    """``dirichlet``: concentration of the per-class client proportions (smaller = more skewed)."""
+    min_samples: int = 10
+    """``dirichlet``: redraw until every client holds at least this many samples of the task."""
+    max_redraws: int = 1000
+    """``dirichlet``: give up with an error after this many draws."""
+
+    def validate(self) -> None:
+        _check(self.alpha >= 1, "partition.alpha", self.alpha, "an integer >= 1")
+        _check(self.beta > 0, "partition.beta", self.beta, "a number > 0")
+        _check(self.min_samples >= 1, "partition.min_samples", self.min_samples, "an integer >= 1")
+        _check(self.max_redraws >= 1, "partition.max_redraws", self.max_redraws, "an integer >= 1")
+
+
+@dataclass
+class FedConfig:
+    num_clients: int = 10
+    clients_per_round: int = 10
+    """Clients sampled (without replacement, from the seed) in every round."""
+    rounds_per_task: int = 10
+    residual: bool = True
+    """ResWU: fold ``s*(sum_k p_k B_k A_k - mean(B) mean(A))`` into the frozen base every round."""
+    weighting: Literal["samples", "uniform"] = "samples"
+    """Aggregation weights p_k: proportional to the clients' sample counts, or uniform."""
+
+    def validate(self) -> None:
+        _check(self.num_clients >= 1, "fed.num_clients", self.num_clients, "an integer >= 1")
+        _check(self.clients_per_round >= 1, "fed.clients_per_round", self.clients_per_round, "an integer >= 1")
+        _check(
+            self.clients_per_round <= self.num_clients,
+            "fed.clients_per_round",
+            self.clients_per_round,
+            f"at most fed.num_clients={self.num_clients}",
+        )
+        _check(self.rounds_per_task >= 1, "fed.rounds_per_task", self.rounds_per_task, "an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.01
+    """SGD learning rate of the LoRA matrices."""
+    head_lr: float = 0.01
+    """SGD learning rate of the linear head (usually far larger than ``lr``)."""
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    logit_mask: Literal["task", "client", "none"] = "task"
+    """Logits masked out of the local loss: classes outside the current task, outside the client's
+    local classes, or none."""
+    eval_batch_size: int = 256
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: autocast the forward/backward pass (weights and aggregation stay fp32)."""
+
+    def validate(self) -> None:
+        _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _check(self.lr >= 0, "train.lr", self.lr, "a number >= 0")
+        _check(self.head_lr >= 0, "train.head_lr", self.head_lr, "a number >= 0")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        dev = self.device
+        ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        _check(ok, "train.device", dev, "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_base_patch16_224.dino"
+    """A timm model name (``timm.list_models()``)."""
+    pretrained: bool = True
+    """Load the model's pretrained weights (timm hub tag; needs internet or a local checkpoint)."""
+    checkpoint: str = ""
+    """A local ``.safetensors`` or ``.pth`` file with the backbone's weights (used instead of the hub)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. ``{img_size: 32, depth: 4}``)."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    """LoRA scaling is ``s = alpha / rank``; the residual carries the same ``s``."""
+    blocks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Indices of the transformer blocks that get LoRA."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers adapted in each block: a subset of qkv, proj, fc1, fc2."""
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "a number in [0, 1)")
+        _check(len(self.blocks) > 0, "lora.blocks", self.blocks, "a non-empty list of block indices")
+        _check(all(b >= 0 for b in self.blocks), "lora.blocks", self.blocks, "block indices >= 0")
+        _check(len(set(self.blocks)) == len(self.blocks), "lora.blocks", self.blocks, "distinct block indices")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad and len(self.targets) > 0, "lora.targets", self.targets, f"a non-empty subset of {list(LORA_TARGETS)}")
+        _check(len(set(self.targets)) == len(self.targets), "lora.targets", self.targets, "distinct targets")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    """Parent folder of run directories."""
+    name: str = ""
+    """Run directory name under ``output.dir``; empty: ``<preset>-<method>-<timestamp>``."""
+    overwrite: bool = False
+    """Allow writing into an existing, non-empty run directory."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    """The root seed: class order, partitions, client sampling, shuffling and init derive from it."""
+    method: str = "fedtalora"
+    """A method from the registry (``fedtalora methods``)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> RunConfig:
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
+                sub.validate()
+        from .methods import METHODS  # local import: methods import the config
+
+        METHODS.get(self.method)  # raises ConfigError naming the choices
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from plain data, strictly.
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from nested dicts; unknown keys are errors."""
+    cfg = _build(RunConfig, data, prefix="")
+    return cfg.validate()
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {full!r}{_suggest(str(key), prefix, list(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, prefix: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    if close:
+        return f"; did you mean {prefix}{close[0]!r}?"
+    return f"; allowed keys here: {', '.join(prefix + c for c in choices)}"
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(hint))
+    if origin in (list, dict):
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    bad = ConfigError(f"{key}={value!r} is invalid: expected {_type_name(hint)}")
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise bad
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(hint):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if hint is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not input
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and overrides.
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    folder = resources.files("fedtalora") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a shipped preset (its one-line description)."""
+    text = (resources.files("fedtalora") / "presets" / f"{name}.yaml").read_text()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must contain a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested dict of a preset (by shipped name or path), with ``extends`` resolved."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {name_or_path!r}: {e.strerror}") from None
+        source = str(path)
+    else:
+        if name_or_path not in preset_names():
+            raise ConfigError(
+                f"unknown preset {name_or_path!r} (not a shipped preset and not a file); "
+                f"shipped presets: {', '.join(preset_names())}"
+            )
+        text = (resources.files("fedtalora") / "presets" / f"{name_or_path}.yaml").read_text()
+        source = f"preset {name_or_path!r}"
+    data = _read_yaml(text, source)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{source}: 'extends' must be a preset name or path")
+    if parent in _seen:
+        raise ConfigError(f"{source}: 'extends' forms a cycle through {parent!r}")
+    if not Path(parent).is_absolute() and path.is_file() and (path.parent / parent).is_file():
+        parent = str(path.parent / parent)
+    return deep_merge(load_preset(parent, _seen + (name_or_path,)), data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update``, recursing into nested mappings (neither is modified)."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], parsed value); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. fed.residual=false)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # e.g. an unquoted path with a colon: keep it as a string
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a nested dict (validation happens in :func:`from_dict`)."""
+    out = deep_merge({}, data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"override {text!r}: {part!r} is not a section")
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def resolve(preset: str, overrides: list[str] | None = None) -> RunConfig:
+    """Preset (name or path) + overrides -> a validated :class:`RunConfig`."""
+    return from_dict(apply_overrides(load_preset(preset), list(overrides or [])))

@@ -1,0 +1,230 @@
+"""The model: a frozen pre-trained backbone, shared task-agnostic LoRA (peft) and one linear head.
+
+::
+
+    x --> backbone (frozen W_base, LoRA on chosen blocks/targets: W_base x + s * B A x) --> features
+      --> head (Linear(num_features, num_classes over the whole scenario)) --> logits
+
+Only the LoRA factors and the head train and travel. The base weights of adapted layers change only
+through the server's residual (:meth:`FedModel.add_to_base`), which accumulates over rounds and tasks.
+
+The simulation keeps ONE model; a client is nothing but a state dict of trainable tensors that is
+copied into it before local training (:meth:`FedModel.load_trainable`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .aggregation import LoraPair
+from .config import LoraConfig, ModelConfig
+from .errors import ConfigError, ModelError
+from .seeding import seeded_torch
+
+logger = logging.getLogger(__name__)
+
+# Placement vocabulary -> module paths inside one timm ViT block.
+TIMM_VIT_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the LoRA placement needs to know about a backbone."""
+
+    blocks_path: str
+    """Module path of the list of transformer blocks (``blocks`` for timm ViTs)."""
+    num_blocks: int
+    targets: Mapping[str, tuple[str, ...]]
+    """Placement name -> module paths inside one block."""
+    num_features: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    pretrained: bool = False
+
+
+def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[nn.Module, BackboneSpec]:
+    """A timm model without classifier (``num_classes=0``), weights from the hub or a local file."""
+    import timm
+
+    if not timm.is_model(cfg.backbone):
+        close = timm.list_models(f"*{cfg.backbone.split('.')[0].split('_')[0]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ConfigError(f"model.backbone={cfg.backbone!r} is not a timm model{hint}")
+    kwargs = dict(cfg.kwargs)
+    kwargs.setdefault("img_size", image_size)
+    pretrained = cfg.pretrained or bool(cfg.checkpoint)
+    if cfg.checkpoint:
+        from pathlib import Path
+
+        if not Path(cfg.checkpoint).is_file():
+            raise ModelError(f"model.checkpoint={cfg.checkpoint!r} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint)
+    try:
+        with seeded_torch(seed, "backbone-init"):
+            model = timm.create_model(cfg.backbone, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs={cfg.kwargs!r} rejected by timm for {cfg.backbone}: {e}") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        if not pretrained:
+            raise ModelError(f"cannot build {cfg.backbone}: {str(e).splitlines()[0]}") from None
+        if cfg.checkpoint:
+            raise ModelError(f"cannot load model.checkpoint={cfg.checkpoint!r} into {cfg.backbone}: "
+                             f"{str(e).splitlines()[0]}") from None
+        pcfg = timm.models.get_pretrained_cfg(cfg.backbone)
+        where = getattr(pcfg, "hf_hub_id", None) or getattr(pcfg, "url", None) or "the timm hub"
+        raise ModelError(
+            f"cannot fetch pretrained weights of {cfg.backbone} (offline?): download them from "
+            f"{'https://huggingface.co/' + where if getattr(pcfg, 'hf_hub_id', None) else where} "
+            "and pass model.checkpoint=PATH, or set model.pretrained=false"
+        ) from None
+    if not hasattr(model, "blocks"):
+        raise ConfigError(f"model.backbone={cfg.backbone!r} has no transformer 'blocks'; use a timm ViT")
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
+    spec = BackboneSpec(
+        blocks_path="blocks",
+        num_blocks=len(model.blocks),
+        targets={k: (v,) for k, v in TIMM_VIT_TARGETS.items()},
+        num_features=model.num_features,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        pretrained=pretrained,
+    )
+    return model, spec
+
+
+def lora_module_paths(spec: BackboneSpec, lora: LoraConfig) -> list[str]:
+    """Full module paths that get LoRA, in block order."""
+    bad = [b for b in lora.blocks if b >= spec.num_blocks]
+    if bad:
+        raise ConfigError(
+            f"lora.blocks={lora.blocks} out of range: the backbone has {spec.num_blocks} blocks "
+            f"(0..{spec.num_blocks - 1})"
+        )
+    paths = []
+    for b in sorted(lora.blocks):
+        for t in lora.targets:
+            for sub in spec.targets[t]:
+                paths.append(f"{spec.blocks_path}.{b}.{sub}")
+    return paths
+
+
+def inject_lora(backbone: nn.Module, spec: BackboneSpec, lora: LoraConfig, seed: int) -> list[str]:
+    """Wrap the configured linear layers with peft LoRA; freeze everything else. Returns the paths."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    paths = lora_module_paths(spec, lora)
+    pattern = "(" + "|".join(re.escape(p) for p in paths) + ")"
+    peft_cfg = PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern, bias="none"
+    )
+    with seeded_torch(seed, "lora-init"):  # peft draws A ~ kaiming_uniform from the global RNG
+        inject_adapter_in_model(peft_cfg, backbone, adapter_name=ADAPTER)
+    wrapped = [n for n, m in backbone.named_modules() if _is_lora_layer(m)]
+    if sorted(wrapped) != sorted(paths):
+        raise ModelError(f"LoRA placement mismatch: expected {paths}, peft wrapped {wrapped}")
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for n, p in backbone.named_parameters():
+        if ".lora_A." in n or ".lora_B." in n:
+            p.requires_grad_(True)
+    return paths
+
+
+def _is_lora_layer(m: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(m, LoraLayer)
+
+
+class FedModel(nn.Module):
+    """Backbone with LoRA + linear head; knows its trainable tensors and its LoRA layers by name."""
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, num_classes: int, seed: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        with seeded_torch(seed, "head-init"):
+            self.head = nn.Linear(spec.num_features, num_classes)
+        self._lora: dict[str, nn.Module] = {
+            f"backbone.{n}": m for n, m in backbone.named_modules() if _is_lora_layer(m)
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    # --- trainable state ----------------------------------------------------------------------
+
+    def lora_pairs(self) -> list[LoraPair]:
+        """The adapted layers with the state-dict keys of their factors and their scaling."""
+        return [
+            LoraPair(layer=name, a_key=f"{name}.lora_A", b_key=f"{name}.lora_B",
+                     scaling=float(m.scaling[ADAPTER]))
+            for name, m in self._lora.items()
+        ]
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        out: dict[str, nn.Parameter] = {}
+        for name, m in self._lora.items():
+            out[f"{name}.lora_A"] = m.lora_A[ADAPTER].weight
+            out[f"{name}.lora_B"] = m.lora_B[ADAPTER].weight
+        return out
+
+    def head_parameters(self) -> dict[str, nn.Parameter]:
+        return {"head.weight": self.head.weight, "head.bias": self.head.bias}
+
+    def parameters_by_key(self) -> dict[str, nn.Parameter]:
+        """Every tensor a method may train and send: LoRA factors and head."""
+        return {**self.lora_parameters(), **self.head_parameters()}
+
+    def trainable_state(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        params = self.parameters_by_key()
+        return {k: params[k].detach().clone() for k in keys}
+
+    @torch.no_grad()
+    def load_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
+        params = self.parameters_by_key()
+        for k, t in state.items():
+            params[k].copy_(t)
+
+    # --- the frozen base ----------------------------------------------------------------------
+
+    def base_weight(self, layer: str) -> torch.Tensor:
+        return self._lora[layer].base_layer.weight
+
+    @torch.no_grad()
+    def add_to_base(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        """``W_base += delta`` for each adapted layer (the residual; accumulates)."""
+        for layer, d in deltas.items():
+            w = self._lora[layer].base_layer.weight
+            w.add_(d.to(device=w.device, dtype=w.dtype))
+
+    @torch.no_grad()
+    def effective_weight(self, layer: str) -> torch.Tensor:
+        """``W_base + s B A`` of one adapted layer (for tests and export)."""
+        m = self._lora[layer]
+        s = float(m.scaling[ADAPTER])
+        return m.base_layer.weight + s * m.lora_B[ADAPTER].weight @ m.lora_A[ADAPTER].weight
+
+
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, num_classes: int, image_size: int,
+                seed: int) -> FedModel:
+    """Backbone from ``model.backbone``, LoRA from ``lora.*``, a head over ``num_classes``."""
+    backbone, spec = build_timm_backbone(model_cfg, image_size, seed)
+    inject_lora(backbone, spec, lora_cfg, seed)
+    model = FedModel(backbone, spec, num_classes, seed)
+    n_lora = sum(p.numel() for p in model.lora_parameters().values())
+    logger.info("%s: %d LoRA layers, %d LoRA parameters, head %d x %d, pretrained=%s",
+                model_cfg.backbone, len(model.lora_pairs()), n_lora, spec.num_features, num_classes,
+                spec.pretrained)
+    return model
