@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add_run_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("overrides", nargs="*", metavar="key=value",
+        sp.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="config overrides, e.g. fed.residual=false lora.blocks=[0,1]")
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
         sp.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -50,7 +50,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow flags (`run demo --quiet a=1 b=2`): argparse leaves the later ones over.
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("run", "demo")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "presets":
             return _cmd_presets()
@@ -88,15 +95,24 @@ def _cmd_methods() -> int:
     return 0
 
 
-def _run_dir(cfg: Any, preset: str) -> Path:
+def _run_dir_path(cfg: Any, preset: str) -> Path:
     stem = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
     name = cfg.output.name or f"{stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(cfg.output.dir).expanduser() / name
+    return Path(cfg.output.dir).expanduser() / name
+
+
+def _check_run_dir(cfg: Any, preset: str) -> None:
+    path = _run_dir_path(cfg, preset)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not cfg.output.overwrite:
         raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
                           "or set output.overwrite=true")
+
+
+def _run_dir(cfg: Any, preset: str) -> Path:
+    _check_run_dir(cfg, preset)
+    path = _run_dir_path(cfg, preset)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,15 +125,17 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
 
     cfg = resolve(preset, overrides)  # validates before anything heavy is imported
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    _check_run_dir(cfg, preset)
+
+    from .engine import prepare, run
+
+    setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = sys.stderr.isatty() and not quiet
     level = logging.DEBUG if verbose else (logging.WARNING if quiet or interactive else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-    from .engine import run
-
     run_dir = _run_dir(cfg, preset)
     with _Progress(enabled=interactive) as progress:
-        result = run(cfg, run_dir=run_dir, progress=progress)
+        result = run(setup, run_dir=run_dir, progress=progress)
     _print_summary(result.metrics, run_dir)
     return 0
 

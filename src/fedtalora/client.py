@@ -76,8 +76,11 @@ def local_train(
     params = model.parameters_by_key()
     for k, p in params.items():
         p.requires_grad_(k in keys)
-    opt = torch.optim.SGD(method.param_groups(model, keys), momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    groups = method.param_groups(model, keys)
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     inputs = split.inputs[torch.as_tensor(indices)]
     y_all = torch.as_tensor(targets, dtype=torch.long)
     mask = None if class_mask is None else class_mask.to(device)

@@ -13,6 +13,7 @@ one line naming the key and what is allowed. The resolved config is written to t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -106,7 +107,10 @@ class TrainConfig:
     """SGD learning rate of the LoRA matrices."""
     head_lr: float = 0.01
     """SGD learning rate of the linear head (usually far larger than ``lr``)."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """Local optimiser, created afresh every round: SGD with momentum (the paper) or AdamW."""
     momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
     weight_decay: float = 0.0
     logit_mask: Literal["task", "client", "none"] = "task"
     """Logits masked out of the local loss: classes outside the current task, outside the client's
@@ -140,6 +144,12 @@ class ModelConfig:
     """A local ``.safetensors`` or ``.pth`` file with the backbone's weights (used instead of the hub)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` (e.g. ``{img_size: 32, depth: 4}``)."""
+
+
+    def validate(self) -> None:
+        empty = [k for k, v in self.kwargs.items() if v is None]
+        _check(not empty, "model.kwargs", self.kwargs,
+               "key: value pairs with values (in YAML flow style put a space after each colon: {depth: 4})")
 
 
 @dataclass
@@ -248,7 +258,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _suggest(key: str, prefix: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(key, choices, n=1)
     if close:
-        return f"; did you mean {prefix}{close[0]!r}?"
+        return f"; did you mean '{prefix}{close[0]}'?"
     return f"; allowed keys here: {', '.join(prefix + c for c in choices)}"
 
 
@@ -288,6 +298,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise bad
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -364,16 +379,18 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
         text = (resources.files("fedtalora") / "presets" / f"{name_or_path}.yaml").read_text()
         source = f"preset {name_or_path!r}"
     data = _read_yaml(text, source)
+    me = str(path.resolve()) if path.is_file() else name_or_path
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
         raise ConfigError(f"{source}: 'extends' must be a preset name or path")
-    if parent in _seen:
-        raise ConfigError(f"{source}: 'extends' forms a cycle through {parent!r}")
     if not Path(parent).is_absolute() and path.is_file() and (path.parent / parent).is_file():
         parent = str(path.parent / parent)
-    return deep_merge(load_preset(parent, _seen + (name_or_path,)), data)
+    parent_id = str(Path(parent).resolve()) if Path(parent).is_file() else parent
+    if parent_id in _seen + (me,):
+        raise ConfigError(f"{source}: 'extends' forms a cycle through {parent!r}")
+    return deep_merge(load_preset(parent, _seen + (me,)), data)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +421,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides to a nested dict (validation happens in :func:`from_dict`)."""
-    out = deep_merge({}, data)
+    out = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = out

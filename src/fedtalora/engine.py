@@ -145,21 +145,41 @@ def _class_mask(kind: str, task_mask: torch.Tensor, targets: np.ndarray) -> torc
     return task_mask
 
 
-def run(cfg: RunConfig, run_dir: Path | None = None, progress: ProgressFn | None = None) -> RunResult:
-    """Run one experiment end to end and return its metrics.
+@dataclass
+class Setup:
+    """Everything built from the config before the first round: data, partitions, model, method."""
 
-    Args:
-        cfg: a validated config.
-        run_dir: where to write ``config.yaml``, ``partitions.json`` and ``metrics.json`` (None: nowhere).
-        progress: called with event dicts (``start``, ``client``, ``round``, ``task``) for progress display.
-    """
-    emit = progress or (lambda _e: None)
-    t_start = time.perf_counter()
+    cfg: RunConfig
+    exp: Experiment
+    model: FedModel
+    method: Method
+    transform: ImageTransform
+    device: torch.device
+
+
+def prepare(cfg: RunConfig) -> Setup:
+    """Load data, draw the scenario and partitions, build the model; raises on any bad input."""
     device = resolve_device(cfg.train.device)
     method: Method = METHODS.get(cfg.method)(cfg)
     exp = Experiment.build(cfg)
     model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed).to(device)
     transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
+    return Setup(cfg, exp, model, method, transform, device)
+
+
+def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressFn | None = None) -> RunResult:
+    """Run one experiment end to end and return its metrics.
+
+    Args:
+        cfg: a validated config, or what :func:`prepare` built from one.
+        run_dir: where to write ``config.yaml``, ``partitions.json`` and ``metrics.json`` (None: nowhere).
+        progress: called with event dicts (``start``, ``client``, ``round``, ``task``) for progress display.
+    """
+    emit = progress or (lambda _e: None)
+    t_start = time.perf_counter()
+    setup = cfg if isinstance(cfg, Setup) else prepare(cfg)
+    cfg, exp, model, method = setup.cfg, setup.exp, setup.model, setup.method
+    transform, device = setup.transform, setup.device
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(run_dir / "config.yaml", cfg.to_yaml())

@@ -37,6 +37,8 @@ def seen_accuracies(acc: Matrix, test_sizes: Sequence[int]) -> list[float]:
     T = _check_lower_triangular(acc)
     if len(test_sizes) != T:
         raise ValueError(f"{len(test_sizes)} test sizes for {T} tasks")
+    if any(n < 0 for n in test_sizes) or test_sizes[0] <= 0:
+        raise ValueError(f"test sizes must be >= 0 with a non-empty first task, got {list(test_sizes)}")
     out = []
     for t in range(T):
         n = sum(test_sizes[: t + 1])

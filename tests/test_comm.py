@@ -1,0 +1,120 @@
+"""Tests of fedtalora.comm.DownlinkLedger: catch-up bytes per client, factored vs dense per layer."""
+
+from __future__ import annotations
+
+from fedtalora.comm import DownlinkLedger
+
+# Dense size of each adapted layer's residual. "k" never gets a residual.
+DENSE = {"q": 1000, "v": 500, "k": 800}
+# Factored bytes of each round's residual, per layer ("k" absent or 0: no residual there).
+ROUNDS = [
+    {"q": 100, "v": 150},
+    {"q": 200, "v": 150, "k": 0},
+    {"q": 250, "v": 200},
+    {"q": 300, "v": 250},
+    {"q": 350, "v": 100},
+]
+
+
+def run_round(ledger: DownlinkLedger, r: int, clients: list[int]) -> dict[int, int]:
+    """One round as the engine runs it: each sampled client catches up and syncs, then the residual is recorded."""
+    paid = {}
+    for c in clients:
+        paid[c] = ledger.catch_up_bytes(c)
+        ledger.sync(c)
+    ledger.record_round(ROUNDS[r])
+    return paid
+
+
+def test_client_in_every_round_pays_only_the_last_residual() -> None:
+    """A client synchronised last round receives only that round's factors (each smaller than dense)."""
+    # Prepare
+    ledger = DownlinkLedger(DENSE)
+
+    # Execute
+    paid = [run_round(ledger, r, [0])[0] for r in range(len(ROUNDS))]
+    after = ledger.catch_up_bytes(0)
+
+    # Assert
+    assert paid == [0, 100 + 150, 200 + 150, 250 + 200, 300 + 250]
+    assert after == 350 + 100
+
+
+def test_client_missing_rounds_pays_min_of_factored_sum_and_dense_per_layer() -> None:
+    """After missing rounds 1-3: q pays the sum of its factors (750 < 1000), v pays dense (600 > 500)."""
+    # Prepare: client 1 takes part in round 1 (it then holds the base without round 1's residual),
+    # skips rounds 2 and 3, and comes back in round 4 owing the residuals of rounds 1, 2 and 3.
+    ledger = DownlinkLedger(DENSE)
+    run_round(ledger, 0, [0])
+    assert run_round(ledger, 1, [0, 1])[1] == 100 + 150, "new in round 1: owes round 0"
+    run_round(ledger, 2, [0])
+    run_round(ledger, 3, [0])
+
+    # Execute
+    paid = ledger.catch_up_bytes(1)
+
+    # Assert
+    # q: 200 + 250 + 300 = 750 <= 1000 -> 750 (factored); v: 150 + 200 + 250 = 600 > 500 -> 500 (dense); k: 0.
+    assert paid == 750 + 500
+    # Not the min over the total (min(1350, 2300) = 1350), and not 3x the last round (1650).
+    assert paid != 1350 and paid != 3 * (300 + 250)
+    assert ledger.catch_up_bytes(1) == paid, "asking does not sync"
+    assert ledger.catch_up_bytes(0) == 300 + 250
+
+
+def test_brand_new_client_pays_from_round_zero() -> None:
+    """A client never seen before receives every residual since round 0 (capped at dense per layer)."""
+    # Prepare
+    ledger = DownlinkLedger(DENSE)
+    for r in range(4):
+        run_round(ledger, r, [0])
+
+    # Execute
+    paid = run_round(ledger, 4, [7, 0])
+
+    # Assert
+    # q: 100 + 200 + 250 + 300 = 850 <= 1000; v: 150 + 150 + 200 + 250 = 750 > 500 -> 500.
+    assert paid[7] == 850 + 500
+    assert paid[0] == 300 + 250
+    # Both synced at round 4: now both owe exactly round 4.
+    assert ledger.catch_up_bytes(7) == ledger.catch_up_bytes(0) == 350 + 100
+
+
+def test_new_client_before_any_round_pays_nothing() -> None:
+    """Before any residual exists there is nothing to catch up on."""
+    ledger = DownlinkLedger(DENSE)
+    assert ledger.catch_up_bytes(3) == 0
+    assert ledger.rounds == 0
+
+
+def test_layers_without_residual_cost_nothing() -> None:
+    """A layer whose factored size is 0 (or missing) in every round adds nothing, even when dense is large."""
+    # Prepare
+    with_k = DownlinkLedger(DENSE)
+    without_k = DownlinkLedger({"q": 1000, "v": 500})
+    only_k = DownlinkLedger({"k": 800})
+
+    # Execute
+    for r in range(len(ROUNDS)):
+        for ledger in (with_k, without_k, only_k):
+            ledger.record_round(ROUNDS[r])
+
+    # Assert
+    assert with_k.catch_up_bytes(5) == without_k.catch_up_bytes(5) == 1000 + 500
+    assert only_k.catch_up_bytes(5) == 0
+
+
+def test_rounds_counts_recorded_rounds() -> None:
+    """`rounds` is the number of record_round calls; sync stamps a client with it."""
+    # Prepare
+    ledger = DownlinkLedger(DENSE)
+
+    # Execute / Assert
+    for r in range(len(ROUNDS)):
+        assert ledger.rounds == r
+        ledger.record_round(ROUNDS[r])
+    assert ledger.rounds == len(ROUNDS)
+    ledger.sync(2)
+    assert ledger.last_sync[2] == len(ROUNDS)
+    assert ledger.catch_up_bytes(2) == 0
+    assert ledger.cumulative["q"] == [0, 100, 300, 550, 850, 1200]
