@@ -67,6 +67,8 @@ def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[n
         if not Path(cfg.checkpoint).is_file():
             raise ModelError(f"model.checkpoint={cfg.checkpoint!r} does not exist")
         kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint)
+    if pretrained and not cfg.checkpoint and not _pretrained_available(cfg.backbone):
+        raise ModelError(_offline_message(cfg.backbone))
     try:
         with seeded_torch(seed, "backbone-init"):
             model = timm.create_model(cfg.backbone, pretrained=pretrained, num_classes=0, **kwargs)
@@ -78,13 +80,7 @@ def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[n
         if cfg.checkpoint:
             raise ModelError(f"cannot load model.checkpoint={cfg.checkpoint!r} into {cfg.backbone}: "
                              f"{str(e).splitlines()[0]}") from None
-        pcfg = timm.models.get_pretrained_cfg(cfg.backbone)
-        where = getattr(pcfg, "hf_hub_id", None) or getattr(pcfg, "url", None) or "the timm hub"
-        raise ModelError(
-            f"cannot fetch pretrained weights of {cfg.backbone} (offline?): download them from "
-            f"{'https://huggingface.co/' + where if getattr(pcfg, 'hf_hub_id', None) else where} "
-            "and pass model.checkpoint=PATH, or set model.pretrained=false"
-        ) from None
+        raise ModelError(_offline_message(cfg.backbone)) from None
     if not hasattr(model, "blocks"):
         raise ConfigError(f"model.backbone={cfg.backbone!r} has no transformer 'blocks'; use a timm ViT")
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -100,6 +96,54 @@ def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[n
         pretrained=pretrained,
     )
     return model, spec
+
+
+def _weights_source(backbone: str) -> tuple[str | None, str | None]:
+    """(Hugging Face repo id, URL) of a timm model's pretrained weights."""
+    import timm
+
+    pcfg = timm.models.get_pretrained_cfg(backbone)
+    if pcfg is None:
+        return None, None
+    return getattr(pcfg, "hf_hub_id", None), getattr(pcfg, "url", None)
+
+
+def _offline_message(backbone: str) -> str:
+    repo, url = _weights_source(backbone)
+    where = f"https://huggingface.co/{repo}" if repo else (url or "the timm hub")
+    return (f"cannot fetch pretrained weights of {backbone} (offline?): download them from {where} and pass "
+            "model.checkpoint=PATH, or set model.pretrained=false")
+
+
+def _pretrained_available(backbone: str, timeout: float = 3.0) -> bool:
+    """Whether timm can get the weights: cached locally, or the hub answers (fail fast when offline,
+    instead of huggingface_hub's ~50 s of retries)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    repo, url = _weights_source(backbone)
+    if repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(repo, fname), str):
+                    return True
+        except ImportError:  # pragma: no cover - huggingface_hub is a timm dependency
+            pass
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            return False
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif url:
+        host = urlparse(url).hostname
+    else:
+        return True  # let timm decide
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def lora_module_paths(spec: BackboneSpec, lora: LoraConfig) -> list[str]:
