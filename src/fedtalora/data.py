@@ -365,3 +365,5 @@ class ImageTransform:
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+from . import image_data  # noqa: E402,F401  (registers the folder datasets)
