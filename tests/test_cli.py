@@ -71,7 +71,12 @@ def e2e(run_cli, tiny_overrides, tmp_path_factory) -> dict[str, Any]:
 def test_e2e_exit_code_and_files(e2e) -> None:
     assert e2e["rc"] == 0, e2e["stderr"]
     assert "Traceback" not in e2e["stderr"]
-    assert sorted(p.name for p in e2e["run_dir"].iterdir()) == ["config.yaml", "metrics.json", "partitions.json"]
+    assert sorted(p.name for p in e2e["run_dir"].iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.json", "partitions.json"]
+    # output.checkpoints=latest (the default): only the final round's checkpoint is kept.
+    last = f"round-{NUM_TASKS * ROUNDS:06d}"
+    assert sorted(p.name for p in (e2e["run_dir"] / "checkpoints").iterdir()) == [
+        f"{last}.json", f"{last}.safetensors"]
     cfg = from_dict(yaml.safe_load((e2e["run_dir"] / "config.yaml").read_text()))
     assert cfg == resolve("demo", e2e["overrides"])
 

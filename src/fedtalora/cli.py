@@ -1,4 +1,4 @@
-"""Command line: ``fedtalora run | demo | presets | methods``.
+"""Command line: ``fedtalora run | demo | resume | presets | methods``.
 
 The only module that parses argv, configures logging, draws progress bars and prints. Every
 user-facing error (:class:`~fedtalora.errors.FedTaLoRAError`) becomes one line on stderr and exit code 2.
@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an experiment from a preset name or YAML file")
     r.add_argument("preset", metavar="PRESET_OR_PATH", help="a shipped preset (see `fedtalora presets`) or a YAML file")
     add_run_args(r)
+    r.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue this interrupted run from its latest checkpoint (the preset and overrides "
+                        "must give the run's config.yaml)")
+    rs = sub.add_parser("resume", help="continue an interrupted run from its latest checkpoint")
+    rs.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds config.yaml and checkpoints/)")
+    rs.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
+    rs.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     d = sub.add_parser("demo", help="offline demo: digits, tiny ViT (not pretrained), 5 tasks x 5 clients")
     add_run_args(d)
     sub.add_parser("presets", help="list the shipped presets")
@@ -63,13 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_presets()
         if args.command == "methods":
             return _cmd_methods()
+        if args.command == "resume":
+            return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose)
         preset = "demo" if args.command == "demo" else args.preset
+        if getattr(args, "resume", None) is not None:
+            return _cmd_resume(args.resume, preset=preset, overrides=args.overrides, quiet=args.quiet,
+                               verbose=args.verbose)
         return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose)
     except FedTaLoRAError as e:
         sys.stderr.write(f"fedtalora: error: {_one_line(str(e))}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("fedtalora: interrupted; metrics of completed tasks are in the run directory\n")
+        sys.stderr.write("fedtalora: interrupted; `fedtalora resume RUN_DIR` continues from the last completed "
+                         "round\n")
         return 130
 
 
@@ -130,14 +143,68 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
     from .engine import prepare, run
 
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
-    interactive = sys.stderr.isatty() and not quiet
-    level = logging.DEBUG if verbose else (logging.WARNING if quiet or interactive else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
     with _Progress(enabled=interactive) as progress:
         result = run(setup, run_dir=run_dir, progress=progress)
     _print_summary(result.metrics, run_dir)
     return 0
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> bool:
+    """Log to stderr (INFO without a terminal, WARNING with the progress bar); True: draw the bar."""
+    interactive = sys.stderr.isatty() and not quiet
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet or interactive else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return interactive
+
+
+def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str] | None = None, quiet: bool,
+                verbose: bool) -> int:
+    """Continue ``run_dir`` from its latest checkpoint, with the config saved in its ``config.yaml``."""
+    from .config import resolve
+
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"cannot resume {run_dir}: no such run directory")
+    cfg_file = path / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"cannot resume {run_dir}: {cfg_file} is missing (not a fedtalora run directory)")
+    cfg = resolve(str(cfg_file))
+    if preset is not None:
+        wanted = resolve(preset, overrides)
+        diff = _first_difference(
+            {k: v for k, v in wanted.to_dict().items() if k != "output"},
+            {k: v for k, v in cfg.to_dict().items() if k != "output"},
+        )
+        if diff is not None:
+            key, mine, saved = diff
+            raise ConfigError(f"--resume {run_dir}: {key}={mine!r} from {preset} and the overrides, but the run "
+                              f"has {key}={saved!r} in {cfg_file}; use `fedtalora resume {run_dir}`")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    from .checkpoint import latest_path, load
+    from .engine import prepare, run
+
+    latest = latest_path(path)
+    if latest is not None:
+        load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
+    setup = prepare(cfg)
+    interactive = _setup_logging(quiet, verbose)
+    with _Progress(enabled=interactive) as progress:
+        result = run(setup, run_dir=path, progress=progress, resume=True)
+    _print_summary(result.metrics, path)
+    return 0
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first key (dotted) where two nested dicts differ, with both values; None if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            diff = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
 
 
 class _Progress:
@@ -167,13 +234,17 @@ class _Progress:
         bar = self._bar
         if kind == "start":
             self._T, self._R, self._m = event["num_tasks"], event["rounds_per_task"], event["clients_per_round"]
-            self._tasks = bar.add_task("tasks", total=self._T, info="")
-            self._rounds = bar.add_task(f"task 1/{self._T} rounds", total=self._R, info="")
-            self._clients = bar.add_task("round 1 clients", total=self._m, info="")
+            t, r = divmod(event.get("completed_rounds", 0), self._R)  # a resumed run starts part-way
+            self._tasks = bar.add_task("tasks", total=self._T, completed=t, info="")
+            self._rounds = bar.add_task(f"task {min(t + 1, self._T)}/{self._T} rounds", total=self._R, completed=r,
+                                        info="")
+            self._clients = bar.add_task(f"round {r + 1} clients", total=self._m, info="")
         elif kind == "client":
-            bar.update(self._clients, advance=1, info=f"loss {event['loss']:.3f}")
+            loss = event["loss"]
+            bar.update(self._clients, advance=1, info="dropped out" if loss is None else f"loss {loss:.3f}")
         elif kind == "round":
-            bar.update(self._rounds, advance=1, info=f"agg. error {event['aggregation_error']:.2e}")
+            err = event["aggregation_error"]
+            bar.update(self._rounds, advance=1, info="skipped" if err is None else f"agg. error {err:.2e}")
             if event["round"] + 1 < self._R:
                 bar.reset(self._clients, total=self._m, description=f"round {event['round'] + 2} clients")
         elif kind == "task":
@@ -208,6 +279,11 @@ def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
         ("trainable parameters", f"{m['trainable_parameters']:,}"),
         ("wall time", f"{m['wall_seconds']:.1f} s"),
     ]
+    rel = m.get("reliability") or {}
+    if any(rel.values()):
+        rows.append(("dropped / corrupted / rejected / skipped rounds",
+                     f"{rel['dropped_clients']} / {rel['corrupted_updates']} / {rel['rejected_updates']} / "
+                     f"{rel['skipped_rounds']}"))
     width = max(len(k) for k, _ in rows)
     print(f"{'metric':{width}s}  value")
     print(f"{'-' * width}  {'-' * 12}")

@@ -9,6 +9,7 @@ missed (``(d_out + d_in) (K+1) r`` floats each) or the dense accumulated delta (
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 
 class DownlinkLedger:
@@ -41,3 +42,16 @@ class DownlinkLedger:
 
     def sync(self, client: int) -> None:
         self.last_sync[client] = self.rounds
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state (for checkpoints)."""
+        return {"dense": dict(self.dense), "cumulative": {k: list(v) for k, v in self.cumulative.items()},
+                "last_sync": {str(k): v for k, v in self.last_sync.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the layers must be the same."""
+        if set(state["dense"]) != set(self.dense) or set(state["cumulative"]) != set(self.dense):
+            raise ValueError("ledger state is for other layers")
+        self.dense = {k: int(v) for k, v in state["dense"].items()}
+        self.cumulative = {k: [int(x) for x in v] for k, v in state["cumulative"].items()}
+        self.last_sync = {int(k): int(v) for k, v in state["last_sync"].items()}

@@ -86,6 +86,12 @@ class FedConfig:
     """ResWU: fold ``s*(sum_k p_k B_k A_k - mean(B) mean(A))`` into the frozen base every round."""
     weighting: Literal["samples", "uniform"] = "samples"
     """Aggregation weights p_k: proportional to the clients' sample counts, or uniform."""
+    min_clients: int = 1
+    """A round aggregates only if at least this many valid updates arrive; otherwise it is skipped
+    (logged and counted in ``metrics.json``) and the global model stays as it was."""
+    max_update_norm: float = 0.0
+    """Reject an update whose L2 distance from the global state (over all its tensors) exceeds this;
+    0 disables the bound."""
 
     def validate(self) -> None:
         _check(self.num_clients >= 1, "fed.num_clients", self.num_clients, "an integer >= 1")
@@ -97,6 +103,30 @@ class FedConfig:
             f"at most fed.num_clients={self.num_clients}",
         )
         _check(self.rounds_per_task >= 1, "fed.rounds_per_task", self.rounds_per_task, "an integer >= 1")
+        _check(1 <= self.min_clients <= self.clients_per_round, "fed.min_clients", self.min_clients,
+               f"an integer in [1, fed.clients_per_round={self.clients_per_round}]")
+        _check(self.max_update_norm >= 0, "fed.max_update_norm", self.max_update_norm, "a number >= 0 (0: no bound)")
+
+
+@dataclass
+class FaultsConfig:
+    """Injected failures, for tests and robustness studies (all off by default).
+
+    Each sampled client of each round draws its fate from ``numpy_rng(seed, "faults", task, round, client)``.
+    """
+
+    client_dropout: float = 0.0
+    """Probability that a sampled client fails mid-round and returns no update."""
+    corrupt_update: float = 0.0
+    """Probability that a returned update is corrupted (see ``corrupt_kind``) before it reaches the server."""
+    corrupt_kind: Literal["nan", "shape", "scale"] = "nan"
+    """``nan``: NaNs in one tensor; ``shape``: one tensor gains a row; ``scale``: the update (its
+    difference from the global state) is multiplied by 1000 (caught only by ``fed.max_update_norm``)."""
+
+    def validate(self) -> None:
+        for key in ("client_dropout", "corrupt_update"):
+            value = getattr(self, key)
+            _check(0 <= value <= 1, f"faults.{key}", value, "a probability in [0, 1]")
 
 
 @dataclass
@@ -187,6 +217,9 @@ class OutputConfig:
     """Run directory name under ``output.dir``; empty: ``<preset>-<method>-<timestamp>``."""
     overwrite: bool = False
     """Allow writing into an existing, non-empty run directory."""
+    checkpoints: Literal["latest", "all", "none"] = "latest"
+    """Checkpoints in ``RUN_DIR/checkpoints`` after every round (for ``fedtalora resume``): keep only
+    the latest, keep all, or write none."""
 
 
 @dataclass
@@ -199,6 +232,7 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

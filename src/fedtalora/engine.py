@@ -6,21 +6,25 @@
         partition task t's training data over all clients (fixed for the task)
         for round r:
             S <- sample fed.clients_per_round clients              (seeded)
-            for k in S: local_train from the global state -> (state_k, n_k)
-            server: p_k = n_k / sum n; aggregate (FedAvg + residual); apply to the global model
-        evaluate on the test data of every task seen so far -> row t of the accuracy matrix
+            for k in S: local_train from the global state -> (state_k, n_k)   (or k drops out: faults.*)
+            server: screen the updates (validation.py); fewer than fed.min_clients valid -> skip the round
+                    p_k = n_k / sum n; aggregate (FedAvg + residual); apply to the global model
+            (last round of the task) evaluate on the test data of every task seen so far -> row t
+            checkpoint the round (checkpoint.py) and rewrite metrics.json
 
-The run directory receives ``config.yaml`` and ``partitions.json`` at the start and ``metrics.json``
-after every task, so an interrupted run keeps everything it computed.
+The run directory receives ``config.yaml`` and ``partitions.json`` at the start, then a checkpoint
+and ``metrics.json`` after every round, so an interrupted run keeps everything it computed and
+``run(..., resume=True)`` continues it to the same result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,19 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, checkpoint
 from .aggregation import normalize_weights, residual_nbytes, state_nbytes
+from .checkpoint import Checkpoint, atomic_write_text
 from .client import accuracy_per_task, local_train, predict
 from .comm import DownlinkLedger
 from .config import RunConfig
 from .data import Dataset, ImageTransform, load_dataset
-from .errors import ConfigError
+from .text_data import TextTransform, tokenize_split
+from .errors import CheckpointError, ConfigError
+from .faults import corrupt, draw_fault
 from .methods import METHODS, Method
 from .metrics import summarize
 from .model import FedModel, build_model
 from .partition import class_counts, partition_task
 from .scenario import Scenario, make_scenario
-from .seeding import numpy_rng, torch_generator
+from .seeding import derive_seed, numpy_rng, torch_generator
+from .validation import screen_updates
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +94,8 @@ class Experiment:
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Experiment:
-        data = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed, download=cfg.data.download)
+        data = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed, download=cfg.data.download,
+                            **cfg.data.options)
         order_rng = numpy_rng(cfg.seed, "class-order")
         scenario = make_scenario(data.num_classes, cfg.scenario.num_tasks, order_rng, cfg.scenario.class_order)
         train_targets = scenario.remap(data.train.labels)
@@ -123,12 +132,6 @@ class Experiment:
                 "partition": self.cfg.to_dict()["partition"], "tasks": tasks}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def environment() -> dict[str, Any]:
     return {"fedtalora": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform()}
@@ -153,7 +156,9 @@ class Setup:
     exp: Experiment
     model: FedModel
     method: Method
-    transform: ImageTransform
+    transform: Callable[..., Any]
+    """Batch preprocessing: :class:`~fedtalora.data.ImageTransform` or
+    :class:`~fedtalora.text_data.TextTransform`."""
     device: torch.device
 
 
@@ -163,27 +168,47 @@ def prepare(cfg: RunConfig) -> Setup:
     method: Method = METHODS.get(cfg.method)(cfg)
     exp = Experiment.build(cfg)
     model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed).to(device)
-    transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
+    modality = exp.dataset.modality
+    if modality != model.spec.modality:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is {modality} data but model.backbone="
+                          f"{cfg.model.backbone!r} is a{'n' if model.spec.modality == 'image' else ''} "
+                          f"{model.spec.modality} model")
+    transform: Callable[..., Any]
+    if modality == "text":
+        tokenizer = model.backbone.tokenizer
+        data = exp.dataset
+        data.train = tokenize_split(data.train, tokenizer, cfg.data.max_length)
+        data.test = tokenize_split(data.test, tokenizer, cfg.data.max_length)
+        transform = TextTransform()
+    else:
+        transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
     return Setup(cfg, exp, model, method, transform, device)
 
 
-def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressFn | None = None) -> RunResult:
+def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressFn | None = None, *,
+        resume: bool = False) -> RunResult:
     """Run one experiment end to end and return its metrics.
 
     Args:
         cfg: a validated config, or what :func:`prepare` built from one.
-        run_dir: where to write ``config.yaml``, ``partitions.json`` and ``metrics.json`` (None: nowhere).
+        run_dir: where to write ``config.yaml``, ``partitions.json``, ``metrics.json`` and the round
+            checkpoints (None: nowhere).
         progress: called with event dicts (``start``, ``client``, ``round``, ``task``) for progress display.
+        resume: continue ``run_dir`` from its latest checkpoint (from the start if it has none); the
+            result is identical to an uninterrupted run except for :data:`TIMING_FIELDS`.
+
+    Raises:
+        CheckpointError: ``resume`` and the run directory's checkpoint or partitions are corrupted or
+            belong to another config (nothing in the run directory is changed then).
     """
     emit = progress or (lambda _e: None)
     t_start = time.perf_counter()
     setup = cfg if isinstance(cfg, Setup) else prepare(cfg)
     cfg, exp, model, method = setup.cfg, setup.exp, setup.model, setup.method
     transform, device = setup.transform, setup.device
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-        _atomic_write(run_dir / "partitions.json", json.dumps(exp.partitions_json()))
+    if resume and run_dir is None:
+        raise ValueError("resume needs a run directory")
+    ckpt = _open_run_dir(run_dir, cfg, exp, resume)
 
     keys = method.trainable_keys(model)
     global_state = model.trainable_state(keys)
@@ -199,80 +224,241 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         "trainable_parameters": int(sum(t.numel() for t in global_state.values())),
         "environment": environment(),
     }
+    done, elapsed_before, resumes = 0, 0.0, []  # rounds completed in earlier sessions of this run
+    if ckpt is not None:
+        global_state, metrics = _restore(ckpt, model, method, global_state, ledger)
+        done, elapsed_before = ckpt.completed_rounds, ckpt.elapsed_seconds
+        resumes = [*ckpt.resumes, {"completed_rounds": done}]
+        logger.info("resuming %s after %d of %d rounds (task %d, round %d)", run_dir, done, T * R,
+                    ckpt.task + 1, ckpt.round + 1)
+
+    def save_progress(t: int, r: int) -> None:
+        metrics["wall_seconds"] = elapsed_before + time.perf_counter() - t_start
+        if run_dir is None:
+            return
+        if cfg.output.checkpoints != "none":
+            state = Checkpoint(
+                completed_rounds=t * R + r + 1, task=t, round=r, global_state=global_state,
+                base={p.layer: model.base_weight(p.layer) for p in pairs},
+                method_state=method.checkpoint_state() if hasattr(method, "checkpoint_state") else {},
+                ledger=ledger.state_dict(), metrics=metrics, elapsed_seconds=metrics["wall_seconds"],
+                resumes=resumes)
+            checkpoint.save(run_dir, state, cfg.to_dict(), keep=cfg.output.checkpoints)
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+
     emit({"event": "start", "num_tasks": T, "rounds_per_task": R, "clients_per_round": m,
-          "pretrained": model.spec.pretrained, "backbone": cfg.model.backbone, "device": str(device)})
-    acc_rows: list[list[float]] = []
+          "pretrained": model.spec.pretrained, "backbone": cfg.model.backbone, "device": str(device),
+          "completed_rounds": done})
     test_sizes = [int((exp.test_task == t).sum()) for t in range(T)]
     for task in exp.scenario.tasks:
         t = task.index
+        if (t + 1) * R <= done:  # finished before the resume
+            continue
         t_task = time.perf_counter()
         task_mask = torch.zeros(exp.scenario.num_classes, dtype=torch.bool)
         task_mask[task.label_offset:task.label_offset + len(task.classes)] = True
         for r in range(R):
+            if t * R + r < done:
+                continue
             t_round = time.perf_counter()
             clients = sorted(numpy_rng(cfg.seed, "sample", t, r).choice(cfg.fed.num_clients, m, replace=False).tolist())
             downlink = 0
-            results = []
+            results, dropped, corrupted = [], [], []
             for k in clients:
                 downlink += state_nbytes(global_state) + ledger.catch_up_bytes(k)
                 ledger.sync(k)
+                fault = draw_fault(cfg.faults, cfg.seed, t, r, k)
+                if fault.dropped:  # received the model, returns nothing
+                    dropped.append(k)
+                    logger.warning("[task %d/%d | round %d/%d] client %d dropped out (injected fault)",
+                                   t + 1, T, r + 1, R, k)
+                    emit({"event": "client", "task": t, "round": r, "client": k, "loss": None})
+                    continue
                 idx = exp.partitions[t][k]
                 targets = exp.train_targets[idx]
                 mask = _class_mask(cfg.train.logit_mask, task_mask, targets)
-                res = local_train(
-                    model, method, global_state, client=k, split=exp.dataset.train, indices=idx, targets=targets,
-                    class_mask=mask, transform=transform, cfg=cfg.train,
-                    generator=torch_generator(cfg.seed, "local", t, r, k), device=device,
-                )
+                with _model_rng(device, cfg.seed, "model-rng", t, r, k):  # LoRA dropout, drop-path
+                    res = local_train(
+                        model, method, global_state, client=k, split=exp.dataset.train, indices=idx,
+                        targets=targets, class_mask=mask, transform=transform, cfg=cfg.train,
+                        generator=torch_generator(cfg.seed, "local", t, r, k), device=device,
+                    )
+                if fault.corrupted and fault.rng is not None:
+                    res.state = corrupt(res.state, global_state, cfg.faults.corrupt_kind, fault.rng)
+                    corrupted.append(k)
                 results.append(res)
                 emit({"event": "client", "task": t, "round": r, "client": k, "loss": res.loss})
-            weights = normalize_weights(
-                [res.num_samples for res in results] if cfg.fed.weighting == "samples" else [1.0] * len(results)
-            )
-            agg = method.aggregate(model, [res.state for res in results], weights)
-            method.apply(model, agg)
-            global_state = {k: v.detach().clone() for k, v in agg.state.items()}
-            factored = {layer: residual_nbytes(*model.base_weight(layer).shape, inner=agg.residual_ranks[layer])[1]
-                        for layer in agg.residuals}
+            # The server trusts no update: screen, then aggregate the valid ones (or skip the round).
+            screening = screen_updates([res.state for res in results], [res.num_samples for res in results],
+                                       global_state, max_norm=cfg.fed.max_update_norm)
+            rejected = [{"client": results[i].client, "reason": why} for i, why in screening.rejected]
+            for rej in rejected:
+                logger.warning("[task %d/%d | round %d/%d] rejected the update of client %d: %s",
+                               t + 1, T, r + 1, R, rej["client"], rej["reason"])
+            accepted = [results[i] for i in screening.accepted]
+            skipped = len(accepted) < cfg.fed.min_clients
+            factored: dict[str, int] = {}
+            agg_error: float | None = None
+            weights = None
+            if skipped:
+                logger.warning("[task %d/%d | round %d/%d] round skipped: %d valid updates < fed.min_clients=%d; "
+                               "the global model is unchanged", t + 1, T, r + 1, R, len(accepted), cfg.fed.min_clients)
+                model.load_trainable(global_state)  # undo what local training left in the shared model
+            else:
+                weights = normalize_weights(
+                    [res.num_samples for res in accepted] if cfg.fed.weighting == "samples" else [1.0] * len(accepted)
+                )
+                agg = method.aggregate(model, [res.state for res in accepted], weights)
+                method.apply(model, agg)
+                global_state = {k: v.detach().clone() for k, v in agg.state.items()}
+                factored = {layer: residual_nbytes(*model.base_weight(layer).shape, inner=agg.residual_ranks[layer])[1]
+                            for layer in agg.residuals}
+                agg_error = agg.max_error
             ledger.record_round(factored)
             record = {
                 "task": t, "round": r, "clients": clients,
-                "num_samples": [res.num_samples for res in results],
-                "train_loss": float(np.average([res.loss for res in results], weights=weights.numpy())),
-                "aggregation_error": agg.max_error,
+                "aggregated": [res.client for res in accepted],
+                "num_samples": [res.num_samples for res in accepted],
+                "dropped": dropped, "corrupted": corrupted, "rejected": rejected, "skipped": skipped,
+                "train_loss": None if weights is None else float(
+                    np.average([res.loss for res in accepted], weights=weights.numpy())),
+                "aggregation_error": agg_error,
                 "uplink_bytes": sum(state_nbytes(res.state) for res in results),
                 "downlink_bytes": downlink,
-                "residual_bytes_dense": sum(dense[layer] for layer in agg.residuals),
+                "residual_bytes_dense": sum(dense[layer] for layer in factored),
                 "residual_bytes_factored": sum(factored.values()),
                 "seconds": time.perf_counter() - t_round,
             }
             metrics["rounds"].append(record)
-            logger.info("[task %d/%d | round %d/%d] loss=%.4f aggregation_error=%.3g up=%d B down=%d B",
-                        t + 1, T, r + 1, R, record["train_loss"], record["aggregation_error"],
-                        record["uplink_bytes"], record["downlink_bytes"])
+            if not skipped:
+                logger.info("[task %d/%d | round %d/%d] loss=%.4f aggregation_error=%.3g up=%d B down=%d B",
+                            t + 1, T, r + 1, R, record["train_loss"], record["aggregation_error"],
+                            record["uplink_bytes"], record["downlink_bytes"])
             emit({"event": "round", **record})
-        # Evaluate on every task seen so far.
-        seen = np.flatnonzero(exp.test_task <= t)
-        preds = predict(model, exp.dataset.test, seen, num_seen=exp.scenario.seen_classes(t), transform=transform,
-                        batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision)
-        row = accuracy_per_task(preds, exp.test_targets[seen], exp.test_task[seen], t + 1)
-        acc_rows.append(row)
-        metrics["accuracy_matrix"] = [r_ + [None] * (T - len(r_)) for r_ in acc_rows]
-        summary = summarize([r_ + [None] * (len(acc_rows) - len(r_)) for r_ in acc_rows], test_sizes[: t + 1])
-        metrics.update(summary)
-        metrics["tasks"].append({"task": t, "classes": [int(c) for c in task.classes], "accuracy": row,
-                                 "seen_accuracy": summary["seen_accuracy"][-1],  # type: ignore[index]
-                                 "seconds": time.perf_counter() - t_task})
-        metrics["wall_seconds"] = time.perf_counter() - t_start
-        logger.info("[task %d/%d] accuracy on seen classes %.4f", t + 1, T, summary["seen_accuracy"][-1])  # type: ignore[index]
-        emit({"event": "task", "task": t, "accuracy": row, "seen_accuracy": summary["seen_accuracy"][-1]})  # type: ignore[index]
-        if run_dir is not None:
-            _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    metrics["complete"] = True
-    metrics["uplink_bytes_total"] = sum(r_["uplink_bytes"] for r_ in metrics["rounds"])
-    metrics["downlink_bytes_total"] = sum(r_["downlink_bytes"] for r_ in metrics["rounds"])
-    metrics["max_aggregation_error"] = max((r_["aggregation_error"] for r_ in metrics["rounds"]), default=0.0)
-    metrics["wall_seconds"] = time.perf_counter() - t_start
+            if r == R - 1:  # the task's last round: evaluate before checkpointing it
+                _evaluate_task(exp, model, task, transform, device, cfg, metrics, test_sizes, T, t_task, emit)
+            save_progress(t, r)
+    _finish(metrics)
+    metrics["wall_seconds"] = elapsed_before + time.perf_counter() - t_start
     if run_dir is not None:
-        _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     return RunResult(metrics=metrics, run_dir=run_dir, model=model)
+
+
+def _evaluate_task(exp: Experiment, model: FedModel, task: Any, transform: ImageTransform, device: torch.device,
+                   cfg: RunConfig, metrics: dict[str, Any], test_sizes: list[int], T: int, t_task: float,
+                   emit: ProgressFn) -> None:
+    """Accuracy on every task seen so far -> row ``t`` of the accuracy matrix and the summaries."""
+    t = task.index
+    seen = np.flatnonzero(exp.test_task <= t)
+    preds = predict(model, exp.dataset.test, seen, num_seen=exp.scenario.seen_classes(t), transform=transform,
+                    batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision)
+    row = accuracy_per_task(preds, exp.test_targets[seen], exp.test_task[seen], t + 1)
+    acc_rows = [[v for v in r_ if v is not None] for r_ in metrics["accuracy_matrix"]] + [row]
+    metrics["accuracy_matrix"] = [r_ + [None] * (T - len(r_)) for r_ in acc_rows]
+    summary = summarize([r_ + [None] * (len(acc_rows) - len(r_)) for r_ in acc_rows], test_sizes[: t + 1])
+    metrics.update(summary)
+    metrics["tasks"].append({"task": t, "classes": [int(c) for c in task.classes], "accuracy": row,
+                             "seen_accuracy": summary["seen_accuracy"][-1],  # type: ignore[index]
+                             "seconds": time.perf_counter() - t_task})
+    logger.info("[task %d/%d] accuracy on seen classes %.4f", t + 1, T, summary["seen_accuracy"][-1])  # type: ignore[index]
+    emit({"event": "task", "task": t, "accuracy": row, "seen_accuracy": summary["seen_accuracy"][-1]})  # type: ignore[index]
+
+
+def _finish(metrics: dict[str, Any]) -> None:
+    """Run totals, once every round is done."""
+    rounds = metrics["rounds"]
+    metrics["complete"] = True
+    metrics["uplink_bytes_total"] = sum(r_["uplink_bytes"] for r_ in rounds)
+    metrics["downlink_bytes_total"] = sum(r_["downlink_bytes"] for r_ in rounds)
+    metrics["max_aggregation_error"] = max(
+        (r_["aggregation_error"] for r_ in rounds if r_["aggregation_error"] is not None), default=0.0)
+    metrics["reliability"] = {
+        "dropped_clients": sum(len(r_["dropped"]) for r_ in rounds),
+        "corrupted_updates": sum(len(r_["corrupted"]) for r_ in rounds),
+        "rejected_updates": sum(len(r_["rejected"]) for r_ in rounds),
+        "skipped_rounds": sum(bool(r_["skipped"]) for r_ in rounds),
+    }
+
+
+TIMING_FIELDS = ("wall_seconds", "rounds[*].seconds", "tasks[*].seconds")
+"""The fields of ``metrics.json`` that measure time: the only ones that differ between two runs of the
+same config on CPU, or between an interrupted-and-resumed run and an uninterrupted one."""
+
+
+def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``metrics`` without :data:`TIMING_FIELDS` (for comparing runs)."""
+    out = {k: v for k, v in metrics.items() if k != "wall_seconds"}
+    for key in ("rounds", "tasks"):
+        if key in out:
+            out[key] = [{k: v for k, v in rec.items() if k != "seconds"} for rec in out[key]]
+    return out
+
+
+@contextlib.contextmanager
+def _model_rng(device: torch.device, seed: int, *path: object) -> Iterator[None]:
+    """Seed the global torch RNG of the CPU (and of ``device`` if it is a GPU) from ``(seed, *path)``
+    for the code inside, and restore it afterwards.
+
+    The model draws from the global RNG (peft's LoRA dropout, timm's dropout/drop-path). Seeding it
+    per client and round makes those draws depend only on the position, not on the history of the
+    process, which is what makes a resumed run identical to an uninterrupted one.
+    """
+    s = derive_seed(seed, *path)
+    gpu = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.default_generator.manual_seed(s)
+        if gpu:
+            with torch.cuda.device(gpu[0]):
+                torch.cuda.manual_seed(s)
+        yield
+
+
+def _open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: bool) -> Checkpoint | None:
+    """Write the run's fixed files (fresh run) or verify them and load the latest checkpoint (resume)."""
+    if run_dir is None:
+        return None
+    partitions = exp.partitions_json()
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "partitions.json", json.dumps(partitions))
+        return None
+    ckpt = checkpoint.load_latest(run_dir, cfg.to_dict())
+    part_file = run_dir / "partitions.json"
+    if part_file.is_file():
+        try:
+            saved = json.loads(part_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = None
+        if saved != json.loads(json.dumps(partitions)):
+            raise CheckpointError(f"{part_file} differs from the partitions this config draws now (other data "
+                                  "or another fedtalora version?); the run cannot be resumed exactly")
+    else:
+        atomic_write_text(part_file, json.dumps(partitions))
+    for stale in (run_dir / checkpoint.DIRNAME).glob("*.tmp"):  # torn writes of the crashed session
+        stale.unlink(missing_ok=True)
+    if ckpt is None:
+        logger.warning("%s has no checkpoint yet: starting the run from its first round", run_dir)
+    return ckpt
+
+
+def _restore(ckpt: Checkpoint, model: FedModel, method: Method, initial: dict[str, torch.Tensor],
+             ledger: DownlinkLedger) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint into the model, method and ledger; returns (global state, metrics so far)."""
+    checkpoint.check_tensors(ckpt, "global state", ckpt.global_state, initial)
+    bases = {p.layer: model.base_weight(p.layer) for p in model.lora_pairs()}
+    checkpoint.check_tensors(ckpt, "base weights", ckpt.base, bases)
+    with torch.no_grad():
+        for layer, w in bases.items():
+            w.copy_(ckpt.base[layer])
+    model.load_trainable(ckpt.global_state)
+    if ckpt.method_state:
+        if not hasattr(method, "load_checkpoint_state"):
+            raise CheckpointError(f"checkpoint {ckpt.path} holds method state that method {method.name!r} cannot load")
+        method.load_checkpoint_state(ckpt.method_state)
+    try:
+        ledger.load_state_dict(ckpt.ledger)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"checkpoint {ckpt.path} has a corrupted or foreign communication ledger") from None
+    return dict(ckpt.global_state), ckpt.metrics

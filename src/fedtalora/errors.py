@@ -30,3 +30,7 @@ class ModelError(FedTaLoRAError):
 
 class AggregationError(FedTaLoRAError, ValueError):
     """Client updates do not agree on keys or shapes, or weights are invalid."""
+
+
+class CheckpointError(FedTaLoRAError):
+    """A run directory or checkpoint cannot be resumed: missing, corrupted, or from another config."""
