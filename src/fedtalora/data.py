@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR100
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .registry import Registry
 from .seeding import numpy_rng
 
@@ -115,6 +115,7 @@ def load_dataset(name: str, root: str | Path, *, seed: int, download: bool = Fal
         DataError: The dataset files are missing or corrupted.
     """
     loader = DATASETS.get(name)
+    _check_loader_options(name, loader, kwargs)
     dataset = loader(Path(root).expanduser(), seed=seed, download=download, **kwargs)
     logger.info(
         "loaded dataset %s: %d classes, %d train / %d test samples",
@@ -124,6 +125,21 @@ def load_dataset(name: str, root: str | Path, *, seed: int, download: bool = Fal
         len(dataset.test),
     )
     return dataset
+
+
+def _check_loader_options(name: str, loader: Callable[..., Dataset], options: dict[str, Any]) -> None:
+    """Reject ``data.options`` the loader does not take, naming the ones it does."""
+    import inspect
+
+    params = inspect.signature(loader).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+               and n not in ("seed", "download")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"data.options: {name} takes no option {unknown[0]!r} "
+                          f"(it takes: {', '.join(allowed) or 'none'})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,3 +383,4 @@ class ImageTransform:
         return (x - mean) / std
 
 from . import image_data  # noqa: E402,F401  (registers the folder datasets)
+from . import text_data  # noqa: E402,F401  (registers the text datasets)

@@ -48,6 +48,9 @@ class BackboneSpec:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     pretrained: bool = False
+    modality: str = "image"
+    """``image`` (timm ViT: takes normalised image tensors) or ``text`` (transformers encoder: takes
+    ``{input_ids, attention_mask}``, see :mod:`fedtalora.text_model`)."""
 
 
 def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[nn.Module, BackboneSpec]:
@@ -311,8 +314,13 @@ class FedModel(nn.Module):
             f"backbone.{n}": m for n, m in backbone.named_modules() if _is_lora_layer(m)
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits over all classes of the scenario (``x``: images, or token ids for text backbones)."""
         return self.head(self.backbone(x))
+
+    def features(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's pooled features (the head's input)."""
+        return self.backbone(x)
 
     # --- trainable state ----------------------------------------------------------------------
 
@@ -370,8 +378,18 @@ class FedModel(nn.Module):
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, num_classes: int, image_size: int,
                 seed: int) -> FedModel:
-    """Backbone from ``model.backbone``, LoRA from ``lora.*``, a head over ``num_classes``."""
-    backbone, spec = build_timm_backbone(model_cfg, image_size, seed)
+    """Backbone from ``model.backbone``, LoRA from ``lora.*``, a head over ``num_classes``.
+
+    ``model.backbone`` is a timm model name, or a transformers encoder (``hf:...``, ``minilm``).
+    """
+    from .text_model import build_hf_backbone, is_text_backbone
+
+    backbone: nn.Module
+    if is_text_backbone(model_cfg.backbone):
+        backbone, fields = build_hf_backbone(model_cfg, seed)
+        spec = BackboneSpec(**fields)
+    else:
+        backbone, spec = build_timm_backbone(model_cfg, image_size, seed)
     inject_lora(backbone, spec, lora_cfg, seed)
     model = FedModel(backbone, spec, num_classes, seed)
     n_lora = sum(p.numel() for p in model.lora_parameters().values())
