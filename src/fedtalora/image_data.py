@@ -187,13 +187,26 @@ def _download_error(what: str, url: str, root: Path, exc: BaseException) -> Data
     ))
 
 
-def _download_and_extract(what: str, url: str, root: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
+def _fetch(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Stream ``url`` to ``dest`` (via a temporary file, so a broken download leaves nothing behind)."""
+    import shutil
+    import urllib.request
 
-    logger.info("downloading %s from %s to %s", what, url, root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:  # noqa: S310
+        shutil.copyfileobj(response, out, length=1 << 20)
+    tmp.replace(dest)
+
+
+def _download_and_extract(what: str, url: str, root: Path) -> None:
+    from torchvision.datasets.utils import extract_archive
+
+    archive = root / url.rstrip("/").rsplit("/", 1)[-1]
+    logger.info("downloading %s from %s to %s", what, url, archive)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(url, download_root=str(root))
+        _fetch(url, archive)
+        extract_archive(str(archive), str(root))
     except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:  # URLError is an OSError
         raise _download_error(what, url, root, exc) from None
 
@@ -562,13 +575,10 @@ def load_omniglot(
     for part in parts:
         source = _omniglot_part(root, part)
         if source is None and download:
-            from torchvision.datasets.utils import download_url
-
             url = OMNIGLOT_URL.format(part=part)
             try:
-                root.mkdir(parents=True, exist_ok=True)
-                download_url(url, str(root), filename=f"{part}.zip")
-            except (OSError, RuntimeError, ValueError) as exc:
+                _fetch(url, root / f"{part}.zip")
+            except (OSError, ValueError) as exc:
                 raise _download_error(f"Omniglot {part}", url, root, exc) from None
             source = _omniglot_part(root, part)
         if source is None:
