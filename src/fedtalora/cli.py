@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     d = sub.add_parser("demo", help="offline demo: digits, tiny ViT (not pretrained), 5 tasks x 5 clients")
     add_run_args(d)
+    sw = sub.add_parser("sweep", help="run a grid of presets x overrides x seeds and summarise it (paper tables)")
+    sw.add_argument("grid", metavar="GRID", help="a grid YAML file or the name of a shipped grid (paper-cifar100, ...)")
+    add_run_args(sw)
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     sub.add_parser("presets", help="list the shipped presets")
     sub.add_parser("methods", help="list the methods")
     return p
@@ -60,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow flags (`run demo --quiet a=1 b=2`): argparse leaves the later ones over.
-    unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("run", "demo")]
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("run", "demo", "sweep")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -70,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_presets()
         if args.command == "methods":
             return _cmd_methods()
+        if args.command == "sweep":
+            return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose)
         if args.command == "resume":
             return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose)
         preset = "demo" if args.command == "demo" else args.preset
@@ -93,7 +100,10 @@ def _one_line(text: str) -> str:
 def _cmd_presets() -> int:
     from .config import preset_description, preset_names
 
-    for name in preset_names():
+    def natural(name: str) -> list[Any]:  # cifar100-r2 before cifar100-r16
+        return [float(t) if t[0].isdigit() else t for t in re.findall(r"\d+(?:\.\d+)?|\D+", name)]
+
+    for name in sorted(preset_names(), key=natural):
         print(f"{name:28s} {preset_description(name)}")
     return 0
 
@@ -290,6 +300,33 @@ def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
     for k, v in rows:
         print(f"{k:{width}s}  {v}")
     print(f"run directory: {run_dir}")
+
+
+def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: bool, verbose: bool) -> int:
+    from .sweep import load_grid, plan, run_status, run_sweep
+
+    grid = load_grid(grid_arg, overrides)
+    if dry_run:
+        for spec in plan(grid):
+            print(f"{run_status(spec):9s} {spec.run_dir}")
+        return 0
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    def report(spec: Any, i: int, n: int) -> None:
+        if not quiet:
+            detail = f" ({spec.seconds:.1f} s)" if spec.status == "complete" else (f": {spec.error}" if spec.error else "")
+            sys.stderr.write(f"[{i + 1}/{n}] {spec.name}: {spec.status}{detail}\n")
+
+    try:
+        result = run_sweep(grid, on_run=report)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"fedtalora: sweep interrupted; run the same command again to continue "
+                         f"(completed runs are skipped, the interrupted one resumes); {grid.sweep_dir}\n")
+        return 130
+    print((grid.sweep_dir / "summary.md").read_text(), end="")
+    print(f"sweep directory: {grid.sweep_dir} (summary.csv, summary.md, sweep.json)")
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
