@@ -231,6 +231,9 @@ class OutputConfig:
     checkpoints: Literal["latest", "all", "none"] = "latest"
     """Checkpoints in ``RUN_DIR/checkpoints`` after every round (for ``fedtalora resume``): keep only
     the latest, keep all, or write none."""
+    tensorboard: bool = False
+    """Also write the round and task metrics as TensorBoard events in ``RUN_DIR/tensorboard`` (needs
+    ``pip install fedtalora[tensorboard]``); ``rounds.csv`` and ``tasks.csv`` are always written."""
 
 
 @dataclass

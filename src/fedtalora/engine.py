@@ -48,6 +48,8 @@ from .model import FedModel, build_model
 from .partition import class_counts, partition_task
 from .scenario import Scenario, make_scenario
 from .seeding import derive_seed, numpy_rng, torch_generator
+from .state import FINAL_MODEL, save_final
+from .tracking import fan_out, open_trackers, provenance
 from .validation import screen_updates
 
 logger = logging.getLogger(__name__)
@@ -193,7 +195,8 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         cfg: a validated config, or what :func:`prepare` built from one.
         run_dir: where to write ``config.yaml``, ``partitions.json``, ``metrics.json`` and the round
             checkpoints (None: nowhere).
-        progress: called with event dicts (``start``, ``client``, ``round``, ``task``) for progress display.
+        progress: called with event dicts (``start``, ``client``, ``round``, ``task``, ``end``) for progress
+            display; the run directory's trackers (:mod:`fedtalora.tracking`) get the same events.
         resume: continue ``run_dir`` from its latest checkpoint (from the start if it has none); the
             result is identical to an uninterrupted run except for :data:`TIMING_FIELDS`.
 
@@ -201,7 +204,6 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         CheckpointError: ``resume`` and the run directory's checkpoint or partitions are corrupted or
             belong to another config (nothing in the run directory is changed then).
     """
-    emit = progress or (lambda _e: None)
     t_start = time.perf_counter()
     setup = cfg if isinstance(cfg, Setup) else prepare(cfg)
     cfg, exp, model, method = setup.cfg, setup.exp, setup.model, setup.method
@@ -209,6 +211,7 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
     if resume and run_dir is None:
         raise ValueError("resume needs a run directory")
     ckpt = _open_run_dir(run_dir, cfg, exp, resume)
+    emit = fan_out(progress, *open_trackers(cfg, run_dir))  # progress display, rounds.csv/tasks.csv, TensorBoard
 
     keys = method.trainable_keys(model)
     global_state = model.trainable_state(keys)
@@ -222,7 +225,7 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         "backbone": cfg.model.backbone, "pretrained": model.spec.pretrained,
         "accuracy_matrix": [], "rounds": [], "tasks": [],
         "trainable_parameters": int(sum(t.numel() for t in global_state.values())),
-        "environment": environment(),
+        "environment": {**environment(), **provenance(device)},
     }
     done, elapsed_before, resumes = 0, 0.0, []  # rounds completed in earlier sessions of this run
     if ckpt is not None:
@@ -341,7 +344,9 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
     _finish(metrics)
     metrics["wall_seconds"] = elapsed_before + time.perf_counter() - t_start
     if run_dir is not None:
+        save_final(model, run_dir / FINAL_MODEL)  # before metrics.json says complete
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    emit({"event": "end", "metrics": metrics})
     return RunResult(metrics=metrics, run_dir=run_dir, model=model)
 
 
@@ -362,7 +367,7 @@ def _evaluate_task(exp: Experiment, model: FedModel, task: Any, transform: Image
                              "seen_accuracy": summary["seen_accuracy"][-1],  # type: ignore[index]
                              "seconds": time.perf_counter() - t_task})
     logger.info("[task %d/%d] accuracy on seen classes %.4f", t + 1, T, summary["seen_accuracy"][-1])  # type: ignore[index]
-    emit({"event": "task", "task": t, "accuracy": row, "seen_accuracy": summary["seen_accuracy"][-1]})  # type: ignore[index]
+    emit({"event": "task", **metrics["tasks"][-1]})
 
 
 def _finish(metrics: dict[str, Any]) -> None:
