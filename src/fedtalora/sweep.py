@@ -188,7 +188,7 @@ def _str_list(value: Any, where: str, *, allow_empty: bool) -> list[str]:
 
 
 def _slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text.replace("=", "-")).strip("-.")
+    s = re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-.")  # never "--": that separates the name's parts
     if len(s) > 48:
         s = f"{s[:39].rstrip('-.')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     return s
@@ -216,7 +216,7 @@ def _setting(entry: Any, i: int, source: str) -> Setting:
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     # The run-name part: from an explicit label, else from the overrides ("" for none).
-    slug = _slug(label) if label else _slug("_".join(overrides))
+    slug = _slug(label) if label else _slug(" ".join(overrides))
     if (label or overrides) and not slug:
         raise ConfigError(f"{where}: label {label!r} leaves no characters for a folder name")
     if not label:
@@ -332,14 +332,18 @@ def _read_json(path: Path) -> Any:
 
 
 def _same_config(run_dir: Path, cfg: RunConfig) -> bool | None:
-    """Whether ``run_dir/config.yaml`` holds ``cfg`` (None when there is no readable config)."""
+    """Whether ``run_dir/config.yaml`` holds ``cfg`` up to ``output.*`` (where the run lives may change:
+    a sweep folder can be moved). None when there is no readable config."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     if not isinstance(saved, dict):
         return None
-    return json.loads(json.dumps(saved, default=str)) == json.loads(json.dumps(cfg.to_dict(), default=str))
+    saved, want = dict(saved), cfg.to_dict()
+    saved.pop("output", None)
+    want.pop("output", None)
+    return json.loads(json.dumps(saved, default=str)) == json.loads(json.dumps(want, default=str))
 
 
 def run_status(spec: RunSpec) -> str:

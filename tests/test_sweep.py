@@ -1,0 +1,320 @@
+"""``fedtalora sweep``: grid validation, run naming, skipping, resuming, crash survival and the summary numbers."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import TINY_OVERRIDES
+from fedtalora import sweep
+from fedtalora.cli import main
+from fedtalora.config import RunConfig
+from fedtalora.errors import ConfigError
+from fedtalora.sweep import load_grid, plan, run_local, run_sweep
+
+# Tiny runs: 2 tasks x 1 round (a few seconds each).
+COMMON = [*(o for o in TINY_OVERRIDES if not o.startswith("partition.")), "fed.rounds_per_task=1"]
+
+
+def write_grid(folder: Path, **grid: Any) -> Path:
+    """Two presets next to the grid file (relative paths) and the grid itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dir.yaml").write_text("# Dirichlet\nextends: demo\npartition: {kind: dirichlet, beta: 0.5, min_samples: 5}\n")
+    (folder / "iid.yaml").write_text("# IID\nextends: demo\npartition: {kind: iid}\n")
+    data = {"name": "g", "output": str(folder / "out"), "presets": ["dir.yaml", "iid.yaml"], "seeds": [0, 1],
+            "common": COMMON, **grid}
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory) -> tuple[Path, sweep.SweepResult]:
+    """The 2-preset x 2-seed sweep, run once for the module."""
+    folder = tmp_path_factory.mktemp("full")
+    grid = load_grid(str(write_grid(folder)))
+    return folder, run_sweep(grid)
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary of a real sweep
+
+
+def test_every_run_completes_in_its_own_named_directory(full_sweep) -> None:
+    folder, result = full_sweep
+    names = [r.name for r in result.runs]
+    assert names == ["dir--seed0", "dir--seed1", "iid--seed0", "iid--seed1"]
+    assert all(r.status == "complete" for r in result.runs)
+    for r in result.runs:
+        assert r.run_dir == folder / "out" / "g" / "runs" / r.name
+        m = json.loads((r.run_dir / "metrics.json").read_text())
+        assert m["complete"] is True and m["seed"] == r.seed
+        saved = yaml.safe_load((r.run_dir / "config.yaml").read_text())
+        assert saved["seed"] == r.seed and saved["fed"]["rounds_per_task"] == 1
+    state = json.loads((folder / "out" / "g" / "sweep.json").read_text())
+    assert [s["status"] for s in state["runs"]] == ["complete"] * 4
+
+
+def test_summary_numbers_match_the_runs_metrics(full_sweep) -> None:
+    folder, result = full_sweep
+    rows = read_csv(folder / "out" / "g" / "summary.csv")
+    md = (folder / "out" / "g" / "summary.md").read_text()
+    assert [(r["preset"], r["setting"]) for r in rows] == [("dir", "default"), ("iid", "default")]
+    for row in rows:
+        ms = [json.loads((folder / "out" / "g" / "runs" / f"{row['preset']}--seed{s}" / "metrics.json").read_text())
+              for s in (0, 1)]
+        faa = [m["final_average_accuracy"] for m in ms]
+        aia = [m["average_incremental_accuracy"] for m in ms]
+        assert row["seeds"] == "2" and row["complete"] == "2" and row["failed"] == "0"
+        assert float(row["faa_mean"]) == pytest.approx(statistics.mean(faa), abs=1e-12)
+        assert float(row["faa_std"]) == pytest.approx(statistics.stdev(faa), abs=1e-12)
+        assert float(row["aia_mean"]) == pytest.approx(statistics.mean(aia), abs=1e-12)
+        assert float(row["aia_std"]) == pytest.approx(statistics.stdev(aia), abs=1e-12)
+        assert int(row["params_per_round"]) == ms[0]["trainable_parameters"] == ms[1]["trainable_parameters"]
+        up = statistics.mean(m["uplink_bytes_total"] / len(m["rounds"]) for m in ms)
+        assert float(row["uplink_bytes_per_round"]) == pytest.approx(up)
+        cell = f"{100 * statistics.mean(faa):.2f} ± {100 * statistics.stdev(faa):.2f}"
+        assert cell in md
+        assert f"{100 * statistics.mean(aia):.2f} ± {100 * statistics.stdev(aia):.2f}" in md
+    # The paper layout: one table per dataset, a column pair per partition setting.
+    assert "## digits" in md and "| setting | β=0.5 F_AA | β=0.5 AIA | iid F_AA | iid AIA |" in md
+
+
+def test_rerunning_a_complete_sweep_runs_nothing(full_sweep) -> None:
+    folder, _ = full_sweep
+    before = {p: p.read_bytes() for p in (folder / "out" / "g" / "runs").rglob("metrics.json")}
+    calls: list[str] = []
+    result = run_sweep(load_grid(str(folder / "grid.yaml")),
+                       runner=lambda cfg, run_dir, resume: calls.append(run_dir.name) or {})
+    assert calls == [] and [r.status for r in result.runs] == ["skipped"] * 4
+    assert {p: p.read_bytes() for p in before} == before
+    rows = read_csv(folder / "out" / "g" / "summary.csv")
+    assert [r["complete"] for r in rows] == ["2", "2"]  # skipped runs still count in the summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Interrupted, then resumed
+
+
+def test_resumed_sweep_repeats_nothing_already_complete(full_sweep, tmp_path: Path) -> None:
+    from fedtalora.engine import run
+
+    grid = load_grid(str(write_grid(tmp_path, seeds=[0, 1], presets=["dir.yaml", "iid.yaml"])))
+    grid = dataclasses.replace(grid, seeds=(0,))  # 2 runs: the first completes, the second is interrupted
+    started: list[str] = []
+
+    def interrupting(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+        started.append(run_dir.name)
+
+        def progress(event: dict[str, Any]) -> None:
+            if run_dir.name == "iid--seed0" and event["event"] == "client" and event["task"] == 1:
+                raise KeyboardInterrupt  # Ctrl-C in the second round (task 2) of the third run
+
+        return run(cfg, run_dir=run_dir, progress=progress, resume=resume).metrics
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(grid, runner=interrupting)
+    assert started == ["dir--seed0", "iid--seed0"]
+    runs = tmp_path / "out" / "g" / "runs"
+    assert json.loads((runs / "iid--seed0" / "metrics.json").read_text())["complete"] is False
+    state = json.loads((tmp_path / "out" / "g" / "sweep.json").read_text())
+    assert [s["status"] for s in state["runs"]] == ["complete", "pending"]
+    done = {p: p.read_bytes() for p in (runs / "dir--seed0").rglob("*") if p.is_file()}
+    assert len(done) >= 3
+
+    calls: list[tuple[str, bool]] = []
+
+    def counting(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+        calls.append((run_dir.name, resume))
+        return run_local(cfg, run_dir, resume)
+
+    result = run_sweep(grid, runner=counting)
+    assert calls == [("iid--seed0", True)]
+    assert [r.status for r in result.runs] == ["skipped", "complete"]
+    assert {p: p.read_bytes() for p in done} == done  # completed runs untouched, file by file
+    # The resumed run ends exactly where an uninterrupted one does.
+    full_folder, _ = full_sweep
+    for name in ("iid--seed0", "dir--seed0"):
+        a = json.loads((runs / name / "metrics.json").read_text())
+        b = json.loads((full_folder / "out" / "g" / "runs" / name / "metrics.json").read_text())
+        assert a["accuracy_matrix"] == b["accuracy_matrix"]
+        assert a["final_average_accuracy"] == b["final_average_accuracy"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A crashing run
+
+
+def fake_runner(fail: set[str]):
+    """Writes a complete metrics.json whose accuracy encodes the seed; raises for the named runs."""
+
+    def runner(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+        if run_dir.name in fail:
+            raise RuntimeError(f"boom in {run_dir.name}\nsecond line")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        m = {"complete": True, "final_average_accuracy": 0.5 + 0.1 * cfg.seed, "average_incremental_accuracy": 0.7,
+             "trainable_parameters": 1234, "uplink_bytes_total": 400, "downlink_bytes_total": 800,
+             "rounds": [{}, {}]}
+        (run_dir / "metrics.json").write_text(json.dumps(m))
+        return m
+
+    return runner
+
+
+def test_one_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    grid = load_grid(str(write_grid(tmp_path, seeds=[0, 1, 2])))
+    result = run_sweep(grid, runner=fake_runner({"dir--seed1"}))
+    status = {r.name: r.status for r in result.runs}
+    assert status.pop("dir--seed1") == "failed" and set(status.values()) == {"complete"}
+    failed = result.failed[0]
+    assert failed.error == "RuntimeError: boom in dir--seed1 second line"
+    assert "Traceback" in (failed.run_dir / "error.log").read_text()
+    rows = {r["preset"]: r for r in read_csv(tmp_path / "out" / "g" / "summary.csv")}
+    assert rows["dir"]["complete"] == "2" and rows["dir"]["failed"] == "1"
+    assert float(rows["dir"]["faa_mean"]) == pytest.approx(0.6)  # seeds 0 and 2 only
+    assert float(rows["dir"]["faa_std"]) == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert float(rows["iid"]["uplink_bytes_per_round"]) == 200.0
+    md = (tmp_path / "out" / "g" / "summary.md").read_text()
+    assert "## Failed runs" in md and "boom in dir--seed1" in md and "2/3 (1 failed)" in md
+    # Next time only the failed run is tried again.
+    calls: list[str] = []
+    retry = fake_runner(set())
+    run_sweep(grid, runner=lambda c, d, r: calls.append(d.name) or retry(c, d, r))
+    assert calls == ["dir--seed1"]
+
+
+def test_a_run_that_fails_in_the_engine_does_not_stop_the_cli_sweep(tmp_path: Path, capsys) -> None:
+    path = write_grid(tmp_path, presets=["iid.yaml"], seeds=[0],
+                      overrides=[{"label": "bad blocks", "set": ["lora.blocks=[0,7]"]}, []])
+    rc = main(["sweep", str(path), "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # some run failed
+    state = json.loads((tmp_path / "out" / "g" / "sweep.json").read_text())
+    assert [(s["name"], s["status"]) for s in state["runs"]] == [("iid--bad-blocks--seed0", "failed"),
+                                                                 ("iid--seed0", "complete")]
+    assert "lora.blocks" in state["runs"][0]["error"] and "out of range" in state["runs"][0]["error"]
+    assert "| iid | bad blocks | iid | 0/1 (1 failed) |" in out and "sweep directory:" in out
+
+
+def test_a_directory_holding_another_config_is_not_overwritten(tmp_path: Path) -> None:
+    grid = load_grid(str(write_grid(tmp_path, seeds=[0])))
+    runs = plan(grid)
+    runs[0].run_dir.mkdir(parents=True)
+    (runs[0].run_dir / "config.yaml").write_text("seed: 99\n")
+    result = run_sweep(grid, runner=fake_runner(set()))
+    assert result.runs[0].status == "failed" and "another config" in result.runs[0].error
+    assert (runs[0].run_dir / "config.yaml").read_text() == "seed: 99\n"
+    assert result.runs[1].status == "complete"
+
+
+# --------------------------------------------------------------------------------------------------
+# Grid files
+
+
+def test_run_names_are_deterministic_and_settings_are_labelled(tmp_path: Path) -> None:
+    path = write_grid(tmp_path, overrides=[[], ["fed.residual=false"], {"label": "Rank 2!", "set": ["lora.rank=2"]},
+                                           ["lora.targets=[qkv,proj]", "lora.blocks=[0]"]])
+    names = [r.name for r in plan(load_grid(str(path)))]
+    assert names == [r.name for r in plan(load_grid(str(path)))]
+    assert names[:8] == ["dir--seed0", "dir--seed1", "dir--fed.residual-false--seed0", "dir--fed.residual-false--seed1",
+                         "dir--Rank-2--seed0", "dir--Rank-2--seed1", "dir--lora.targets-qkv-proj-lora.blocks-0--seed0",
+                         "dir--lora.targets-qkv-proj-lora.blocks-0--seed1"]
+    settings = [s.label for s in load_grid(str(path)).settings]
+    assert settings == ["default", "fed.residual=false", "Rank 2!", "lora.targets=[qkv,proj] lora.blocks=[0]"]
+    cfgs = {r.name: r.cfg for r in plan(load_grid(str(path)))}
+    assert cfgs["dir--fed.residual-false--seed1"].fed.residual is False
+    assert cfgs["dir--fed.residual-false--seed1"].seed == 1
+    assert cfgs["dir--Rank-2--seed0"].lora.rank == 2 and cfgs["dir--seed0"].lora.rank == 4
+
+
+def test_command_line_overrides_apply_to_every_run(tmp_path: Path, capsys) -> None:
+    path = write_grid(tmp_path)
+    grid = load_grid(str(path), ["train.lr=0.123"])
+    assert {r.cfg.train.lr for r in plan(grid)} == {0.123}
+    assert main(["sweep", str(path), "--dry-run", "train.lr=0.5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and all(line.startswith("new") for line in out)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_grids_resolve() -> None:
+    assert {"paper-cifar100", "paper-tiny-imagenet", "paper-imagenet-r", "ablations"} <= set(sweep.grid_names())
+    for name in sweep.grid_names():
+        runs = plan(load_grid(name))
+        assert runs and len({r.name for r in runs}) == len(runs)
+    main_table = plan(load_grid("paper-cifar100"))
+    assert len(main_table) == 6 * 2 * 3
+    assert {(r.cfg.partition.kind, r.cfg.partition.alpha if r.cfg.partition.kind == "quantity" else r.cfg.partition.beta)
+            for r in main_table} == {("quantity", 2), ("quantity", 4), ("quantity", 6),
+                                     ("dirichlet", 0.05), ("dirichlet", 0.1), ("dirichlet", 0.5)}
+
+
+BAD_GRIDS = [
+    ("notyaml", "presets: [a\n", "not valid YAML"),
+    ("list", "- a\n- b\n", "YAML mapping"),
+    ("unknown-key", "presets: [demo]\nseed: [0]\n", "unknown key 'seed'"),
+    ("no-presets", "seeds: [0]\n", "'presets' is required"),
+    ("empty-presets", "presets: []\n", "must not be empty"),
+    ("preset-string", "presets: demo\n", "must be a list of strings"),
+    ("unknown-preset", "presets: [nope]\n", "unknown preset 'nope'"),
+    ("dup-preset", "presets: [demo, demo]\n", "twice"),
+    ("bad-key", "presets: [demo]\noverrides: [[fed.nope=1]]\n", "fed.nope"),
+    ("bad-value", "presets: [demo]\noverrides: [[fed.num_clients=0]]\n", "fed.num_clients"),
+    ("no-equals", "presets: [demo]\noverrides: [[fed.residual]]\n", "key=value"),
+    ("overrides-dict", "presets: [demo]\noverrides: {a: 1}\n", "non-empty list of settings"),
+    ("setting-key", "presets: [demo]\noverrides: [{label: x, sett: []}]\n", "unknown key 'sett'"),
+    ("same-slug", "presets: [demo]\noverrides: [{label: a b, set: []}, {label: a-b, set: [seed=1]}]\n", "share the run name"),
+    ("neg-seed", "presets: [demo]\nseeds: [-1]\n", "seeds must be"),
+    ("str-seed", "presets: [demo]\nseeds: [one]\n", "seeds must be"),
+    ("dup-seed", "presets: [demo]\nseeds: [1, 1]\n", "twice"),
+    ("bad-name", "name: a/b\npresets: [demo]\n", "plain folder name"),
+    ("bad-common", "presets: [demo]\ncommon: [train.lr=fast]\n", "train.lr"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "words"), BAD_GRIDS, ids=[c[0] for c in BAD_GRIDS])
+def test_bad_grid_files_exit_2_with_one_line(tmp_path: Path, capsys, case: str, text: str, words: str) -> None:
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(f"output: {tmp_path / 'out'}\n" + text if not text.startswith(("- ", "presets: [a\n")) else text)
+    rc = main(["sweep", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("fedtalora: error: ")
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_grid_file_names_the_shipped_grids(tmp_path: Path, capsys) -> None:
+    assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "paper-cifar100" in err and err.count("\n") == 1
+
+
+def test_load_grid_errors_are_config_errors(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text("presets: [demo]\nseeds: []\n")
+    with pytest.raises(ConfigError):
+        load_grid(str(tmp_path / "g.yaml"))
+
+
+def test_a_moved_sweep_directory_stays_complete(full_sweep, tmp_path: Path) -> None:
+    """Completion is judged from the files (metrics.json + config.yaml up to output.*), not from memory."""
+    folder, _ = full_sweep
+    shutil.copytree(folder / "out" / "g" / "runs" / "dir--seed0", tmp_path / "out" / "g" / "runs" / "dir--seed0")
+    grid = load_grid(str(write_grid(tmp_path, seeds=[0], presets=["dir.yaml"])))
+    assert sweep.run_status(plan(grid)[0]) == "complete"
+    result = run_sweep(grid, runner=fake_runner({"dir--seed0"}))  # would fail if it ran
+    assert result.runs[0].status == "skipped"
