@@ -137,7 +137,7 @@ def save(run_dir: Path, ckpt: Checkpoint, cfg_dict: Mapping[str, Any], *, keep: 
     tensors = {f"global/{k}": v for k, v in ckpt.global_state.items()}
     tensors.update({f"base/{k}": v for k, v in ckpt.base.items()})
     tensors.update({f"method/{k}": v for k, v in ckpt.method_state.items()})
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}  # same bytes for same state
     blob = st_save(tensors, metadata={"format": str(FORMAT), "fedtalora": __version__})
     tensor_file = folder / f"{stem}.safetensors"
     atomic_write_bytes(tensor_file, blob)

@@ -466,4 +466,4 @@ def _restore(ckpt: Checkpoint, model: FedModel, method: Method, initial: dict[st
         ledger.load_state_dict(ckpt.ledger)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(f"checkpoint {ckpt.path} has a corrupted or foreign communication ledger") from None
-    return dict(ckpt.global_state), ckpt.metrics
+    return {k: ckpt.global_state[k] for k in initial}, ckpt.metrics  # in the model's key order
