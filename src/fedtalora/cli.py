@@ -1,4 +1,4 @@
-"""Command line: ``fedtalora run | demo | resume | presets | methods``.
+"""Command line: ``fedtalora run | demo | resume | sweep | report | compare | export | presets | methods``.
 
 The only module that parses argv, configures logging, draws progress bars and prints. Every
 user-facing error (:class:`~fedtalora.errors.FedTaLoRAError`) becomes one line on stderr and exit code 2.
@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import ConfigError, FedTaLoRAError
+from .tracking import check_tensorboard
 
 EXIT_USAGE = 2
 
@@ -56,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("grid", metavar="GRID", help="a grid YAML file or the name of a shipped grid (paper-cifar100, ...)")
     add_run_args(sw)
     sw.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    rp = sub.add_parser("report", help="write report.md and PNG plots of a run (needs fedtalora[report])")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds metrics.json)")
+    rp.add_argument("--out", metavar="DIR", default=None, help="where to write (default: RUN_DIR)")
+    cp = sub.add_parser("compare", help="one table and one plot of several runs side by side (needs fedtalora[report])")
+    cp.add_argument("paths", nargs="+", metavar="PATH", help="run directories, or folders (sweeps) containing them")
+    cp.add_argument("--out", metavar="DIR", default=None,
+                    help="where to write compare.md/.csv/.png (default: the sweep folder if one PATH, else ./comparison)")
+    ex = sub.add_parser("export", help="the final model as one merged safetensors file and a peft adapter")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (holds final_model.safetensors)")
+    ex.add_argument("--out", metavar="DIR", default=None, help="where to write (default: RUN_DIR/export)")
     sub.add_parser("presets", help="list the shipped presets")
     sub.add_parser("methods", help="list the methods")
     return p
@@ -77,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_methods()
         if args.command == "sweep":
             return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose)
+        if args.command == "report":
+            return _cmd_report(args.run_dir, args.out)
+        if args.command == "compare":
+            return _cmd_compare(args.paths, args.out)
+        if args.command == "export":
+            return _cmd_export(args.run_dir, args.out)
         if args.command == "resume":
             return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose)
         preset = "demo" if args.command == "demo" else args.preset
@@ -149,6 +166,7 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
     cfg = resolve(preset, overrides)  # validates before anything heavy is imported
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     _check_run_dir(cfg, preset)
+    check_tensorboard(cfg)
 
     from .engine import prepare, run
 
@@ -162,8 +180,11 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> bool:
-    """Log to stderr (INFO without a terminal, WARNING with the progress bar); True: draw the bar."""
-    interactive = sys.stderr.isatty() and not quiet
+    """Log to stderr (INFO without a terminal, WARNING with the progress bar); True: draw the bar.
+
+    The bar (on stderr) needs both stdout and stderr to be a terminal: with either redirected, the run
+    logs plain lines instead, which read well in files and CI logs."""
+    interactive = sys.stdout.isatty() and sys.stderr.isatty() and not quiet
     level = logging.DEBUG if verbose else (logging.WARNING if quiet or interactive else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return interactive
@@ -176,11 +197,13 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"cannot resume {run_dir}: no such run directory")
+        what = "a file, not a run directory" if path.exists() else "no such run directory"
+        raise ConfigError(f"cannot resume {run_dir}: {what}")
     cfg_file = path / "config.yaml"
     if not cfg_file.is_file():
         raise ConfigError(f"cannot resume {run_dir}: {cfg_file} is missing (not a fedtalora run directory)")
     cfg = resolve(str(cfg_file))
+    check_tensorboard(cfg)
     if preset is not None:
         wanted = resolve(preset, overrides)
         diff = _first_difference(
@@ -218,24 +241,37 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
 
 
 class _Progress:
-    """A rich progress bar over tasks x rounds x clients (only on a terminal)."""
+    """Rich progress bars over tasks, rounds and clients, with ETA, accuracy and loss (terminal only).
 
-    def __init__(self, enabled: bool) -> None:
+    The tasks bar advances by round, so its ETA covers the whole run; its info shows the accuracy on all
+    classes seen after the last finished task and the last round's training loss.
+    """
+
+    def __init__(self, enabled: bool, console: Any = None) -> None:
         self.enabled = enabled
+        self._console = console
         self._bar: Any = None
+        self._acc: float | None = None
+        self._loss: float | None = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self._bar = Progress(TextColumn("{task.description:<16}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=self._console or Console(stderr=True), transient=False)
             self._bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+    def _summary(self) -> str:
+        acc = "acc n/a" if self._acc is None else f"acc {self._acc:.3f}"
+        return acc if self._loss is None else f"{acc}  loss {self._loss:.3f}"
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -244,8 +280,9 @@ class _Progress:
         bar = self._bar
         if kind == "start":
             self._T, self._R, self._m = event["num_tasks"], event["rounds_per_task"], event["clients_per_round"]
-            t, r = divmod(event.get("completed_rounds", 0), self._R)  # a resumed run starts part-way
-            self._tasks = bar.add_task("tasks", total=self._T, completed=t, info="")
+            done = event.get("completed_rounds", 0)
+            t, r = divmod(done, self._R)  # a resumed run starts part-way
+            self._tasks = bar.add_task("tasks", total=self._T, completed=done / self._R, info=self._summary())
             self._rounds = bar.add_task(f"task {min(t + 1, self._T)}/{self._T} rounds", total=self._R, completed=r,
                                         info="")
             self._clients = bar.add_task(f"round {r + 1} clients", total=self._m, info="")
@@ -253,13 +290,19 @@ class _Progress:
             loss = event["loss"]
             bar.update(self._clients, advance=1, info="dropped out" if loss is None else f"loss {loss:.3f}")
         elif kind == "round":
-            err = event["aggregation_error"]
-            bar.update(self._rounds, advance=1, info="skipped" if err is None else f"agg. error {err:.2e}")
-            if event["round"] + 1 < self._R:
-                bar.reset(self._clients, total=self._m, description=f"round {event['round'] + 2} clients")
+            t, r = event["task"], event["round"]
+            err, loss = event["aggregation_error"], event.get("train_loss")
+            if loss is not None:
+                self._loss = loss
+            info = "skipped" if err is None else f"loss {loss:.3f}  agg. error {err:.1e}"
+            bar.update(self._rounds, advance=1, info=info)
+            bar.update(self._tasks, completed=t + (r + 1) / self._R, info=self._summary())
+            if r + 1 < self._R:
+                bar.reset(self._clients, total=self._m, description=f"round {r + 2} clients")
         elif kind == "task":
-            bar.update(self._tasks, advance=1, info=f"acc {event['seen_accuracy']:.3f}")
+            self._acc = event["seen_accuracy"]
             t = event["task"] + 1
+            bar.update(self._tasks, completed=t, info=self._summary())
             if t < self._T:
                 bar.reset(self._rounds, total=self._R, description=f"task {t + 1}/{self._T} rounds")
                 bar.reset(self._clients, total=self._m, description="round 1 clients")
@@ -327,6 +370,38 @@ def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: boo
     print((grid.sweep_dir / "summary.md").read_text(), end="")
     print(f"sweep directory: {grid.sweep_dir} (summary.csv, summary.md, sweep.json)")
     return 1 if result.failed else 0
+
+
+def _cmd_report(run_dir: str, out: str | None) -> int:
+    from .report import write_report
+
+    rep = write_report(Path(run_dir).expanduser(), None if out is None else Path(out).expanduser())
+    print(f"report: {rep.markdown}")
+    for p in rep.plots:
+        print(f"plot:   {p}")
+    return 0
+
+
+def _cmd_compare(paths: list[str], out: str | None) -> int:
+    from .compare import compare
+
+    res = compare([Path(p).expanduser() for p in paths], None if out is None else Path(out).expanduser())
+    print(res.markdown.read_text().split("![", 1)[0].rstrip())
+    print(f"\nwritten: {res.markdown}, {res.csv}, {res.plot}")
+    return 0
+
+
+def _cmd_export(run_dir: str, out: str | None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .export import export
+
+    res = export(Path(run_dir).expanduser(), None if out is None else Path(out).expanduser())
+    print(f"merged model:     {res.merged}")
+    print(f"base + adapter:   {res.base} + {res.adapter}/")
+    print(f"how to load:      {res.info}")
+    print("self-check:       max logit difference to the run's final model "
+          + ", ".join(f"{k} {v:.1e}" for k, v in res.max_diff.items()))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -189,7 +189,7 @@ def _pm(mean: float | None, std: float | None) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], groups: Sequence[Group]) -> str:
-    lines = ["# Comparison", "", f"{len(rows)} runs, {len(groups)} settings.", ""]
+    lines = ["# Comparison", "", f"{len(rows)} runs, {len(groups)} setting{'' if len(groups) == 1 else 's'}.", ""]
     lines += _md_table(
         ("run", "setting", "seed", "F_AA", "AIA", "forgetting", "max agg. error", "trainable params",
          "uplink/round", "downlink/round", "wall time"),
