@@ -126,6 +126,7 @@ def build_hf_backbone(cfg: ModelConfig, seed: int) -> tuple[HFEncoder, dict[str,
     except ImportError:  # pragma: no cover - transformers comes with peft
         raise ConfigError("text backbones need transformers: pip install 'fedtalora[text]'") from None
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # no 'Loading weights' bars from the library
     source = resolve_source(cfg.backbone)
     try:
         config = AutoConfig.from_pretrained(source)
