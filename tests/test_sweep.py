@@ -318,3 +318,21 @@ def test_a_moved_sweep_directory_stays_complete(full_sweep, tmp_path: Path) -> N
     assert sweep.run_status(plan(grid)[0]) == "complete"
     result = run_sweep(grid, runner=fake_runner({"dir--seed0"}))  # would fail if it ran
     assert result.runs[0].status == "skipped"
+
+
+def test_a_runner_with_sparser_metrics_plugs_in(tmp_path: Path) -> None:
+    """Another engine may record only the accuracies: the summary leaves the other cells empty."""
+
+    def sparse(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        m = {"complete": True, "final_average_accuracy": 0.25, "average_incremental_accuracy": 0.5}
+        (run_dir / "metrics.json").write_text(json.dumps(m))
+        return m
+
+    grid = load_grid(str(write_grid(tmp_path, seeds=[3])))
+    result = run_sweep(grid, runner=sparse)
+    assert [r.status for r in result.runs] == ["complete", "complete"]
+    row = read_csv(tmp_path / "out" / "g" / "summary.csv")[0]
+    assert float(row["faa_mean"]) == 0.25 and row["faa_std"] == "" and row["params_per_round"] == ""
+    assert "| dir | default | β=0.5 | 1/1 | 25.00 | 50.00 | — | — | — |" in (tmp_path / "out" / "g" / "summary.md").read_text()

@@ -454,6 +454,10 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _floats(metrics: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(m[key]) for m in metrics if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
+
+
 def _partition_label(cfg: RunConfig) -> str:
     p = cfg.partition
     if p.kind == "quantity":
@@ -473,11 +477,14 @@ def summarize(runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
         first = specs[0]
         metrics = [m for m in (_read_json(s.run_dir / "metrics.json") for s in specs)
                    if isinstance(m, dict) and m.get("complete") is True]
-        faa = [float(m["final_average_accuracy"]) for m in metrics]
-        aia = [float(m["average_incremental_accuracy"]) for m in metrics]
-        up = [m["uplink_bytes_total"] / max(len(m["rounds"]), 1) for m in metrics]
-        down = [m["downlink_bytes_total"] / max(len(m["rounds"]), 1) for m in metrics]
-        params = sorted({int(m["trainable_parameters"]) for m in metrics})
+        # Other engines may record less: a missing field leaves its cell empty instead of failing the sweep.
+        faa = _floats(metrics, "final_average_accuracy")
+        aia = _floats(metrics, "average_incremental_accuracy")
+        up = [m["uplink_bytes_total"] / max(len(m.get("rounds") or []), 1) for m in metrics
+              if isinstance(m.get("uplink_bytes_total"), (int, float))]
+        down = [m["downlink_bytes_total"] / max(len(m.get("rounds") or []), 1) for m in metrics
+                if isinstance(m.get("downlink_bytes_total"), (int, float))]
+        params = sorted({int(v) for v in _floats(metrics, "trainable_parameters")})
         row = {
             "preset": first.preset_label,
             "setting": label,
