@@ -202,7 +202,10 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
     cfg_file = path / "config.yaml"
     if not cfg_file.is_file():
         raise ConfigError(f"cannot resume {run_dir}: {cfg_file} is missing (not a fedtalora run directory)")
-    cfg = resolve(str(cfg_file))
+    try:
+        cfg = resolve(str(cfg_file))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(cfg_file) in str(e) else f"{cfg_file}: {e}") from None
     check_tensorboard(cfg)
     if preset is not None:
         wanted = resolve(preset, overrides)

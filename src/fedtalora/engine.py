@@ -458,10 +458,13 @@ def _restore(ckpt: Checkpoint, model: FedModel, method: Method, initial: dict[st
         for layer, w in bases.items():
             w.copy_(ckpt.base[layer])
     model.load_trainable(ckpt.global_state)
-    if ckpt.method_state:
-        if not hasattr(method, "load_checkpoint_state"):
-            raise CheckpointError(f"checkpoint {ckpt.path} holds method state that method {method.name!r} cannot load")
-        method.load_checkpoint_state(ckpt.method_state)
+    try:
+        if hasattr(method, "load_checkpoint_state"):
+            method.load_checkpoint_state(ckpt.method_state)
+        elif ckpt.method_state:
+            raise CheckpointError(f"method {method.name!r} keeps no checkpoint state, got {sorted(ckpt.method_state)[:3]}")
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {e}") from None
     try:
         ledger.load_state_dict(ckpt.ledger)
     except (KeyError, TypeError, ValueError, AttributeError):
