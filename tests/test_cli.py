@@ -210,7 +210,7 @@ BAD_INPUTS: list[tuple[str, list[str], list[str]]] = [
     ("empty-key", ["run", "demo", "=3"], ["empty key"]),
     ("not-a-section", ["run", "demo", "seed.x=1"], ["seed", "section"]),
     ("unknown-method", ["run", "demo", "method=nope"], ["method", "nope", "fedtalora"]),
-    ("planned-method", ["run", "demo", "method=fedlora"], ["fedlora", "planned"]),
+    ("planned-method", ["run", "demo", "method=glfc"], ["glfc", "planned"]),
     ("device", ["run", "demo", "train.device=tpu"], ["train.device", "tpu"]),
     ("demo-subcommand", ["demo", "lora.rank=-2"], ["lora.rank"]),
     # Errors raised after the config validated (dataset, partition, model, run directory).

@@ -238,7 +238,7 @@ def test_valid_edge_values_accepted() -> None:
 
 
 @pytest.mark.parametrize(("method", "match"), [("nope", "unknown method 'nope'"),
-                                               ("fedlora", "planned but not implemented")])
+                                               ("glfc", "planned but not implemented")])
 def test_method_must_be_implemented(method: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         resolve("demo", [f"method={method}"])

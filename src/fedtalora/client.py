@@ -76,6 +76,7 @@ def local_train(
     params = model.parameters_by_key()
     for k, p in params.items():
         p.requires_grad_(k in keys)
+    method.on_local_start(model, global_state)
     groups = method.param_groups(model, keys)
     if cfg.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -92,11 +93,11 @@ def local_train(
             x = transform(inputs[b].to(device, non_blocking=True), train=True, generator=generator)
             y = y_all[b].to(device, non_blocking=True)
             with autocast(device, cfg.precision):
-                logits = model(x)
+                logits = method.forward(model, x)
             logits = logits.float()
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
-            loss = method.loss(logits, y)
+            loss = method.loss(logits, y, model=model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -118,10 +119,40 @@ def predict(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    method: Method | None = None,
 ) -> np.ndarray:
-    """Arg-max over the first ``num_seen`` head outputs (all classes seen so far, no task id)."""
+    """Arg-max over the first ``num_seen`` outputs (all classes seen so far, no task id) of the model's
+    head, or of ``method.forward`` (e.g. distances to prototypes) when a method is given."""
+    forward = model if method is None else (lambda x: method.forward(model, x))
+    out = _evaluate(lambda x: forward(x)[:, :num_seen].argmax(dim=1), model, split, indices, transform=transform,
+                    batch_size=batch_size, device=device, precision=precision)
+    return np.zeros(0, dtype=np.int64) if out is None else out.numpy()
+
+
+@torch.no_grad()
+def extract_features(
+    model: FedModel,
+    split: Split,
+    indices: np.ndarray,
+    *,
+    transform: Transform,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """The backbone's pooled features (:meth:`FedModel.features`, eval mode) of ``split[indices]``:
+    float32 ``(len(indices), num_features)`` on the CPU, in the order of ``indices``."""
+    out = _evaluate(lambda x: model.features(x).float(), model, split, indices, transform=transform,
+                    batch_size=batch_size, device=device, precision=precision)
+    return torch.zeros(0, model.spec.num_features) if out is None else out
+
+
+def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], model: FedModel, split: Split, indices: np.ndarray, *,
+              transform: Transform, batch_size: int, device: torch.device, precision: str) -> torch.Tensor | None:
+    """``fn`` over batches of ``split[indices]`` in eval mode, concatenated on the CPU in the order of
+    ``indices`` (None when there are none)."""
     model.eval()
-    preds: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
     idx = torch.as_tensor(indices, dtype=torch.long)
     lengths = getattr(split.inputs, "lengths", None)
     order = None
@@ -131,14 +162,13 @@ def predict(
     for start in range(0, len(idx), batch_size):
         x = transform(split.inputs[idx[start:start + batch_size]].to(device, non_blocking=True), train=False)
         with autocast(device, precision):
-            logits = model(x)
-        preds.append(logits[:, :num_seen].argmax(dim=1))
-    if not preds:
-        return np.zeros(0, dtype=np.int64)
-    out = torch.cat(preds).cpu()
+            outs.append(fn(x))
+    if not outs:
+        return None
+    out = torch.cat(outs).cpu()
     if order is not None:
         out = torch.empty_like(out).index_copy_(0, order, out)
-    return out.numpy()
+    return out
 
 
 def accuracy_per_task(preds: np.ndarray, targets: np.ndarray, task_of: np.ndarray,

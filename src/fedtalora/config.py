@@ -242,6 +242,9 @@ class RunConfig:
     """The root seed: class order, partitions, client sampling, shuffling and init derive from it."""
     method: str = "fedtalora"
     """A method from the registry (``fedtalora methods``)."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the selected method, e.g. ``{mu: 0.01}`` for ``fedprox`` (``fedtalora methods`` lists
+    each method's options); validated strictly by the method: unknown keys and bad values are errors."""
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -260,7 +263,7 @@ class RunConfig:
                 sub.validate()
         from .methods import METHODS  # local import: methods import the config
 
-        METHODS.get(self.method)  # raises ConfigError naming the choices
+        METHODS.get(self.method).parse_options(self.method_options)  # ConfigError naming the choices / key
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +286,15 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from nested dicts; unknown keys are errors."""
     cfg = _build(RunConfig, data, prefix="")
     return cfg.validate()
+
+
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """Build the dataclass ``cls`` from a mapping as strictly as the config itself (unknown keys, wrong
+    types -> :class:`ConfigError` naming ``prefix + key``), then run its ``validate()`` if it has one."""
+    obj = _build(cls, data, prefix)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -35,14 +35,14 @@ import torch
 from . import __version__, checkpoint
 from .aggregation import normalize_weights, residual_nbytes, state_nbytes
 from .checkpoint import Checkpoint, atomic_write_text
-from .client import accuracy_per_task, local_train, predict
+from .client import accuracy_per_task, extract_features, local_train, predict
 from .comm import DownlinkLedger
 from .config import RunConfig
 from .data import Dataset, ImageTransform, load_dataset
 from .text_data import TextTransform, tokenize_split
 from .errors import CheckpointError, ConfigError
 from .faults import corrupt, draw_fault
-from .methods import METHODS, Method
+from .methods import METHODS, Method, TaskData
 from .metrics import summarize
 from .model import FedModel, build_model
 from .partition import class_counts, partition_task
@@ -50,7 +50,7 @@ from .scenario import Scenario, make_scenario
 from .seeding import derive_seed, numpy_rng, torch_generator
 from .state import FINAL_MODEL, save_final
 from .tracking import fan_out, open_trackers, provenance
-from .validation import screen_updates
+from .validation import check_update
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def prepare(cfg: RunConfig) -> Setup:
     device = resolve_device(cfg.train.device)
     method: Method = METHODS.get(cfg.method)(cfg)
     exp = Experiment.build(cfg)
-    model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed).to(device)
+    model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed)
+    method.attach(model)  # what the method trains beyond LoRA and head
+    model = model.to(device)
     modality = exp.dataset.modality
     if modality != model.spec.modality:
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} is {modality} data but model.backbone="
@@ -260,13 +262,17 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         t_task = time.perf_counter()
         task_mask = torch.zeros(exp.scenario.num_classes, dtype=torch.bool)
         task_mask[task.label_offset:task.label_offset + len(task.classes)] = True
+        if t * R >= done:  # a fresh task, not one resumed inside
+            method.on_task_start(model, task)  # e.g. pilora: merge the last task's LoRA, start a new one
+            global_state = model.trainable_state(keys)
         for r in range(R):
             if t * R + r < done:
                 continue
             t_round = time.perf_counter()
             clients = sorted(numpy_rng(cfg.seed, "sample", t, r).choice(cfg.fed.num_clients, m, replace=False).tolist())
-            downlink = 0
-            results, dropped, corrupted = [], [], []
+            downlink = uplink = 0
+            dropped, corrupted, rejected, accepted = [], [], [], []
+            buffer = method.new_buffer()
             for k in clients:
                 downlink += state_nbytes(global_state) + ledger.catch_up_bytes(k)
                 ledger.sync(k)
@@ -289,16 +295,19 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                 if fault.corrupted and fault.rng is not None:
                     res.state = corrupt(res.state, global_state, cfg.faults.corrupt_kind, fault.rng)
                     corrupted.append(k)
-                results.append(res)
+                # The server trusts no update: it screens each on arrival and buffers the valid ones
+                # (the buffer keeps what aggregation needs: all of them, or a running sum for finetune).
+                uplink += state_nbytes(res.state)
+                why = check_update(res.state, res.num_samples, global_state, max_norm=cfg.fed.max_update_norm)
+                if why is None:
+                    buffer.add(res.state, res.num_samples if cfg.fed.weighting == "samples" else 1.0)
+                    accepted.append(res)
+                else:
+                    rejected.append({"client": k, "reason": why})
+                    logger.warning("[task %d/%d | round %d/%d] rejected the update of client %d: %s",
+                                   t + 1, T, r + 1, R, k, why)
+                res.state = {}
                 emit({"event": "client", "task": t, "round": r, "client": k, "loss": res.loss})
-            # The server trusts no update: screen, then aggregate the valid ones (or skip the round).
-            screening = screen_updates([res.state for res in results], [res.num_samples for res in results],
-                                       global_state, max_norm=cfg.fed.max_update_norm)
-            rejected = [{"client": results[i].client, "reason": why} for i, why in screening.rejected]
-            for rej in rejected:
-                logger.warning("[task %d/%d | round %d/%d] rejected the update of client %d: %s",
-                               t + 1, T, r + 1, R, rej["client"], rej["reason"])
-            accepted = [results[i] for i in screening.accepted]
             skipped = len(accepted) < cfg.fed.min_clients
             factored: dict[str, int] = {}
             agg_error: float | None = None
@@ -308,16 +317,19 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                                "the global model is unchanged", t + 1, T, r + 1, R, len(accepted), cfg.fed.min_clients)
                 model.load_trainable(global_state)  # undo what local training left in the shared model
             else:
-                weights = normalize_weights(
-                    [res.num_samples for res in accepted] if cfg.fed.weighting == "samples" else [1.0] * len(accepted)
-                )
-                agg = method.aggregate(model, [res.state for res in accepted], weights)
+                weights = normalize_weights(buffer.counts)
+                agg = method.aggregate_buffer(model, buffer)
+                del buffer
                 method.apply(model, agg)
                 global_state = {k: v.detach().clone() for k, v in agg.state.items()}
                 factored = {layer: residual_nbytes(*model.base_weight(layer).shape, inner=agg.residual_ranks[layer])[1]
                             for layer in agg.residuals}
                 agg_error = agg.max_error
             ledger.record_round(factored)
+            if r == R - 1:  # e.g. pilora: the reporting clients send class feature sums -> prototypes
+                uplink += method.on_task_end(model, task, _task_data(
+                    exp, model, t, [] if skipped else [res.client for res in accepted], transform, device, cfg))
+                global_state = model.trainable_state(keys)
             record = {
                 "task": t, "round": r, "clients": clients,
                 "aggregated": [res.client for res in accepted],
@@ -326,7 +338,7 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                 "train_loss": None if weights is None else float(
                     np.average([res.loss for res in accepted], weights=weights.numpy())),
                 "aggregation_error": agg_error,
-                "uplink_bytes": sum(state_nbytes(res.state) for res in results),
+                "uplink_bytes": uplink,
                 "downlink_bytes": downlink,
                 "residual_bytes_dense": sum(dense[layer] for layer in factored),
                 "residual_bytes_factored": sum(factored.values()),
@@ -339,7 +351,7 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                             record["uplink_bytes"], record["downlink_bytes"])
             emit({"event": "round", **record})
             if r == R - 1:  # the task's last round: evaluate before checkpointing it
-                _evaluate_task(exp, model, task, transform, device, cfg, metrics, test_sizes, T, t_task, emit)
+                _evaluate_task(exp, model, method, task, transform, device, cfg, metrics, test_sizes, T, t_task, emit)
             save_progress(t, r)
     _finish(metrics)
     metrics["wall_seconds"] = elapsed_before + time.perf_counter() - t_start
@@ -350,14 +362,27 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
     return RunResult(metrics=metrics, run_dir=run_dir, model=model)
 
 
-def _evaluate_task(exp: Experiment, model: FedModel, task: Any, transform: ImageTransform, device: torch.device,
-                   cfg: RunConfig, metrics: dict[str, Any], test_sizes: list[int], T: int, t_task: float,
-                   emit: ProgressFn) -> None:
+def _task_data(exp: Experiment, model: FedModel, t: int, clients: list[int], transform: Callable[..., Any],
+               device: torch.device, cfg: RunConfig) -> TaskData:
+    """What :meth:`Method.on_task_end` may compute on the reporting clients of task ``t``."""
+
+    def features(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = exp.partitions[t][k]
+        feats = extract_features(model, exp.dataset.train, idx, transform=transform,
+                                 batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision)
+        return feats, torch.as_tensor(exp.train_targets[idx], dtype=torch.long)
+
+    return TaskData(clients=clients, features=features)
+
+
+def _evaluate_task(exp: Experiment, model: FedModel, method: Method, task: Any, transform: ImageTransform,
+                   device: torch.device, cfg: RunConfig, metrics: dict[str, Any], test_sizes: list[int], T: int,
+                   t_task: float, emit: ProgressFn) -> None:
     """Accuracy on every task seen so far -> row ``t`` of the accuracy matrix and the summaries."""
     t = task.index
     seen = np.flatnonzero(exp.test_task <= t)
     preds = predict(model, exp.dataset.test, seen, num_seen=exp.scenario.seen_classes(t), transform=transform,
-                    batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision)
+                    batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision, method=method)
     row = accuracy_per_task(preds, exp.test_targets[seen], exp.test_task[seen], t + 1)
     acc_rows = [[v for v in r_ if v is not None] for r_ in metrics["accuracy_matrix"]] + [row]
     metrics["accuracy_matrix"] = [r_ + [None] * (T - len(r_)) for r_ in acc_rows]

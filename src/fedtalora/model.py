@@ -313,6 +313,7 @@ class FedModel(nn.Module):
         self._lora: dict[str, nn.Module] = {
             f"backbone.{n}": m for n, m in backbone.named_modules() if _is_lora_layer(m)
         }
+        self._extra: dict[str, nn.Parameter] = {}
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits over all classes of the scenario (``x``: images, or token ids for text backbones)."""
@@ -343,8 +344,22 @@ class FedModel(nn.Module):
         return {"head.weight": self.head.weight, "head.bias": self.head.bias}
 
     def parameters_by_key(self) -> dict[str, nn.Parameter]:
-        """Every tensor a method may train and send: LoRA factors and head."""
-        return {**self.lora_parameters(), **self.head_parameters()}
+        """Every tensor a method may train and send: LoRA factors, head, and what a method added
+        (:meth:`add_trainable`)."""
+        return {**self.lora_parameters(), **self.head_parameters(), **self._extra}
+
+    def add_trainable(self, params: Mapping[str, nn.Parameter]) -> None:
+        """Make more parameters of this model trainable and sendable by key (methods that train more than
+        LoRA and head, e.g. the whole backbone or a prompt pool: :meth:`Method.attach`)."""
+        taken = set(self.lora_parameters()) | set(self.head_parameters()) | set(self._extra)
+        clash = sorted(taken & set(params))
+        if clash:
+            raise ModelError(f"trainable keys already exist: {clash[:3]}")
+        self._extra.update(params)
+
+    def extra_keys(self) -> list[str]:
+        """Keys added by :meth:`add_trainable`."""
+        return list(self._extra)
 
     def trainable_state(self, keys: list[str]) -> dict[str, torch.Tensor]:
         params = self.parameters_by_key()

@@ -45,9 +45,10 @@ FINGERPRINT_RTOL = 1e-5
 def _frozen_tensors(model: FedModel) -> dict[str, torch.Tensor]:
     """The backbone tensors a run never changes: all but the LoRA factors and adapted base weights."""
     adapted = {p.layer.removeprefix("backbone.") for p in model.lora_pairs()}
+    trained = {k.removeprefix("backbone.") for k in model.extra_keys()}  # e.g. finetune: stored in global/
     out = {}
     for name, t in model.backbone.state_dict().items():
-        if ".lora_" in name or any(name == f"{a}.base_layer.weight" for a in adapted):
+        if ".lora_" in name or any(name == f"{a}.base_layer.weight" for a in adapted) or name in trained:
             continue
         out[name] = t
     return out
@@ -151,6 +152,9 @@ def load_final(run_dir: Path, device: str | torch.device = "cpu") -> FedModel:
     tensors, meta = read_final(path)
     num_classes = int(meta.get("num_classes", tensors["global/head.weight"].shape[0]))
     model = build_model(cfg.model, cfg.lora, num_classes, cfg.data.image_size, cfg.seed)
+    from .methods import METHODS
+
+    METHODS.get(cfg.method)(cfg).attach(model)  # the tensors the method trains beyond LoRA and head
     load_into(model, tensors, meta, path)
     model.eval()
     return model.to(device)

@@ -1,24 +1,71 @@
-"""Methods plug into the single task x round loop (:mod:`fedtalora.engine`) through small hooks.
+"""The hooks through which a method plugs into the single task x round loop (:mod:`fedtalora.engine`).
 
-A method says only what differs: which tensors train and travel (:meth:`Method.trainable_keys`),
-their optimiser groups, the local loss, how the server aggregates and how the result is applied to
-the global model. The loop, data, partitions, evaluation and metrics are shared.
+A method says only what differs from Fed-TaLoRA; the loop, data, partitions, screening, evaluation,
+metrics and checkpoints are shared. Where each hook is called::
+
+    prepare:            model = build_model(...); method.attach(model)
+    for task t:
+        (fresh task)    method.on_task_start(model, task)             -> new global state
+        for round r, for sampled client k:
+            client:     load global state; method.on_local_start(model, global_state)
+                        per batch: logits = method.forward(model, x); loss = method.loss(logits, y, model=model)
+                        send the tensors of method.trainable_keys(model)
+            server:     screen the update; buffer.add(state, weight)   (buffer = method.new_buffer())
+        server:         agg = method.aggregate_buffer(model, buffer); method.apply(model, agg)
+        (last round)    uplink += method.on_task_end(model, task, TaskData)   -> new global state
+                        evaluate: argmax of method.forward(model, x) over the classes seen so far
+    checkpoint:         method.checkpoint_state() / load_checkpoint_state(state)
+
+Per-method options come from the config's ``method_options`` mapping, parsed strictly into the
+method's :attr:`Method.Options` dataclass (:meth:`Method.parse_options`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .aggregation import Aggregate, aggregate_lora
-from .registry import Registry
+from ..aggregation import Aggregate, aggregate_lora, normalize_weights
+from ..config import build_section
+from ..errors import CheckpointError, ConfigError
+from ..registry import Registry
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .model import FedModel
+    from ..config import RunConfig
+    from ..model import FedModel
+    from ..scenario import Task
+
+
+@dataclass
+class TaskData:
+    """What a method may compute on the clients at the end of a task (simulated client-side work)."""
+
+    clients: list[int]
+    """The clients that report (those whose update was aggregated in the task's last round)."""
+    features: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    """``features(k)`` -> ``(features (n_k, d), targets (n_k,))``: client ``k``'s training data of the task
+    through the current global model (:meth:`FedModel.features`, eval mode, no augmentation), on the CPU."""
+
+
+class UpdateBuffer:
+    """A round's accepted client updates, as the server receives them (default: all kept, in order)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.counts: list[float] = []
+
+    def add(self, state: dict[str, torch.Tensor], count: float) -> None:
+        """Receive one screened update with its aggregation weight (sample count, or 1 for uniform)."""
+        self.states.append(state)
+        self.counts.append(float(count))
+
+    def __len__(self) -> int:
+        return len(self.counts)
 
 
 class Method:
@@ -26,33 +73,86 @@ class Method:
 
     name = "base"
     summary = ""
+    Options: type | None = None
+    """A dataclass of the method's options (``method_options.*``), or None when it takes none."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.options: Any = self.parse_options(cfg.method_options)
+
+    @classmethod
+    def parse_options(cls, data: dict[str, Any]) -> Any:
+        """``method_options`` -> an :attr:`Options` instance (strict; :class:`ConfigError` naming the key)."""
+        if cls.Options is None:
+            if data:
+                raise ConfigError(f"method_options={data!r} is invalid: method {cls.name!r} takes no options")
+            return None
+        return build_section(cls.Options, dict(data), prefix="method_options.")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Options)] if cls.Options is not None else []
+
+    # --- model ------------------------------------------------------------------------------------
+
+    def attach(self, model: FedModel) -> None:
+        """Called once after the model is built (before it moves to the device): add what the method
+        trains beyond LoRA and head (:meth:`FedModel.add_trainable`)."""
 
     def trainable_keys(self, model: FedModel) -> list[str]:
-        """Keys (in :meth:`FedModel.parameters_by_key`) that clients train and send."""
+        """Keys (in :meth:`FedModel.parameters_by_key`) that clients train and send, and the server sends."""
         return list(model.lora_parameters()) + list(model.head_parameters())
 
     def param_groups(self, model: FedModel, keys: Sequence[str]) -> list[dict[str, Any]]:
-        """Optimiser groups: LoRA at ``train.lr``, the head at ``train.head_lr``."""
+        """Optimiser groups: the head at ``train.head_lr``, everything else at ``train.lr``."""
         params = model.parameters_by_key()
-        lora = [params[k] for k in keys if not k.startswith("head.")]
+        body = [params[k] for k in keys if not k.startswith("head.")]
         head = [params[k] for k in keys if k.startswith("head.")]
         groups = []
-        if lora:
-            groups.append({"params": lora, "lr": self.cfg.train.lr})
+        if body:
+            groups.append({"params": body, "lr": self.cfg.train.lr})
         if head:
             groups.append({"params": head, "lr": self.cfg.train.head_lr})
         return groups
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # --- tasks ------------------------------------------------------------------------------------
+
+    def on_task_start(self, model: FedModel, task: Task) -> None:
+        """Before the first round of ``task`` (not re-run when a run resumes inside the task). The loop
+        re-reads the global state from the model afterwards."""
+
+    def on_task_end(self, model: FedModel, task: Task, data: TaskData) -> int:
+        """After the last round's aggregation of ``task``, before its evaluation; may change the global
+        model (the loop re-reads the global state). Returns the extra uplink bytes it cost."""
+        return 0
+
+    # --- local training ---------------------------------------------------------------------------
+
+    def on_local_start(self, model: FedModel, global_state: dict[str, torch.Tensor]) -> None:
+        """Before a client's local training; the model already holds ``global_state``."""
+
+    def forward(self, model: FedModel, x: Any) -> torch.Tensor:
+        """Logits over all classes of the scenario, in training and in evaluation (argmax over the seen
+        classes predicts)."""
+        return model(x)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, *, model: FedModel) -> torch.Tensor:
         """The local objective on one batch of (already masked) logits."""
         return F.cross_entropy(logits, targets)
 
+    # --- server -----------------------------------------------------------------------------------
+
+    def new_buffer(self) -> UpdateBuffer:
+        """Where the server collects a round's accepted updates."""
+        return UpdateBuffer()
+
+    def aggregate_buffer(self, model: FedModel, buffer: UpdateBuffer) -> Aggregate:
+        """The round's aggregate from the buffered updates (default: :meth:`aggregate` with ``p_k``)."""
+        return self.aggregate(model, buffer.states, normalize_weights(buffer.counts))
+
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:
-        """Server aggregation of the clients' trainable states."""
+        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``)."""
         return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.cfg.fed.residual)
 
     def apply(self, model: FedModel, agg: Aggregate) -> None:
@@ -60,31 +160,22 @@ class Method:
         model.load_trainable(agg.state)
         model.add_to_base(agg.residuals)
 
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Server-side method state that a resumed run needs (stored as ``method/<key>`` tensors)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`checkpoint_state` returned."""
+        if state:
+            raise CheckpointError(f"method {self.name!r} keeps no checkpoint state, got {sorted(state)[:3]}")
+
+
+def check_option(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise the config's one-line error for ``method_options.<key>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"method_options.{key}={value!r} is invalid: expected {allowed}")
+
 
 METHODS: Registry[type[Method]] = Registry("method")
-
-
-@METHODS.register("fedtalora")
-class FedTaLoRA(Method):
-    """Fed-TaLoRA (Yu, Hu, Min; arXiv 2505.12318): one shared task-agnostic LoRA + linear head,
-    sample-weighted FedAvg of A, B and head, and the exact residual ``s (sum p_k B_k A_k - Bbar Abar)``
-    folded into the frozen base every round (``fed.residual``, on by default; off = naive averaging).
-    """
-
-    name = "fedtalora"
-    summary = "shared task-agnostic LoRA + head, exact residual aggregation (fed.residual)"
-
-
-for _name, _note in {
-    "fedlora": "naive averaging of shared LoRA, FedIT-style",
-    "ffa-lora": "A frozen at init, only B trained",
-    "fedprox": "fedtalora + proximal term",
-    "finetune": "full fine-tuning with FedAvg",
-    "head-only": "frozen backbone, linear head only",
-    "pilora": "PILoRA (ECCV 2024)",
-    "prompt": "prompt pool (L2P/CODA-Prompt as in Fed-CPrompt)",
-    "target": "TARGET (ICCV 2023)",
-    "lander": "LANDER (CVPR 2024)",
-    "glfc": "GLFC (CVPR 2022), exemplar memory",
-}.items():
-    METHODS.plan(_name, _note)
