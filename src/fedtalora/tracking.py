@@ -108,6 +108,8 @@ class CSVTracker:
             # A fresh run (done == 0) drops everything; a resumed one keeps the rounds and tasks before it.
             self._rounds = {k: v for k, v in self._rounds.items() if k[0] * R + k[1] < done}
             self._tasks = {k: v for k, v in self._tasks.items() if (k + 1) * R <= done}
+            self._write_rounds()
+            self._write_tasks()
         elif kind == "round":
             self._round(event)
         elif kind == "task":
@@ -120,8 +122,7 @@ class CSVTracker:
             row["global_round"] = t * self._rounds_per_task + r
         self._rounds = {k: v for k, v in self._rounds.items() if k < (t, r)}  # a replayed round replaces its successors
         self._rounds[(t, r)] = row
-        extra = sorted({k for v in self._rounds.values() for k in v} - set(ROUND_COLUMNS))
-        self._write(self.rounds_path, [*ROUND_COLUMNS, *extra], [self._rounds[k] for k in sorted(self._rounds)])
+        self._write_rounds()
 
     def _task(self, event: Event) -> None:
         t = int(event["task"])
@@ -133,7 +134,14 @@ class CSVTracker:
             row["seconds"] = _cell(event["seconds"])
         self._tasks = {k: v for k, v in self._tasks.items() if k < t}
         self._tasks[t] = row
-        T = max(self._num_tasks or 0, t + 1)
+        self._write_tasks()
+
+    def _write_rounds(self) -> None:
+        extra = sorted({k for v in self._rounds.values() for k in v} - set(ROUND_COLUMNS))
+        self._write(self.rounds_path, [*ROUND_COLUMNS, *extra], [self._rounds[k] for k in sorted(self._rounds)])
+
+    def _write_tasks(self) -> None:
+        T = max([self._num_tasks or 0, *(k + 1 for k in self._tasks)])
         columns = ["task", "seen_accuracy", *(f"acc_task_{j}" for j in range(T)), "seconds"]
         self._write(self.tasks_path, columns, [self._tasks[k] for k in sorted(self._tasks)])
 

@@ -1,0 +1,149 @@
+"""The final model on disk (state.py) and its export (export.py): both exported forms predict exactly
+what the run's final global model predicts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fedtalora.cli import main
+from fedtalora.config import resolve
+from fedtalora.engine import prepare, run
+from fedtalora.errors import ModelError
+from fedtalora.export import ADAPTER, BASE, INFO, MERGED, export, load_adapter, load_merged
+from fedtalora.state import FINAL_MODEL, final_state, load_final
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_overrides, tmp_path_factory) -> dict[str, Any]:
+    """A finished tiny run (2 tasks x 2 rounds, residual on), its final model and real test inputs."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    cfg = resolve("demo", [*tiny_overrides, "output.checkpoints=none"])
+    setup = prepare(cfg)
+    result = run(setup, run_dir=run_dir)
+    test = setup.exp.dataset.test
+    x = setup.transform(test.inputs[:64], train=False)
+    model = result.model.eval()
+    # The run really changed the frozen base (the residual) and the LoRA factors (B starts at zero).
+    fresh = prepare(cfg).model
+    pair = model.lora_pairs()[0]
+    assert not torch.equal(model.base_weight(pair.layer), fresh.base_weight(pair.layer))
+    assert model.lora_parameters()[pair.b_key].abs().sum() > 0
+    return {"run_dir": run_dir, "model": model, "x": x, "metrics": result.metrics}
+
+
+@torch.no_grad()
+def _logits(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.eval()(x)
+
+
+def test_final_model_written_and_reloads_bit_exact(tiny_run) -> None:
+    run_dir, model = tiny_run["run_dir"], tiny_run["model"]
+    assert (run_dir / FINAL_MODEL).is_file()
+    reloaded = load_final(run_dir)
+    a, b = final_state(model), final_state(reloaded)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(model, tiny_run["x"]), _logits(reloaded, tiny_run["x"]))
+
+
+def test_export_both_forms_predict_like_the_final_model(tiny_run, tmp_path) -> None:
+    model, x = tiny_run["model"], tiny_run["x"]
+    res = export(tiny_run["run_dir"], tmp_path / "out")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {MERGED, BASE, ADAPTER, INFO}
+    reference = _logits(model, x)
+    merged = _logits(load_merged(res.out), x)
+    adapted = _logits(load_adapter(res.out), x)
+    for logits in (merged, adapted):
+        assert logits.shape == reference.shape
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(1), reference.argmax(1))
+    assert torch.equal(adapted, reference)  # the adapter computes exactly what the run's model computes
+    assert res.max_diff["merged"] < 1e-4
+
+
+def test_export_loads_with_the_documented_plain_calls(tiny_run, tmp_path) -> None:
+    """Only timm, safetensors and peft: what a user outside fedtalora writes (export.py's docstring)."""
+    import timm
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out = export(tiny_run["run_dir"], tmp_path / "plain").out
+    info = json.loads((out / "export.json").read_text())
+    reference = _logits(tiny_run["model"], tiny_run["x"])
+
+    net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
+    net.load_state_dict(load_file(str(out / "model.safetensors")))
+    assert torch.equal(_logits(net, tiny_run["x"]).argmax(1), reference.argmax(1))
+
+    base = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
+    base.load_state_dict(load_file(str(out / "base_model.safetensors")))
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert torch.equal(_logits(peft_model, tiny_run["x"]), reference)
+    # Without the adapter the base alone is a different model: the LoRA part matters.
+    with peft_model.disable_adapter():
+        assert not torch.allclose(_logits(peft_model, tiny_run["x"]), reference)
+
+
+def test_export_json_describes_the_model(tiny_run, tmp_path) -> None:
+    out = export(tiny_run["run_dir"], tmp_path / "info").out
+    info = json.loads((out / INFO).read_text())
+    m = tiny_run["metrics"]
+    assert info["class_order"] == [c for task in m["tasks"] for c in task["classes"]]
+    assert info["num_classes"] == 10 == info["timm_kwargs"]["num_classes"]
+    assert info["image_size"] == 8
+    assert len(info["lora"]["layers"]) == len(tiny_run["model"].lora_pairs())
+
+
+def test_export_cli_default_folder(tiny_run, tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    assert main(["export", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert str(run_dir / "export" / MERGED) in out and "self-check" in out
+    assert (run_dir / "export" / ADAPTER / "adapter_config.json").is_file()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedtalora: error: "), err
+    return lines[0]
+
+
+def test_export_of_a_run_without_final_model_is_one_line(tiny_run, tmp_path, capsys) -> None:
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    (run_dir / FINAL_MODEL).unlink()
+    assert main(["export", str(run_dir)]) == 2
+    assert FINAL_MODEL in _one_line_error(capsys)
+    assert main(["export", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in _one_line_error(capsys)
+
+
+def test_a_backbone_that_rebuilds_differently_is_refused(tiny_run, tmp_path, capsys) -> None:
+    """Another seed initialises the random backbone differently: the fingerprint must catch it."""
+    run_dir = tmp_path / "tampered"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["seed"] = cfg["seed"] + 1
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ModelError, match="differs"):
+        load_final(run_dir)
+    assert main(["export", str(run_dir)]) == 2
+    assert "differs" in _one_line_error(capsys)
+
+
+def test_a_corrupted_final_model_is_one_line(tiny_run, tmp_path, capsys) -> None:
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    path: Path = run_dir / FINAL_MODEL
+    path.write_bytes(path.read_bytes()[:100])
+    assert main(["export", str(run_dir)]) == 2
+    assert "not a readable safetensors file" in _one_line_error(capsys)
