@@ -147,3 +147,34 @@ def test_a_corrupted_final_model_is_one_line(tiny_run, tmp_path, capsys) -> None
     path.write_bytes(path.read_bytes()[:100])
     assert main(["export", str(run_dir)]) == 2
     assert "not a readable safetensors file" in _one_line_error(capsys)
+
+
+def _methods() -> list[str]:
+    from fedtalora.methods import METHODS
+
+    return METHODS.names()
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_every_method_exports_or_refuses_in_one_line(method, tiny_overrides, tmp_path, capsys) -> None:
+    """Methods with a linear head (whatever they train: LoRA, B only, head only, the whole backbone) export
+    models that predict like the run's; a method with its own logits is refused before any file is written."""
+    from fedtalora.methods import METHODS, Method
+
+    cfg = resolve("demo", [*tiny_overrides, f"method={method}", "output.checkpoints=none"])
+    setup = prepare(cfg)
+    result = run(setup, run_dir=tmp_path / "run")
+    x = setup.transform(setup.exp.dataset.test.inputs[:32], train=False)
+    reference = _logits(result.model, x)
+    reloaded = load_final(tmp_path / "run")
+    assert torch.equal(_logits(reloaded, x), reference)
+    if METHODS.get(method).forward is not Method.forward:
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+        assert "computes its logits its own way" in _one_line_error(capsys)
+        assert not (tmp_path / "out").exists()
+        return
+    out = export(tmp_path / "run", tmp_path / "out").out
+    for net in (load_merged(out), load_adapter(out)):
+        logits = _logits(net, x)
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(1), reference.argmax(1))

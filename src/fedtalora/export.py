@@ -114,6 +114,14 @@ def _require_timm(cfg: RunConfig) -> None:
         raise ConfigError(f"export supports timm backbones; model.backbone={cfg.model.backbone!r} is not one")
 
 
+def _require_linear_head(cfg: RunConfig) -> None:
+    from .methods import METHODS, Method
+
+    if METHODS.get(cfg.method).forward is not Method.forward:
+        raise ConfigError(f"export: method {cfg.method!r} computes its logits its own way (not backbone + linear "
+                          "head), which a plain timm classifier cannot reproduce")
+
+
 def build_classifier(cfg: RunConfig, num_classes: int) -> nn.Module:
     """A randomly initialised timm classifier of the run's architecture (weights come from the export)."""
     import timm
@@ -210,6 +218,7 @@ def export(run_dir: Path, out: Path | None = None) -> Exported:
     out = Path(out) if out is not None else run_dir / "export"
     cfg = run_config(run_dir)
     _require_timm(cfg)  # before the heavy work
+    _require_linear_head(cfg)
     model = load_final(run_dir)
     C = model.head.out_features
     base_sd, merged_sd = timm_state_dicts(model)

@@ -9,10 +9,12 @@ It uses the tensor layout of the round checkpoints (:mod:`fedtalora.checkpoint`)
     the base weight of every adapted layer, with every residual of the run folded in (the weights
     themselves, not the sum of the residuals, so that reloading is bit-exact).
 
-Everything else in the backbone never changes during a run and is rebuilt from ``config.yaml``
-(pretrained weights, or the seeded random init). The file's metadata holds a fingerprint of those
-rebuilt tensors (their sums), checked on loading, so different pretrained weights or a timm version
-that initialises differently fail loudly instead of giving another model.
+Methods that train more (:meth:`FedModel.add_trainable`, e.g. full fine-tuning) have those tensors
+under ``global/`` too. Everything else in the backbone never changes during a run and is rebuilt from
+``config.yaml`` (pretrained weights, or the seeded random init; then :meth:`Method.attach`). The file's
+metadata holds a fingerprint of those rebuilt tensors (their sums), checked on loading, so different
+pretrained weights or a timm version that initialises differently fail loudly instead of giving
+another model.
 """
 
 from __future__ import annotations
@@ -43,14 +45,11 @@ FINGERPRINT_RTOL = 1e-5
 
 
 def _frozen_tensors(model: FedModel) -> dict[str, torch.Tensor]:
-    """The backbone tensors a run never changes: all but the LoRA factors and adapted base weights."""
-    adapted = {p.layer.removeprefix("backbone.") for p in model.lora_pairs()}
-    trained = {k.removeprefix("backbone.") for k in model.extra_keys()}  # e.g. finetune: stored in global/
-    out = {}
-    for name, t in model.backbone.state_dict().items():
-        if ".lora_" in name or any(name == f"{a}.base_layer.weight" for a in adapted) or name in trained:
-            continue
-        out[name] = t
+    """The backbone tensors a run never changes: all but the stored ones (:func:`final_state`)."""
+    stored = {id(p) for p in model.parameters_by_key().values()}
+    stored |= {id(model.base_weight(p.layer)) for p in model.lora_pairs()}
+    out = {n: p for n, p in model.backbone.named_parameters() if id(p) not in stored}
+    out.update(dict(model.backbone.named_buffers()))
     return out
 
 
