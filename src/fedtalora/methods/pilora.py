@@ -130,7 +130,7 @@ def reweighted_prototypes(sums: torch.Tensor, counts: torch.Tensor) -> tuple[tor
     :func:`pilora_client_weights` instead of by their counts."""
     protos = torch.zeros(sums.shape[1:], dtype=torch.float64)
     present = counts.sum(0) > 0
-    for c in torch.flatnonzero(present).tolist():
+    for c in torch.nonzero(present).flatten().tolist():
         holders = counts[:, c] > 0
         means = sums[holders, c] / counts[holders, c, None]
         protos[c] = pilora_client_weights(means) @ means
