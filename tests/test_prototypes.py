@@ -62,3 +62,35 @@ def test_bad_client_statistics_are_rejected() -> None:
 
 def test_prototype_bytes() -> None:
     assert prototype_nbytes(77, 384) == 77 * 384 * 4 + 77 * 8
+
+
+def test_prototype_classifier_run_predicts_by_exact_class_means(tmp_path, tiny_overrides) -> None:
+    """End to end: the prototypes a run keeps are the pooled class means of the reporting clients'
+    features under the final model, and its predictions are the nearest of them."""
+    import numpy as np
+
+    from fedtalora.config import resolve
+    from fedtalora.engine import prepare, run
+
+    cfg = resolve("demo", [*tiny_overrides, "classifier.kind=prototype"])
+    setup = prepare(cfg)
+    result = run(setup, tmp_path / "run")
+    m = result.metrics
+    assert m["complete"] and len(m["accuracy_matrix"]) == 2
+    method, model, exp = setup.method, result.model, setup.exp
+    protos = method.prototypes
+    assert protos is not None and not torch.isnan(protos).any()
+    # the last task's prototypes equal the class means of all its clients' features now
+    last = exp.scenario.tasks[-1]
+    idx = np.concatenate(exp.partitions[last.index])
+    from fedtalora.client import extract_features
+
+    feats = extract_features(model, exp.dataset.train, idx, transform=setup.transform, batch_size=64,
+                             device=setup.device)
+    targets = torch.as_tensor(exp.train_targets[idx])
+    for c in range(last.label_offset, last.label_offset + len(last.classes)):
+        torch.testing.assert_close(protos[c], feats[targets == c].double().mean(0), rtol=1e-5, atol=1e-6)
+    # prototype uplink is counted in the last round of each task
+    last_rounds = [r for r in m["rounds"] if r["round"] == cfg.fed.rounds_per_task - 1]
+    first_rounds = [r for r in m["rounds"] if r["round"] == 0]
+    assert all(a["uplink_bytes"] > b["uplink_bytes"] for a, b in zip(last_rounds, first_rounds, strict=True))

@@ -277,3 +277,21 @@ def test_image_data_with_text_model_is_a_config_error(tiny_bert: Path, tmp_path:
                             f"output.dir={tmp_path}", "--quiet"])
     assert rc == 2
     assert "is image data but model.backbone" in err and len(err.strip().splitlines()) == 1
+
+
+def test_group_by_length_batches_cover_every_sample_once() -> None:
+    from fedtalora.client import _batches
+    from fedtalora.seeding import torch_generator
+
+    lengths = torch.randint(1, 60, (1000,), generator=torch.Generator().manual_seed(0))
+    plain = list(_batches(1000, 8, torch_generator(0, "x")))
+    grouped = list(_batches(1000, 8, torch_generator(0, "x"), lengths))
+    assert sorted(torch.cat(grouped).tolist()) == list(range(1000))
+    assert all(len(b) <= 8 for b in grouped)
+
+    def padded(batches: list[torch.Tensor]) -> int:
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.75 * padded(plain)  # far less padding
+    again = list(_batches(1000, 8, torch_generator(0, "x"), lengths))
+    assert all(torch.equal(a, b) for a, b in zip(grouped, again, strict=True))

@@ -42,10 +42,24 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def _batches(n: int, batch_size: int, generator: torch.Generator,
+             lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Shuffled mini-batches of ``range(n)``; with ``lengths``, grouped by length (see
+    ``train.group_by_length``): every window of 50 batches is sorted by length, then the batches of all
+    windows are shuffled."""
     perm = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield perm[start:start + batch_size]
+    if lengths is None:
+        for start in range(0, n, batch_size):
+            yield perm[start:start + batch_size]
+        return
+    window = 50 * batch_size
+    batches: list[torch.Tensor] = []
+    for w in range(0, n, window):
+        chunk = perm[w:w + window]
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        batches.extend(chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size))
+    for i in torch.randperm(len(batches), generator=generator).tolist():
+        yield batches[i]
 
 
 def local_train(
@@ -83,13 +97,14 @@ def local_train(
     else:
         opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     inputs = split.inputs[torch.as_tensor(indices)]
+    lengths = getattr(inputs, "lengths", None) if cfg.group_by_length else None
     y_all = torch.as_tensor(targets, dtype=torch.long)
     mask = None if class_mask is None else class_mask.to(device)
     model.train()
     total = torch.zeros((), device=device)
     steps = 0
     for _ in range(cfg.local_epochs):
-        for b in _batches(len(indices), cfg.batch_size, generator):
+        for b in _batches(len(indices), cfg.batch_size, generator, lengths):
             x = transform(inputs[b].to(device, non_blocking=True), train=True, generator=generator)
             y = y_all[b].to(device, non_blocking=True)
             with autocast(device, cfg.precision):

@@ -159,6 +159,9 @@ class TrainConfig:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16``: autocast the forward/backward pass (weights and aggregation stay fp32)."""
+    group_by_length: bool = False
+    """Text: shuffle, then sort each window of 50 batches by sequence length, so that batches pad little
+    (the order of the batches is shuffled again). Same samples per epoch; a speed knob for text data."""
 
     def validate(self) -> None:
         _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs, "an integer >= 1")
@@ -237,6 +240,17 @@ class OutputConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    kind: Literal["head", "prototype"] = "head"
+    """How the global model predicts: ``head`` -- argmax of the method's logits (the linear head for
+    Fed-TaLoRA); ``prototype`` -- nearest class prototype, the exact federated mean of each class's
+    features, which the clients of each task's last round send once per task as per-class feature sums
+    and counts (:mod:`fedtalora.classifier`). Training is unchanged; only prediction differs."""
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    """Similarity used by the prototype classifier."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     """The root seed: class order, partitions, client sampling, shuffling and init derive from it."""
@@ -253,6 +267,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> RunConfig:

@@ -35,6 +35,7 @@ import torch
 from . import __version__, checkpoint
 from .aggregation import normalize_weights, residual_nbytes, state_nbytes
 from .checkpoint import Checkpoint, atomic_write_text
+from .classifier import with_classifier
 from .client import accuracy_per_task, extract_features, local_train, predict
 from .comm import DownlinkLedger
 from .config import RunConfig
@@ -167,7 +168,7 @@ class Setup:
 def prepare(cfg: RunConfig) -> Setup:
     """Load data, draw the scenario and partitions, build the model; raises on any bad input."""
     device = resolve_device(cfg.train.device)
-    method: Method = METHODS.get(cfg.method)(cfg)
+    method: Method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
     exp = Experiment.build(cfg)
     model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed)
     method.attach(model)  # what the method trains beyond LoRA and head
