@@ -211,8 +211,8 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
     if state["format"] != FORMAT:
         raise fail(json_path, f"has format {state['format']!r}; this fedtalora reads format {FORMAT}")
     if state["config_sha256"] != config_fingerprint(cfg_dict):
-        raise fail(json_path, "was written by a different config than the run's config.yaml; "
-                   "it cannot continue this run")
+        raise fail(json_path, "was written by a different config than the run's config.yaml (edited since, or "
+                   "a fedtalora version with other config fields); it cannot continue this run")
     tensor_path = json_path.parent / str(state["tensors"])
     if tensor_path.parent != json_path.parent:
         raise fail(json_path, f"names a tensor file outside {json_path.parent}")
