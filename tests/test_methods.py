@@ -29,8 +29,10 @@ from fedtalora.methods.pilora import (
     prototype_distance,
     reweighted_prototypes,
 )
+from fedtalora.methods.prompt import PromptPool, select_and_match
 from fedtalora.model import build_model
 from fedtalora.state import load_final
+from test_text import _text_overrides, _write_banking, tiny_bert  # noqa: F401  (tiny_bert is a fixture)
 
 SCHEMA = ("method", "seed", "complete", "accuracy_matrix", "rounds", "tasks", "trainable_parameters",
           "final_average_accuracy", "average_incremental_accuracy", "forgetting", "seen_accuracy",
@@ -79,6 +81,19 @@ def test_every_method_runs_the_loop_and_writes_the_metrics_schema(name: str, run
     saved = res.model.parameters_by_key()
     for k, p in reloaded.parameters_by_key().items():
         assert torch.equal(p, saved[k].detach().cpu()), k
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_runs_on_a_text_backbone(name: str, tiny_bert, tmp_path) -> None:  # noqa: F811
+    data = _write_banking(tmp_path / "b77")
+    cfg = resolve("demo", [*_text_overrides(tiny_bert, data), f"method={name}"])
+    res = run(cfg, run_dir=tmp_path / "run")
+    m = res.metrics
+    assert m["complete"] and len(m["rounds"]) == 4 and [len(r) for r in m["accuracy_matrix"]] == [2, 2]
+    assert 0.0 <= m["final_average_accuracy"] <= 1.0
+    reloaded = load_final(tmp_path / "run")
+    saved = res.model.parameters_by_key()
+    assert all(torch.equal(p, saved[k].detach().cpu()) for k, p in reloaded.parameters_by_key().items())
 
 
 def test_every_method_documents_its_paper_and_departures() -> None:
@@ -420,6 +435,47 @@ def test_prototype_distance_matches_the_definition() -> None:
     f, c = torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g)
     expected = ((f[:, None, :] - c[None, :, :]) ** 2).sum(-1).div(6).sqrt()
     torch.testing.assert_close(prototype_distance(f, c), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- prompt -----------------------------------------------------------------------------------------
+
+
+def test_prompt_trains_prompts_keys_and_head_only(runs, tiny_overrides) -> None:
+    res = runs["prompt"]
+    fresh = _fresh_model(_cfg(tiny_overrides, "method=prompt"))
+    now, before = res.model.backbone.state_dict(), fresh.backbone.state_dict()
+    assert [k for k in before if not torch.equal(now[k], before[k])] == []
+    assert torch.equal(fresh.prompt.prompts, _fresh_model(_cfg(tiny_overrides, "method=prompt")).prompt.prompts)
+    for name in ("prompts", "keys"):
+        assert not torch.equal(getattr(res.model.prompt, name), getattr(fresh.prompt, name)), name
+    o = METHODS.get("prompt").Options()
+    D = fresh.spec.num_features
+    head = sum(p.numel() for p in fresh.head_parameters().values())
+    assert res.metrics["trainable_parameters"] == o.pool_size * (o.length + 1) * D + head
+
+
+def test_prompt_selects_the_best_matching_keys() -> None:
+    keys = torch.eye(4, 3)[:, :3].clone()  # key j = e_j (key 3 = 0 vector, never best)
+    keys[3] = torch.tensor([-1.0, -1.0, -1.0])
+    prompts = torch.arange(4, dtype=torch.float32)[:, None, None].expand(4, 2, 3).clone()  # prompt j filled with j
+    pool = PromptPool(prompts, keys)
+    query = torch.tensor([[0.0, 5.0, 0.0], [1.0, 0.0, 0.1]])
+    tokens, match = select_and_match(pool, query, 2)
+    assert tokens.shape == (2, 4, 3)
+    assert tokens[0, :, 0].tolist() == [1, 1, 0, 0] or tokens[0, :, 0].tolist() == [1, 1, 2, 2]
+    assert tokens[1, :2, 0].tolist() == [0, 0] and tokens[1, 2:, 0].tolist() == [2, 2]
+    exact, m0 = select_and_match(pool, torch.tensor([[0.0, 0.0, 2.0]]), 1)
+    assert exact[0, :, 0].tolist() == [2, 2] and float(m0.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < float(match.detach()) < 1
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["method=prompt", "method_options.top_k=11"], "method_options.top_k"),
+    (["method=prompt", "method_options.length=0"], "method_options.length"),
+])
+def test_prompt_options(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        resolve("demo", overrides)
 
 
 # --- hooks ------------------------------------------------------------------------------------------

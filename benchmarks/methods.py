@@ -1,0 +1,132 @@
+"""Every implemented method on the same federated class-incremental Banking77 + all-MiniLM-L6-v2 setting.
+
+One run per method of ``fedtalora.methods.METHODS`` on the ``banking77`` preset (7 tasks x 11 intents,
+10 clients, Dirichlet(0.1)), with the same seed, partitions, class order and budget; only ``method=``
+differs (each method with its default ``method_options``). Writes one JSON line per method to
+``benchmarks/results/methods.jsonl`` (kept: a re-run skips the methods already measured with the same
+settings) and the table to ``benchmarks/results/methods.md``::
+
+    python benchmarks/methods.py --data ../shared/data/banking77 --quick     # 1 round x 1 local epoch
+    python benchmarks/methods.py --only fedtalora pilora --set train.lr=0.02
+
+Runs are sequential (one process, ``OMP_NUM_THREADS`` as set by the caller). Needs
+``pip install -e ".[text]"`` and the Banking77 CSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtalora.config import RunConfig, resolve
+from fedtalora.engine import run
+from fedtalora.methods import METHODS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FLOAT_BYTES = 4
+
+
+def measure(name: str, base: list[str], runs: Path) -> dict[str, Any]:
+    """Run ``method=name`` on the preset with the shared overrides; the row of the table."""
+    cfg = resolve("banking77", [*base, f"method={name}", "output.overwrite=true"])
+    run_dir = runs / name
+    m = run(cfg, run_dir).metrics
+    rounds = m["rounds"]
+    client_rounds = sum(len(r["clients"]) for r in rounds)
+    return {
+        "method": name,
+        **{k: m[k] for k in ("final_average_accuracy", "average_incremental_accuracy", "forgetting",
+                             "max_aggregation_error", "trainable_parameters", "wall_seconds")},
+        "uplink_params_per_client_round": m["uplink_bytes_total"] / FLOAT_BYTES / client_rounds,
+        "downlink_params_per_client_round": m["downlink_bytes_total"] / FLOAT_BYTES / client_rounds,
+        "rounds": len(rounds),
+        "settings": base,
+        "run_dir": str(run_dir),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=os.environ.get("BANKING77", "../shared/data/banking77"))
+    ap.add_argument("--quick", action="store_true", help="1 round x 1 local epoch per task")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default=str(Path("runs") / "bench-methods"), help="parent of the run directories")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of methods (default: every implemented one)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides for every run")
+    ap.add_argument("--fresh", action="store_true", help="re-measure methods already in the JSONL file")
+    ap.add_argument("--out", default=str(RESULTS / "methods.md"))
+    args = ap.parse_args()
+
+    base = [f"data.root={args.data}", f"seed={args.seed}", "train.device=auto", *args.set]
+    if args.quick:
+        base += ["fed.rounds_per_task=1", "train.local_epochs=1"]
+    names = args.only or METHODS.names()
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        ap.error(f"not implemented: {', '.join(unknown)}; choose from {', '.join(METHODS.names())}")
+    out = Path(args.out)
+    jsonl = out.with_suffix(".jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {} if args.fresh or not jsonl.is_file() else {
+        r["method"]: r for r in map(json.loads, jsonl.read_text().splitlines()) if r["settings"] == base}
+    for name in names:
+        if name in done:
+            print(f"{name}: measured already (--fresh to redo)", file=sys.stderr)
+            continue
+        row = measure(name, base, Path(args.runs))
+        done[name] = row
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    cfg = resolve("banking77", base)
+    write_table([done[n] for n in METHODS.names() if n in done], out, cfg, args)
+    return 0
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _count(v: float) -> str:
+    return f"{v / 1e6:.2f} M" if v >= 1e5 else f"{v / 1e3:.1f} k"
+
+
+def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: argparse.Namespace) -> None:
+    lines = [
+        "# Methods on text FCIL: Banking77 + all-MiniLM-L6-v2",
+        "",
+        f"`banking77` preset: {cfg.scenario.num_tasks} tasks x 11 intents, {cfg.fed.num_clients} clients (all per "
+        f"round), {cfg.partition.kind} beta={cfg.partition.beta}; {cfg.fed.rounds_per_task} round(s) x "
+        f"{cfg.train.local_epochs} local epoch(s) per task, batch {cfg.train.batch_size}, SGD lr {cfg.train.lr} "
+        f"(body) / {cfg.train.head_lr} (head); LoRA rank {cfg.lora.rank} on {cfg.lora.targets} of layers "
+        f"{cfg.lora.blocks}; seed {cfg.seed}; every method with its default `method_options`. "
+        f"Machine: {os.cpu_count()} CPU threads, torch {torch.__version__}. "
+        f"Command: `python benchmarks/methods.py{' --quick' if args.quick else ''}"
+        f"{' --set ' + ' '.join(args.set) if args.set else ''}`.",
+        "",
+        "Parameters are counted per client and round (float32 values: bytes / 4); *up* is what a client sends, "
+        "*down* what it receives (global trainable state + the residuals it missed, factored or dense, "
+        "whichever is smaller). `pilora`'s up includes its per-task class feature sums.",
+        "",
+        "| method | F_AA % | AIA % | forgetting % | trainable | up / client / round | down / client / round "
+        "| max agg. error | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {_pct(r['final_average_accuracy'])} | {_pct(r['average_incremental_accuracy'])} "
+            f"| {_pct(r['forgetting'])} | {_count(r['trainable_parameters'])} "
+            f"| {_count(r['uplink_params_per_client_round'])} | {_count(r['downlink_params_per_client_round'])} "
+            f"| {r['max_aggregation_error']:.1e} | {r['wall_seconds']:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
