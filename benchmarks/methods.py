@@ -36,6 +36,9 @@ def measure(name: str, base: list[str], runs: Path) -> dict[str, Any]:
     """Run ``method=name`` on the preset with the shared overrides; the row of the table."""
     cfg = resolve("banking77", [*base, f"method={name}", "output.overwrite=true"])
     run_dir = runs / name
+    # The shared setting: every key but the method and where the run goes (a re-run skips a method only
+    # when this is unchanged, e.g. not after a preset edit).
+    shared = shared_config(cfg)
     m = run(cfg, run_dir).metrics
     rounds = m["rounds"]
     client_rounds = sum(len(r["clients"]) for r in rounds)
@@ -47,8 +50,15 @@ def measure(name: str, base: list[str], runs: Path) -> dict[str, Any]:
         "downlink_params_per_client_round": m["downlink_bytes_total"] / FLOAT_BYTES / client_rounds,
         "rounds": len(rounds),
         "settings": base,
+        "config": shared,
+        "commit": os.environ.get("BENCH_COMMIT", ""),
         "run_dir": str(run_dir),
     }
+
+
+def shared_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config without ``method``, ``method_options`` and ``output``."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("method", "method_options", "output")}
 
 
 def main() -> int:
@@ -73,8 +83,9 @@ def main() -> int:
     out = Path(args.out)
     jsonl = out.with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
+    shared = json.loads(json.dumps(shared_config(resolve("banking77", base))))
     done = {} if args.fresh or not jsonl.is_file() else {
-        r["method"]: r for r in map(json.loads, jsonl.read_text().splitlines()) if r["settings"] == base}
+        r["method"]: r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("config") == shared}
     for name in names:
         if name in done:
             print(f"{name}: measured already (--fresh to redo)", file=sys.stderr)
@@ -106,7 +117,8 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
         f"{cfg.train.local_epochs} local epoch(s) per task, batch {cfg.train.batch_size}, SGD lr {cfg.train.lr} "
         f"(body) / {cfg.train.head_lr} (head); LoRA rank {cfg.lora.rank} on {cfg.lora.targets} of layers "
         f"{cfg.lora.blocks}; seed {cfg.seed}; every method with its default `method_options`. "
-        f"Machine: {os.cpu_count()} CPU threads, torch {torch.__version__}. "
+        f"Machine: {os.cpu_count()} CPU threads (shared with other jobs: wall times are indicative), "
+        f"torch {torch.__version__}; code at commit {rows[0].get('commit') or 'n/a' if rows else 'n/a'}. "
         f"Command: `python benchmarks/methods.py{' --quick' if args.quick else ''}"
         f"{' --set ' + ' '.join(args.set) if args.set else ''}`.",
         "",
