@@ -193,3 +193,17 @@ def test_load_run_reads_config(run_dir) -> None:
     r = load_run(run_dir)
     assert r.num_tasks == 2 and r.rounds_per_task == 2
     assert r.per_round("uplink_bytes") == _metrics(run_dir)["uplink_bytes_total"] / 4
+
+
+def test_compare_fills_keys_an_older_config_lacks_with_defaults(sweep, tmp_path) -> None:
+    """A run written before a config key existed must not look like a different setting."""
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(sweep / "residual-true" / "seed-1", old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    assert cfg["fed"].pop("weighting") == "samples"  # the default
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = compare([sweep / "residual-true" / "seed-0", old], tmp_path / "out")
+    assert [r["label"] for r in res.rows] == ["fedtalora", "fedtalora"]
+    assert len(res.groups) == 1

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import RunConfig
 from .report import (
     ReportError,
     RunData,
@@ -100,8 +101,11 @@ def _value(v: Any) -> str:
 
 def labels(runs: Sequence[RunData]) -> list[str]:
     """A label per run: the config keys whose values differ among ``runs`` (seed and output excepted);
-    the method name when no such key differs."""
-    flat = [_flatten(r.config) for r in runs]
+    the method name when no such key differs. A key missing from a run's config (an older version wrote
+    it) counts with its current default."""
+    # Keys a run's config.yaml lacks (written before the key existed) take today's defaults, as loading it would.
+    defaults = _flatten(RunConfig().to_dict())
+    flat = [{**defaults, **_flatten(r.config)} for r in runs]
     keys = sorted({k for f in flat for k in f if not k.startswith(IGNORED_KEYS[1]) and k != IGNORED_KEYS[0]})
     differing = [k for k in keys if len({_value(f.get(k)) for f in flat}) > 1]
     out = []
@@ -238,8 +242,9 @@ def plot(groups: Sequence[Group], path: Path) -> Path:
     width = 0.8 / max(len(groups), 1)
     for i, (g, c) in enumerate(zip(groups, colors, strict=True)):
         stats = [g.stat(k) for k in GROUP_METRICS]
+        spread = [s for _, s in stats] if any(s is not None for _, s in stats) else None  # bars only over seeds
         ax_bar.bar(x + (i - (len(groups) - 1) / 2) * width, [m if m is not None else math.nan for m, _ in stats],
-                   width, yerr=[s or 0.0 for _, s in stats], color=c, capsize=2)
+                   width, yerr=None if spread is None else [s or 0.0 for s in spread], color=c, capsize=2)
     ax_bar.set_xticks(x, ["F_AA", "AIA", "forgetting"])
     ax_bar.set_ylim(0, 1.02)
     ax_bar.set_title("Final metrics (mean ± std over runs)")
