@@ -24,7 +24,7 @@ Every function here is pure: tensors in, new tensors out.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -154,6 +154,9 @@ class Aggregate:
     """Per adapted layer, :func:`relative_aggregation_error`."""
     residual_ranks: dict[str, int]
     """Per adapted layer, the inner dimension ``(K+1) r`` of the factored residual."""
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Per adapted layer with a residual, its factors ``(L, R)``: ``residuals[layer] == (L @ R) * scaling``
+    (what a server sends instead of the dense matrix when it is smaller; empty without the residual)."""
 
     @property
     def max_error(self) -> float:
@@ -182,6 +185,7 @@ def aggregate_lora(
     residuals: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     ranks: dict[str, int] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for pair in pairs:
         Bs = [u[pair.b_key] for u in updates]
         As = [u[pair.a_key] for u in updates]
@@ -191,9 +195,10 @@ def aggregate_lora(
             L, R = residual_factors(Bs, As, weights, Bbar, Abar)
             res = (L @ R) * pair.scaling
             residuals[pair.layer] = res
+            factors[pair.layer] = (L, R)
         ranks[pair.layer] = (len(updates) + 1) * Bbar.shape[1]
         errors[pair.layer] = relative_aggregation_error(Bs, As, weights, pair.scaling, Bbar, Abar, res)
-    return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks)
+    return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks, factors=factors)
 
 
 def residual_nbytes(d_out: int, d_in: int, inner: int, element_size: int = 4) -> tuple[int, int]:

@@ -82,8 +82,9 @@ class Checkpoint:
 
 
 def config_fingerprint(cfg_dict: Mapping[str, Any]) -> str:
-    """SHA-256 of the config without its ``output`` section (where a run is written does not matter)."""
-    data = {k: v for k, v in cfg_dict.items() if k != "output"}
+    """SHA-256 of the config without its ``output``, ``engine`` and ``flower`` sections (where a run is
+    written, and whether its clients run in-process or on Flower, do not change what it computes)."""
+    data = {k: v for k, v in cfg_dict.items() if k not in ("output", "engine", "flower")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 

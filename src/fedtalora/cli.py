@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="the final model as one merged safetensors file and a peft adapter")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (holds final_model.safetensors)")
     ex.add_argument("--out", metavar="DIR", default=None, help="where to write (default: RUN_DIR/export)")
+    fa = sub.add_parser("flower-app", help="write the Flower app folder for `flwr run` (engine=flower, docs/flower.md)")
+    fa.add_argument("dest", metavar="DIR", help="the app folder to write (pyproject.toml)")
+    fa.add_argument("preset", nargs="?", default=None, metavar="PRESET_OR_PATH",
+                    help="also write this run's config.yaml and partitions.json there (the app's default run config)")
+    fa.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
     sub.add_parser("presets", help="list the shipped presets")
     sub.add_parser("methods", help="list the methods")
     return p
@@ -94,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compare(args.paths, args.out)
         if args.command == "export":
             return _cmd_export(args.run_dir, args.out)
+        if args.command == "flower-app":
+            return _cmd_flower_app(args.dest, args.preset, args.overrides)
         if args.command == "resume":
             return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose)
         preset = "demo" if args.command == "demo" else args.preset
@@ -112,6 +119,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
+    """Write the Flower app folder (and, with a preset, the run's config.yaml and partitions.json)."""
+    cfg = None
+    if preset is not None:
+        from .config import resolve
+
+        cfg = resolve(preset, overrides)
+    elif overrides:
+        raise ConfigError("flower-app: overrides need a PRESET_OR_PATH before them")
+    from .flower.deployment import write_app
+
+    path = write_app(dest, cfg)
+    print(f"Flower app written to {path}: flwr run {path} SUPERLINK (see docs/flower.md)")
+    return 0
 
 
 def _cmd_presets() -> int:

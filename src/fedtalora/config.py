@@ -251,6 +251,34 @@ class ClassifierConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """Settings of the Flower engines (``engine=flower-sim`` and ``engine=flower``; see ``docs/flower.md``)."""
+
+    superlink: str = ""
+    """``engine=flower``: the SuperLink connection ``flwr run`` submits to (a name in
+    ``$FLWR_HOME/config.toml``); empty: that file's default."""
+    round_timeout: float = 0.0
+    """Seconds the server waits for a round's replies; a client that misses it counts as dropped
+    (0: wait as long as it takes)."""
+    connect_timeout: float = 300.0
+    """Seconds the server waits at the start for ``fed.num_clients`` SuperNodes to connect and answer."""
+    client_cpus: float = 1.0
+    """``flower-sim``: CPUs each simulated client reserves (Ray); clients train in parallel when the
+    machine has more CPUs than this."""
+    client_gpus: float = 0.0
+    """``flower-sim``: GPUs (or a fraction of one) each simulated client reserves."""
+    sim_cpus: int = 0
+    """``flower-sim``: CPUs Ray may use in total (0: all of the machine's)."""
+
+    def validate(self) -> None:
+        _check(self.round_timeout >= 0, "flower.round_timeout", self.round_timeout, "a number >= 0 (0: no limit)")
+        _check(self.connect_timeout > 0, "flower.connect_timeout", self.connect_timeout, "a number > 0")
+        _check(self.client_cpus > 0, "flower.client_cpus", self.client_cpus, "a number > 0")
+        _check(self.client_gpus >= 0, "flower.client_gpus", self.client_gpus, "a number >= 0")
+        _check(self.sim_cpus >= 0, "flower.sim_cpus", self.sim_cpus, "an integer >= 0 (0: all)")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     """The root seed: class order, partitions, client sampling, shuffling and init derive from it."""
@@ -259,6 +287,10 @@ class RunConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options of the selected method, e.g. ``{mu: 0.01}`` for ``fedprox`` (``fedtalora methods`` lists
     each method's options); validated strictly by the method: unknown keys and bad values are errors."""
+    engine: Literal["inprocess", "flower-sim", "flower"] = "inprocess"
+    """Where the clients run: ``inprocess`` (one process, clients one after another), ``flower-sim``
+    (Flower's simulation runtime on Ray; needs ``pip install fedtalora[flower]``) or ``flower`` (a Flower
+    deployment: SuperLink + one SuperNode per client, see ``docs/flower.md``). Same loop, same numbers."""
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -268,6 +300,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> RunConfig:

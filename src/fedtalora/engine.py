@@ -12,6 +12,10 @@
             (last round of the task) evaluate on the test data of every task seen so far -> row t
             checkpoint the round (checkpoint.py) and rewrite metrics.json
 
+Clients are reached through a :class:`~fedtalora.transport.Transport`: direct calls in this process
+(``engine=inprocess``) or Flower messages (``engine=flower-sim`` / ``flower``, :mod:`fedtalora.flower`);
+the loop, screening, aggregation, evaluation, metrics and checkpoints are the same for all of them.
+
 The run directory receives ``config.yaml`` and ``partitions.json`` at the start, then a checkpoint
 and ``metrics.json`` after every round, so an interrupted run keeps everything it computed and
 ``run(..., resume=True)`` continues it to the same result.
@@ -19,12 +23,11 @@ and ``metrics.json`` after every round, so an interrupted run keeps everything i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,21 +39,24 @@ from . import __version__, checkpoint
 from .aggregation import normalize_weights, residual_nbytes, state_nbytes
 from .checkpoint import Checkpoint, atomic_write_text
 from .classifier import with_classifier
-from .client import accuracy_per_task, extract_features, local_train, predict
+from .client import accuracy_per_task, predict
 from .comm import DownlinkLedger
 from .config import RunConfig
 from .data import Dataset, ImageTransform, load_dataset
-from .text_data import TextTransform, tokenize_split
 from .errors import CheckpointError, ConfigError
 from .faults import corrupt, draw_fault
-from .methods import METHODS, Method, TaskData
+from .methods import METHODS, Method
 from .metrics import summarize
 from .model import FedModel, build_model
 from .partition import class_counts, partition_task
 from .scenario import Scenario, make_scenario
-from .seeding import derive_seed, numpy_rng, torch_generator
+from .seeding import numpy_rng
 from .state import FINAL_MODEL, save_final
+from .text_data import TextTransform, tokenize_split
 from .tracking import fan_out, open_trackers, provenance
+from .transport import InProcessTransport, RoundJob, Transport
+from .transport import class_mask as _class_mask  # noqa: F401  (re-exported: the loss mask of a client round)
+from .transport import model_rng as _model_rng  # noqa: F401
 from .validation import check_update
 
 logger = logging.getLogger(__name__)
@@ -140,17 +146,6 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def _class_mask(kind: str, task_mask: torch.Tensor, targets: np.ndarray) -> torch.Tensor | None:
-    """Which head outputs take part in the local loss (``train.logit_mask``)."""
-    if kind == "none":
-        return None
-    if kind == "client":
-        mask = torch.zeros_like(task_mask)
-        mask[torch.as_tensor(np.unique(targets))] = True
-        return mask
-    return task_mask
-
-
 @dataclass
 class Setup:
     """Everything built from the config before the first round: data, partitions, model, method."""
@@ -169,6 +164,10 @@ def prepare(cfg: RunConfig) -> Setup:
     """Load data, draw the scenario and partitions, build the model; raises on any bad input."""
     device = resolve_device(cfg.train.device)
     method: Method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
+    if cfg.engine != "inprocess":  # Flower installed, the method's clients need no server-side state
+        from .flower import check_engine
+
+        check_engine(cfg, method)
     exp = Experiment.build(cfg)
     model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed)
     method.attach(model)  # what the method trains beyond LoRA and head
@@ -191,7 +190,7 @@ def prepare(cfg: RunConfig) -> Setup:
 
 
 def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressFn | None = None, *,
-        resume: bool = False) -> RunResult:
+        resume: bool = False, transport: Transport | None = None) -> RunResult:
     """Run one experiment end to end and return its metrics.
 
     Args:
@@ -202,6 +201,8 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
             display; the run directory's trackers (:mod:`fedtalora.tracking`) get the same events.
         resume: continue ``run_dir`` from its latest checkpoint (from the start if it has none); the
             result is identical to an uninterrupted run except for :data:`TIMING_FIELDS`.
+        transport: how clients are reached; None: as ``engine`` says (``flower-sim`` starts Flower's
+            simulation, whose ServerApp calls this function again with its message transport).
 
     Raises:
         CheckpointError: ``resume`` and the run directory's checkpoint or partitions are corrupted or
@@ -209,11 +210,25 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
     """
     t_start = time.perf_counter()
     setup = cfg if isinstance(cfg, Setup) else prepare(cfg)
-    cfg, exp, model, method = setup.cfg, setup.exp, setup.model, setup.method
-    transform, device = setup.transform, setup.device
+    if transport is None and setup.cfg.engine != "inprocess":
+        from .flower import run_engine
+
+        return run_engine(setup, run_dir, progress, resume=resume)
     if resume and run_dir is None:
         raise ValueError("resume needs a run directory")
-    ckpt = _open_run_dir(run_dir, cfg, exp, resume)
+    ckpt = _open_run_dir(run_dir, setup.cfg, setup.exp, resume)
+    transport = transport if transport is not None else InProcessTransport()
+    try:
+        return _loop(setup, run_dir, progress, transport, ckpt, t_start)
+    finally:
+        transport.close()
+
+
+def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, transport: Transport,
+          ckpt: Checkpoint | None, t_start: float) -> RunResult:
+    """The task x round loop of :func:`run` (the run directory is open)."""
+    cfg, exp, model, method = setup.cfg, setup.exp, setup.model, setup.method
+    transform, device = setup.transform, setup.device
     emit = fan_out(progress, *open_trackers(cfg, run_dir))  # progress display, rounds.csv/tasks.csv, TensorBoard
 
     keys = method.trainable_keys(model)
@@ -237,6 +252,7 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         resumes = [*ckpt.resumes, {"completed_rounds": done}]
         logger.info("resuming %s after %d of %d rounds (task %d, round %d)", run_dir, done, T * R,
                     ckpt.task + 1, ckpt.round + 1)
+    transport.open(setup, resumed=done > 0)
 
     def save_progress(t: int, r: int) -> None:
         metrics["wall_seconds"] = elapsed_before + time.perf_counter() - t_start
@@ -261,8 +277,6 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
         if (t + 1) * R <= done:  # finished before the resume
             continue
         t_task = time.perf_counter()
-        task_mask = torch.zeros(exp.scenario.num_classes, dtype=torch.bool)
-        task_mask[task.label_offset:task.label_offset + len(task.classes)] = True
         if t * R >= done:  # a fresh task, not one resumed inside
             method.on_task_start(model, task)  # e.g. pilora: merge the last task's LoRA, start a new one
             global_state = model.trainable_state(keys)
@@ -274,25 +288,18 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
             downlink = uplink = 0
             dropped, corrupted, rejected, accepted = [], [], [], []
             buffer = method.new_buffer()
+            faults = {k: draw_fault(cfg.faults, cfg.seed, t, r, k) for k in clients}
             for k in clients:
                 downlink += state_nbytes(global_state) + ledger.catch_up_bytes(k)
                 ledger.sync(k)
-                fault = draw_fault(cfg.faults, cfg.seed, t, r, k)
-                if fault.dropped:  # received the model, returns nothing
+            for outcome in transport.train(RoundJob(task, r, clients, global_state, faults)):
+                k, res, fault = outcome.client, outcome.result, faults[outcome.client]
+                if res is None:  # received the model, returned nothing
                     dropped.append(k)
-                    logger.warning("[task %d/%d | round %d/%d] client %d dropped out (injected fault)",
-                                   t + 1, T, r + 1, R, k)
+                    logger.warning("[task %d/%d | round %d/%d] client %d dropped out (%s)",
+                                   t + 1, T, r + 1, R, k, outcome.error or "no update")
                     emit({"event": "client", "task": t, "round": r, "client": k, "loss": None})
                     continue
-                idx = exp.partitions[t][k]
-                targets = exp.train_targets[idx]
-                mask = _class_mask(cfg.train.logit_mask, task_mask, targets)
-                with _model_rng(device, cfg.seed, "model-rng", t, r, k):  # LoRA dropout, drop-path
-                    res = local_train(
-                        model, method, global_state, client=k, split=exp.dataset.train, indices=idx,
-                        targets=targets, class_mask=mask, transform=transform, cfg=cfg.train,
-                        generator=torch_generator(cfg.seed, "local", t, r, k), device=device,
-                    )
                 if fault.corrupted and fault.rng is not None:
                     res.state = corrupt(res.state, global_state, cfg.faults.corrupt_kind, fault.rng)
                     corrupted.append(k)
@@ -327,9 +334,10 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                             for layer in agg.residuals}
                 agg_error = agg.max_error
             ledger.record_round(factored)
+            transport.after_round(None if skipped else agg)  # e.g. Flower: the next base the clients sync to
             if r == R - 1:  # e.g. pilora: the reporting clients send class feature sums -> prototypes
-                uplink += method.on_task_end(model, task, _task_data(
-                    exp, model, t, [] if skipped else [res.client for res in accepted], transform, device, cfg))
+                uplink += method.on_task_end(model, task, transport.task_data(
+                    t, [] if skipped else [res.client for res in accepted]))
                 global_state = model.trainable_state(keys)
             record = {
                 "task": t, "round": r, "clients": clients,
@@ -344,6 +352,7 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                 "residual_bytes_dense": sum(dense[layer] for layer in factored),
                 "residual_bytes_factored": sum(factored.values()),
                 "seconds": time.perf_counter() - t_round,
+                **transport.round_stats(),  # e.g. Flower: the bytes that went over the wire
             }
             metrics["rounds"].append(record)
             if not skipped:
@@ -355,25 +364,13 @@ def run(cfg: RunConfig | Setup, run_dir: Path | None = None, progress: ProgressF
                 _evaluate_task(exp, model, method, task, transform, device, cfg, metrics, test_sizes, T, t_task, emit)
             save_progress(t, r)
     _finish(metrics)
+    transport.finish(metrics)
     metrics["wall_seconds"] = elapsed_before + time.perf_counter() - t_start
     if run_dir is not None:
         save_final(model, run_dir / FINAL_MODEL)  # before metrics.json says complete
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     emit({"event": "end", "metrics": metrics})
     return RunResult(metrics=metrics, run_dir=run_dir, model=model)
-
-
-def _task_data(exp: Experiment, model: FedModel, t: int, clients: list[int], transform: Callable[..., Any],
-               device: torch.device, cfg: RunConfig) -> TaskData:
-    """What :meth:`Method.on_task_end` may compute on the reporting clients of task ``t``."""
-
-    def features(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = exp.partitions[t][k]
-        feats = extract_features(model, exp.dataset.train, idx, transform=transform,
-                                 batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision)
-        return feats, torch.as_tensor(exp.train_targets[idx], dtype=torch.long)
-
-    return TaskData(clients=clients, features=features)
 
 
 def _evaluate_task(exp: Experiment, model: FedModel, method: Method, task: Any, transform: ImageTransform,
@@ -424,25 +421,6 @@ def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
         if key in out:
             out[key] = [{k: v for k, v in rec.items() if k != "seconds"} for rec in out[key]]
     return out
-
-
-@contextlib.contextmanager
-def _model_rng(device: torch.device, seed: int, *path: object) -> Iterator[None]:
-    """Seed the global torch RNG of the CPU (and of ``device`` if it is a GPU) from ``(seed, *path)``
-    for the code inside, and restore it afterwards.
-
-    The model draws from the global RNG (peft's LoRA dropout, timm's dropout/drop-path). Seeding it
-    per client and round makes those draws depend only on the position, not on the history of the
-    process, which is what makes a resumed run identical to an uninterrupted one.
-    """
-    s = derive_seed(seed, *path)
-    gpu = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpu):
-        torch.default_generator.manual_seed(s)
-        if gpu:
-            with torch.cuda.device(gpu[0]):
-                torch.cuda.manual_seed(s)
-        yield
 
 
 def _open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: bool) -> Checkpoint | None:

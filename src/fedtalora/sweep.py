@@ -90,6 +90,9 @@ def run_local(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
     return metrics
 
 
+for _engine in ("inprocess", "flower-sim", "flower"):  # the config's ``engine``: engine.run dispatches on it itself
+    RUNNERS.register(_engine)(run_local)
+
 GRID_KEYS = ("name", "output", "presets", "overrides", "seeds", "common")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -341,8 +344,9 @@ def _same_config(run_dir: Path, cfg: RunConfig) -> bool | None:
     if not isinstance(saved, dict):
         return None
     saved, want = dict(saved), cfg.to_dict()
-    saved.pop("output", None)
-    want.pop("output", None)
+    for key in ("output", "engine", "flower"):  # where and on which engine it runs: same numbers
+        saved.pop(key, None)
+        want.pop(key, None)
     return json.loads(json.dumps(saved, default=str)) == json.loads(json.dumps(want, default=str))
 
 

@@ -1,0 +1,314 @@
+"""The fedtalora ``ClientApp``: one federated client, in a Flower simulation or on a SuperNode.
+
+A client knows only what reaches it through Flower:
+
+* its **partition id** from its node config (``flower-supernode --node-config "partition-id=K"``;
+  the simulation runtime sets it to the node's index);
+* the **run's config** from the server's ``query.hello`` message (kept in ``context.state``);
+* its **samples** from the partition manifest ``partitions.json``: the path in the node config
+  (``partitions=...``), else in the run config (``flwr run --run-config "partitions='...'"``), else the
+  one the server names in its hello message; the server also sends a digest of the expected indices
+  and the client refuses a manifest that disagrees;
+* the **global trainable state** and the **residual catch-up** of its frozen base in every ``train``
+  message (:mod:`fedtalora.flower.protocol`).
+
+It builds its own model from the config (same seeds: the same initial weights as the server's, checked
+by a fingerprint) and trains with :func:`fedtalora.transport.client_round`, the function the in-process
+engine calls. Its frozen base and the base version live in ``context.state`` between messages (a
+SuperNode starts one ClientApp process per message). The dataset and model are cached per process (the
+simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
+message, so nodes sharing a process never see each other's weights.
+
+Node config keys: ``partition-id`` (required), ``data-root`` (this machine's ``data.root``),
+``partitions`` (this machine's copy of the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..classifier import with_classifier
+from ..config import RunConfig, from_dict
+from ..data import ImageTransform, Split, load_dataset
+from ..errors import FedTaLoRAError, PartitionError
+from ..methods import METHODS, Method
+from ..model import FedModel, build_model
+from ..scenario import Task
+from ..transport import client_features, client_round
+from . import protocol as P
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+class InjectedCrash(RuntimeError):
+    """Raised mid-training by a client the server told to crash (``faults.client_dropout``)."""
+
+
+@dataclass
+class ClientSide:
+    """What one process builds for a run: config, data, model, method (shared by the nodes it serves)."""
+
+    cfg: RunConfig
+    manifest: dict[str, Any]
+    tasks: list[Task]
+    num_classes: int
+    split: Split
+    """The training split (tokenised for text)."""
+    train_targets: np.ndarray
+    """Head-output label of every training sample (position of its class in the manifest's class order)."""
+    model: FedModel
+    method: Method
+    keys: list[str]
+    transform: Callable[..., Any]
+    device: torch.device
+    pristine: dict[str, torch.Tensor]
+    """The adapted layers' base weights as built (version 0)."""
+    fingerprint: str
+    partition_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+    def indices(self, t: int, k: int) -> np.ndarray:
+        """Client ``k``'s samples of task ``t``, from the manifest."""
+        key = (t, k)
+        if key not in self.partition_cache:
+            try:
+                entry = self.manifest["tasks"][t]["clients"][k]
+            except (IndexError, KeyError, TypeError):
+                raise PartitionError(f"the partition manifest has no client {k} in task {t}") from None
+            self.partition_cache[key] = np.asarray(entry["indices"], dtype=np.int64)
+        return self.partition_cache[key]
+
+
+_CACHE: dict[tuple[str, str, str], ClientSide] = {}
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise PartitionError(f"cannot read the partition manifest {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PartitionError(f"the partition manifest {path} is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+        raise PartitionError(f"{path} is not a fedtalora partitions.json (no task list)")
+    return data
+
+
+def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "") -> ClientSide:
+    """Build (or reuse from this process's cache) the client's config, data and model."""
+    key = (config_yaml, manifest_path, data_root)
+    if key in _CACHE:
+        return _CACHE[key]
+    from ..engine import resolve_device
+    from ..text_data import TextTransform, tokenize_split
+
+    data = yaml.safe_load(config_yaml)
+    if data_root:
+        data.setdefault("data", {})["root"] = data_root
+    cfg = from_dict(data)
+    manifest = _read_manifest(manifest_path)
+    if manifest.get("num_clients") != cfg.fed.num_clients or manifest.get("dataset") != cfg.data.dataset:
+        raise PartitionError(f"the partition manifest {manifest_path} is for {manifest.get('num_clients')} clients "
+                             f"of {manifest.get('dataset')!r}, the run has {cfg.fed.num_clients} of {cfg.data.dataset!r}")
+    tasks, offset = [], 0
+    for t, entry in enumerate(manifest["tasks"]):
+        classes = tuple(int(c) for c in entry["classes"])
+        tasks.append(Task(index=t, classes=classes, label_offset=offset))
+        offset += len(classes)
+    order = np.asarray([c for task in tasks for c in task.classes], dtype=np.int64)
+    device = resolve_device(cfg.train.device)
+    dataset = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed, download=cfg.data.download,
+                           **cfg.data.options)
+    if len(order) != dataset.num_classes or sorted(order.tolist()) != list(range(dataset.num_classes)):
+        raise PartitionError(f"the manifest's class order does not cover the {dataset.num_classes} classes of "
+                             f"{cfg.data.dataset!r}")
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
+    model = build_model(cfg.model, cfg.lora, len(order), cfg.data.image_size, cfg.seed)
+    method.attach(model)
+    model = model.to(device)
+    split = dataset.train
+    transform: Callable[..., Any]
+    if dataset.modality == "text":
+        split = tokenize_split(split, model.backbone.tokenizer, cfg.data.max_length)
+        transform = TextTransform()
+    else:
+        transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
+    keys = method.trainable_keys(model)
+    side = ClientSide(
+        cfg=cfg, manifest=manifest, tasks=tasks, num_classes=len(order), split=split,
+        train_targets=position[dataset.train.labels], model=model, method=method, keys=keys,
+        transform=transform, device=device,
+        pristine={p.layer: model.base_weight(p.layer).detach().clone() for p in model.lora_pairs()},
+        fingerprint=P.frozen_fingerprint(model, keys),
+    )
+    _CACHE.clear()  # one run per process at a time: keep memory bounded
+    _CACHE[key] = side
+    return side
+
+
+# --- per node ---------------------------------------------------------------------------------------
+
+
+def _partition_id(context: Context) -> int:
+    k = context.node_config.get("partition-id")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise FedTaLoRAError(f"this node's config has partition-id={k!r}; start the SuperNode with "
+                             "--node-config \"partition-id=K\" (K = 0 .. fed.num_clients-1)")
+    return k
+
+
+def _manifest_path(context: Context, announced: str) -> str:
+    for source in (context.node_config, context.run_config):
+        value = source.get("partitions")
+        if isinstance(value, str) and value:
+            return value
+    return announced
+
+
+def _node_state(context: Context) -> ConfigRecord:
+    rec = context.state.config_records.get(P.STATE_CONFIG)
+    if rec is None:
+        raise FedTaLoRAError("this node has not been introduced to the run (no hello message received)")
+    return rec
+
+
+def _side(context: Context) -> ClientSide:
+    st = _node_state(context)
+    data_root = context.node_config.get("data-root", "")
+    return build_client_side(str(st["config"]), str(st["partitions"]), str(data_root) if data_root else "")
+
+
+def _sync(side: ClientSide, context: Context, msg: Message) -> int:
+    """Load this node's base into the shared model, apply the message's catch-up, store it back; returns
+    the base version the node now has."""
+    st = _node_state(context)
+    cr = msg.content.config_records[P.CONFIG]
+    version = int(st["version"])
+    stored = context.state.array_records.get(P.STATE_BASE)
+    base = P.from_record(stored) if stored is not None else side.pristine
+    with torch.no_grad():
+        for layer, w in base.items():
+            side.model.base_weight(layer).copy_(w)
+    target = int(cr["base-to"])
+    if P.RESIDUAL in msg.content.array_records:
+        frm = int(cr["base-from"])
+        if frm >= 0 and frm != version:
+            raise FedTaLoRAError(f"the server sent a catch-up from base version {frm}, this node has {version}")
+        plan = P.decode_catch_up(msg.content.array_records[P.RESIDUAL])
+        if frm < 0 and set(plan) != set(side.pristine):
+            raise FedTaLoRAError("the server sent a partial dense base to a node of unknown version")
+        P.apply_catch_up(side.model, plan)
+        version = target
+        context.state[P.STATE_BASE] = P.to_record({p.layer: side.model.base_weight(p.layer)
+                                                   for p in side.model.lora_pairs()})
+        st["version"] = version
+    elif target != version:
+        raise FedTaLoRAError(f"the server's base is at version {target}, this node's at {version}, and no "
+                             "catch-up came with the message")
+    return version
+
+
+def _task_indices(side: ClientSide, cr: ConfigRecord, k: int) -> tuple[int, np.ndarray]:
+    t = int(cr["task"])
+    if int(cr["client"]) != k:
+        raise FedTaLoRAError(f"message for client {cr['client']} reached the node of partition {k}")
+    if not 0 <= t < len(side.tasks):
+        raise FedTaLoRAError(f"task {t} is not in the partition manifest ({len(side.tasks)} tasks)")
+    idx = side.indices(t, k)
+    if P.indices_digest(idx) != str(cr["indices"]):
+        raise PartitionError(f"the partition manifest gives client {k} other samples of task {t} than the "
+                             "server's (another partitions.json?)")
+    return t, idx
+
+
+def _crash_midway(transform: Callable[..., Any], after: int = 1) -> Callable[..., Any]:
+    """``transform`` that raises :class:`InjectedCrash` on batch ``after + 1`` (or the first, for one batch)."""
+    calls = 0
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > after:
+            raise InjectedCrash("injected crash in the middle of local training (faults.client_dropout)")
+        return transform(*args, **kwargs)
+
+    return wrapped
+
+
+# --- message handlers -------------------------------------------------------------------------------
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Build this node's side of the run and introduce it: partition id, base version, fingerprint."""
+    k = _partition_id(context)
+    cr = msg.content.config_records[P.CONFIG]
+    config_yaml = str(cr["config"])
+    manifest = _manifest_path(context, str(cr["partitions"]))
+    st = context.state.config_records.get(P.STATE_CONFIG)
+    if st is None or str(st["config"]) != config_yaml:
+        st = ConfigRecord({"config": config_yaml, "partitions": manifest, "version": 0})
+        context.state[P.STATE_CONFIG] = st
+        context.state.array_records.pop(P.STATE_BASE, None)
+    side = _side(context)
+    if k >= side.cfg.fed.num_clients:
+        raise FedTaLoRAError(f"partition-id={k} but the run has fed.num_clients={side.cfg.fed.num_clients}")
+    samples = [len(side.indices(t, k)) for t in range(len(side.tasks))]
+    reply = ConfigRecord({"partition-id": k, "version": int(st["version"]), "fingerprint": side.fingerprint,
+                          "num-samples": samples})
+    return Message(RecordDict({P.CONFIG: reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local round: sync the base, load the global state, train, send the update."""
+    k = _partition_id(context)
+    side = _side(context)
+    cr = msg.content.config_records[P.CONFIG]
+    t, idx = _task_indices(side, cr, k)
+    version = _sync(side, context, msg)
+    global_state = P.from_record(msg.content.array_records[P.GLOBAL])
+    transform = _crash_midway(side.transform) if bool(cr["crash"]) else side.transform
+    res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
+                       round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
+                       indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
+    if bool(cr["crash"]):  # a local round of a single batch: crash before replying instead
+        raise InjectedCrash("injected crash after local training, before replying (faults.client_dropout)")
+    content = RecordDict({
+        P.UPDATE: P.to_record(res.state),
+        P.METRICS: MetricRecord({"num-samples": res.num_samples, "loss": res.loss, "steps": res.steps}),
+        P.CONFIG: ConfigRecord({"version": version}),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.query("features")
+def features(msg: Message, context: Context) -> Message:
+    """End-of-task client work: this node's features of its task data under the global model."""
+    k = _partition_id(context)
+    side = _side(context)
+    cr = msg.content.config_records[P.CONFIG]
+    t, idx = _task_indices(side, cr, k)
+    version = _sync(side, context, msg)
+    side.model.load_trainable(P.from_record(msg.content.array_records[P.GLOBAL]))
+    feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx], transform=side.transform,
+                                     cfg=side.cfg, device=side.device)
+    content = RecordDict({
+        P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets}),
+        P.CONFIG: ConfigRecord({"version": version}),
+    })
+    return Message(content, reply_to=msg)

@@ -1,0 +1,330 @@
+"""``engine=flower``: the Flower app, ``flwr run``, and a local SuperLink + SuperNodes.
+
+A Flower deployment is one SuperLink (the server side: it runs the ServerApp) and one SuperNode per
+client (each runs the ClientApp for its ``partition-id``). ``flwr run APP SUPERLINK`` submits a run;
+the *app* is a folder whose ``pyproject.toml`` names the ServerApp and ClientApp. fedtalora's app is
+:func:`write_app`'s ``pyproject.toml``: it points at :mod:`fedtalora.flower.server_app` and
+:mod:`fedtalora.flower.client_app` of the **installed** fedtalora package and declares no
+dependencies, so start the SuperLink with ``--disable-runtime-dependency-installation`` (otherwise it
+``uv sync``-s the app into a fresh environment, see ``docs/flower.md``).
+
+* :func:`submit` -- what ``fedtalora run ... engine=flower`` does: ``flwr run`` with the run's config,
+  streaming the server's log, then reads the run directory's ``metrics.json``;
+* :class:`LocalDeployment` -- a SuperLink and N SuperNodes as subprocesses on ``127.0.0.1`` (free
+  ports, a private ``FLWR_HOME``), insecure loopback, for tests and benchmarks; :meth:`~LocalDeployment.stop`
+  ends every process it started and all their descendants, even those that detached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, FedTaLoRAError
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..engine import RunResult
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "fedtalora-flower"
+
+APP_PYPROJECT = """\
+# The fedtalora Flower app (written by `fedtalora flower-app`). The ServerApp and ClientApp live in the
+# installed fedtalora package (pip install 'fedtalora[flower]' on the server and on every client);
+# dependencies stay empty: start the SuperLink with --disable-runtime-dependency-installation.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedtalora-flower"
+version = "1.0.0"
+description = "Fed-TaLoRA federated class-incremental learning (fedtalora) on Flower"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedtalora"
+
+[tool.flwr.app.components]
+serverapp = "fedtalora.flower.server_app:app"
+clientapp = "fedtalora.flower.client_app:app"
+
+[tool.flwr.app.config]
+# a fedtalora preset name or YAML path (on the server)
+config = "demo"
+# space-separated key=value overrides, as on the fedtalora command line
+overrides = ""
+# the run directory on the server (empty: output.dir/output.name)
+run-dir = ""
+# the partition manifest the clients read (empty: RUN_DIR/partitions.json; a node's own
+# --node-config "partitions='...'" wins)
+partitions = ""
+# continue run-dir from its latest checkpoint
+resume = false
+"""
+
+
+def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
+    """Write the Flower app folder (its ``pyproject.toml``) to ``dest``; returns the folder.
+
+    With ``cfg``, also write ``config.yaml`` (``engine=flower``) and the partition manifest
+    ``partitions.json`` it draws (this loads the dataset), and make them the app's default run config:
+    copy ``partitions.json`` to every client machine (``--node-config "partitions='...'"``) when the
+    clients do not share the server's file system.
+    """
+    path = Path(dest).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    text = APP_PYPROJECT
+    if cfg is not None:
+        from ..config import from_dict
+        from ..engine import Experiment
+
+        data = cfg.to_dict()
+        data["engine"] = "flower"
+        cfg = from_dict(data)
+        (path / "config.yaml").write_text(cfg.to_yaml())
+        (path / "partitions.json").write_text(json.dumps(Experiment.build(cfg).partitions_json()))
+        text = text.replace('config = "demo"', f"config = {json.dumps(str(path / 'config.yaml'))}")
+        text = text.replace('partitions = ""', f"partitions = {json.dumps(str(path / 'partitions.json'))}", 1)
+    (path / "pyproject.toml").write_text(text)
+    return path
+
+
+def flwr_bin(name: str) -> str:
+    """A Flower executable: next to this Python's, else on ``PATH``."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"{name} not found: pip install 'fedtalora[flower]'")
+    return found
+
+
+def run_config_arg(values: dict[str, Any]) -> str:
+    """``flwr run --run-config`` text for string/bool values (TOML literals)."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        else:
+            parts.append(f"{k}={json.dumps(str(v))}")
+    return " ".join(parts)
+
+
+def flwr_run_command(app: str | Path, superlink: str, run_config: dict[str, Any]) -> list[str]:
+    """``flwr run APP [SUPERLINK] --run-config ... --stream``."""
+    cmd = [flwr_bin("flwr"), "run", str(app)]
+    if superlink:
+        cmd.append(superlink)
+    return [*cmd, "--run-config", run_config_arg(run_config), "--stream"]
+
+
+def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
+           env: dict[str, str] | None = None) -> RunResult:
+    """Submit the run to the SuperLink ``flower.superlink`` with ``flwr run`` and wait for it.
+
+    The ServerApp writes ``run_dir`` on the SuperLink's machine; when that is this machine (or a shared
+    file system), the result is read back from it.
+    """
+    from ..engine import RunResult
+
+    if run_dir is None:
+        raise ConfigError("engine=flower needs a run directory (the ServerApp writes metrics.json there)")
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / ("config.yaml" if not resume else "config.flower.yaml")
+    config_file.write_text(cfg.to_yaml())
+    with tempfile.TemporaryDirectory(prefix="fedtalora-flower-app-") as tmp:
+        app = write_app(Path(tmp) / APP_NAME)
+        cmd = flwr_run_command(app, cfg.flower.superlink, {"config": str(config_file), "run-dir": str(run_dir),
+                                                           "resume": resume})
+        logger.info("submitting: %s", shlex.join(cmd))
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise FedTaLoRAError(f"flwr run exited with status {proc.returncode} (see its output above)")
+    metrics_file = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise FedTaLoRAError(f"flwr run finished but {metrics_file} is missing or unreadable (the ServerApp "
+                             "writes it on the SuperLink's machine)") from None
+    if not metrics.get("complete"):
+        raise FedTaLoRAError(f"the Flower run did not complete: {metrics_file} is partial (see the log above)")
+    return RunResult(metrics=metrics, run_dir=run_dir, model=None)
+
+
+# --- a local deployment ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every process below them (children that detached into their own sessions included)."""
+    tree = _children()
+    seen: list[int] = []
+    stack = list(pids)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        stack.extend(tree.get(pid, []))
+    return seen
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def kill_tree(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM ``pids`` and all their descendants, then SIGKILL what is left after ``grace`` seconds."""
+    targets = descendants(pids)
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in targets):
+        targets = list(dict.fromkeys(targets + descendants([p for p in targets if _alive(p)])))
+        time.sleep(0.1)
+    for pid in descendants([p for p in targets if _alive(p)]) + targets:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class LocalDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0..N-1) on 127.0.0.1, insecure.
+
+    Use as a context manager; :meth:`stop` (also on errors) ends every process it started and their
+    descendants (the SuperExecs, ServerApp and ClientApp processes). ``FLWR_HOME`` is a private folder
+    with a ``config.toml`` whose default SuperLink connection is this one (:attr:`superlink_name`).
+    """
+
+    superlink_name = "local-deployment"
+
+    def __init__(self, num_nodes: int, workdir: str | Path, *, env: dict[str, str] | None = None,
+                 node_config: dict[str, str] | None = None) -> None:
+        self.num_nodes = num_nodes
+        self.workdir = Path(workdir)
+        self.env = dict(os.environ if env is None else env)
+        self.node_config = dict(node_config or {})
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: list[int] = []
+        self.port = 0
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env["FLWR_HOME"] = str(self.flwr_home)
+        # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+
+    def _spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+        out = open(self.workdir / log, "wb")  # noqa: SIM115 - closed with the process
+        try:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        finally:
+            out.close()
+        self.procs.append(proc)
+        self.pids.append(proc.pid)
+        return proc
+
+    def start(self, timeout: float = 60.0) -> LocalDeployment:
+        """Start the SuperLink, wait until it listens, start the SuperNodes."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.superlink_name}"\n\n[superlink.{self.superlink_name}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self._spawn([flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                     "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
+        self._wait_port(self.port, timeout)
+        for k in range(self.num_nodes):
+            cfg = " ".join([f"partition-id={k}", *(f"{key}={json.dumps(v)}" for key, v in self.node_config.items())])
+            self._spawn([flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                         "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", cfg],
+                        f"supernode-{k}.log")
+        return self
+
+    def _wait_port(self, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise FedTaLoRAError(f"a Flower process exited at start-up; see {self.workdir}/*.log")
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise FedTaLoRAError(f"the SuperLink did not listen on 127.0.0.1:{port} within {timeout:g} s")
+
+    def stop(self) -> None:
+        """End every process this deployment started, and their descendants."""
+        kill_tree(self.pids)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+    def alive(self) -> list[int]:
+        """Pids of this deployment's processes (and descendants) still running."""
+        return [p for p in descendants(self.pids) if _alive(p)]
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
