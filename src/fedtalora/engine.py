@@ -18,7 +18,9 @@ the loop, screening, aggregation, evaluation, metrics and checkpoints are the sa
 
 The run directory receives ``config.yaml`` and ``partitions.json`` at the start, then a checkpoint
 and ``metrics.json`` after every round, so an interrupted run keeps everything it computed and
-``run(..., resume=True)`` continues it to the same result.
+``run(..., resume=True)`` continues it to the same result. Every event also reaches the run's trackers
+(``rounds.csv``, ``tasks.csv``, optional TensorBoard: :mod:`fedtalora.tracking`), and a finished run
+leaves its final model in ``final_model.safetensors`` (:mod:`fedtalora.state`).
 """
 
 from __future__ import annotations
