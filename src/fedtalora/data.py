@@ -382,5 +382,5 @@ class ImageTransform:
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-from . import image_data  # noqa: E402,F401  (registers the folder datasets)
-from . import text_data  # noqa: E402,F401  (registers the text datasets)
+# Register the folder and text datasets (they import this module, so they come last).
+from . import image_data, text_data  # noqa: E402,F401
