@@ -166,7 +166,14 @@ def main() -> int:
     }
     rows: list[dict[str, Any]] = []
     cfg0 = resolve("banking77", base)
-    for name, res in references(cfg0).items():
+    cache = Path(args.runs) / f"references-seed{args.seed}.json"  # frozen-feature references: reused
+    if cache.is_file():
+        refs = json.loads(cache.read_text())
+    else:
+        refs = references(cfg0)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(refs))
+    for name, res in refs.items():
         row = {"setting": name, **res}
         rows.append(row)
         print(json.dumps(row), flush=True)
