@@ -19,6 +19,7 @@ from fedtalora.aggregation import (
     relative_aggregation_error,
     residual_factors,
     residual_nbytes,
+    residual_rank,
     weighted_average,
 )
 from fedtalora.errors import AggregationError, FedTaLoRAError
@@ -109,7 +110,7 @@ def test_residual_makes_global_exact_weighted_average_over_rounds(seed: int) -> 
         for p, d_out, d_in, r in layers:
             assert agg.residuals[p.layer].shape == (d_out, d_in)
             assert agg.residuals[p.layer].dtype == torch.float32
-            assert agg.residual_ranks[p.layer] == (K + 1) * r
+            assert agg.residual_ranks[p.layer] == (K - 1) * r
             effective = base[p.layer].to(F64) + p.scaling * glob[p.b_key].to(F64) @ glob[p.a_key].to(F64)
             err = rel_fro(effective, expected[p.layer])
             assert err <= 1e-5, f"round {rnd}, layer {p.layer}: global model is off by {err:.2e}"
@@ -136,7 +137,7 @@ def test_naive_average_is_inexact_without_residual() -> None:
 
     # Assert
     assert agg.residuals == {}
-    assert agg.residual_ranks == {"l": 3}
+    assert agg.residual_ranks == {"l": 1}
     assert agg.errors["l"] == pytest.approx(1 / math.sqrt(2), rel=1e-12)
     assert agg.errors["l"] > 1e-3
     naive = agg.state["l.B"] @ agg.state["l.A"]
@@ -189,10 +190,10 @@ def test_single_client_is_identity() -> None:
     for k, v in upd.items():
         assert torch.equal(agg.state[k], v), k
     assert agg.state["A"] is not upd["A"], "a new tensor, not an alias of the client's"
-    scale = float(torch.linalg.matrix_norm(upd["B"] @ upd["A"]))
-    assert float(agg.residuals["l"].abs().max()) <= 1e-6 * scale
+    assert torch.equal(agg.residuals["l"], torch.zeros(9, 13)), "one client: the residual is exactly zero"
+    assert agg.factors["l"][0].shape == (9, 0) and agg.factors["l"][1].shape == (0, 13)
     assert agg.errors["l"] <= 1e-7
-    assert agg.residual_ranks["l"] == 2 * 6
+    assert agg.residual_ranks["l"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,7 +226,11 @@ def test_hand_computed_two_clients() -> None:
     assert torch.equal(agg.state["fc.B"], Bbar)
     assert torch.equal(agg.state["fc.A"], Abar)
     assert torch.equal(agg.residuals["fc"], W_res)
-    assert agg.residual_ranks["fc"] == 3
+    assert agg.residual_ranks["fc"] == 1
+    # One factor pair, reference client 1 (p = .75): L = .25 (B2 - B1) = [[-1], [1]], R = A2 - Abar = [[1.5, -3]].
+    L, R = agg.factors["fc"]
+    assert torch.equal(L, torch.tensor([[-1.0], [1.0]])) and torch.equal(R, torch.tensor([[1.5, -3.0]]))
+    assert torch.equal(2.0 * L @ R, W_res)
     assert agg.errors["fc"] == 0.0
     # Global update 2*Bbar@Abar + W_res = 2*[[0,4],[3,-2]] = the weighted mean of the client updates.
     assert torch.equal(2.0 * Bbar @ Abar + W_res, torch.tensor([[0.0, 8.0], [6.0, -4.0]]))
@@ -415,7 +420,7 @@ def test_normalize_weights_accepts_zero_counts_among_positive() -> None:
 
 @pytest.mark.parametrize(("K", "d_out", "d_in", "r"), [(1, 5, 9, 2), (3, 17, 4, 3), (5, 1, 30, 8), (6, 12, 12, 1)])
 def test_residual_factors_shapes_and_product(K: int, d_out: int, d_in: int, r: int) -> None:
-    """L @ R = sum_k p_k B_k A_k - Bbar Abar, with L (d_out, (K+1) r) and R ((K+1) r, d_in)."""
+    """L @ R = sum_k p_k B_k A_k - Bbar Abar, with L (d_out, (K-1) r) and R ((K-1) r, d_in)."""
     # Prepare
     g = torch_generator(K, "test", "factors")
     Bs = [randn(g, d_out, r) for _ in range(K)]
@@ -429,12 +434,90 @@ def test_residual_factors_shapes_and_product(K: int, d_out: int, d_in: int, r: i
     L, R = residual_factors(Bs, As, weights, Bbar, Abar)
 
     # Assert
-    assert L.shape == (d_out, (K + 1) * r)
-    assert R.shape == ((K + 1) * r, d_in)
+    assert L.shape == (d_out, (K - 1) * r)
+    assert R.shape == ((K - 1) * r, d_in)
     assert L.dtype == R.dtype == torch.float32
+    assert residual_rank(weights, r) == (K - 1) * r
     scale = max(float(B.abs().max()) * float(A.abs().max()) for B, A in zip(Bs, As, strict=True)) * r
     torch.testing.assert_close((L @ R).to(F64), want, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(lora_residual(Bs, As, weights, 2.5).to(F64), 2.5 * want, rtol=0, atol=3e-5 * scale)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_compact_factors_are_as_exact_as_the_k_plus_1_form(seed: int) -> None:
+    """The (K-1) r factors lose no more than rounding: the aggregation error stays ~1e-7, like the
+    (K+1) r form [p_k B_k, -Bbar] [A_k; Abar] built from the same rounded averages."""
+    # Prepare: ViT-like scales (A ~ kaiming-ish, B small and drifting), up to 12 clients of rank <= 8.
+    g = torch_generator(seed, "test", "compact")
+    K, r = randint(g, 2, 12), randint(g, 1, 8)
+    d_out, d_in = randint(g, 16, 96), randint(g, 16, 96)
+    Bs = [randn(g, d_out, r, std=0.02) for _ in range(K)]
+    As = [randn(g, r, d_in, std=d_in ** -0.5) for _ in range(K)]
+    weights = normalize_weights(torch.randint(1, 500, (K,), generator=g).tolist())
+    Bbar, Abar = weighted_average(Bs, weights), weighted_average(As, weights)
+    p = weights.tolist()
+    wide_L = torch.cat([B * float(pk) for B, pk in zip(Bs, p, strict=True)] + [-Bbar], dim=1)
+    wide_R = torch.cat([*As, Abar], dim=0)
+
+    # Execute
+    L, R = residual_factors(Bs, As, weights, Bbar, Abar)
+    compact = relative_aggregation_error(Bs, As, weights, 1.0, Bbar, Abar, L @ R)
+    wide = relative_aggregation_error(Bs, As, weights, 1.0, Bbar, Abar, wide_L @ wide_R)
+
+    # Assert
+    assert L.shape[1] == (K - 1) * r < wide_L.shape[1] == (K + 1) * r
+    assert compact <= 1e-6, compact
+    assert compact <= 10 * max(wide, 1e-8), (compact, wide)
+
+
+def test_zero_weight_clients_drop_out_of_the_factors() -> None:
+    """Clients of weight 0 add no columns; the reference is the heaviest client; the product is unchanged."""
+    # Prepare: 4 clients, two of weight 0 (their factors are huge, so any leak would show).
+    g = torch_generator(0, "test", "zero-weight")
+    Bs = [randn(g, 7, 2) for _ in range(4)]
+    As = [randn(g, 2, 5) for _ in range(4)]
+    Bs[1], As[1] = Bs[1] * 1e6, As[1] * 1e6
+    weights = normalize_weights([3, 0, 1, 0])
+    Bbar, Abar = weighted_average(Bs, weights), weighted_average(As, weights)
+    want = 0.75 * Bs[0].to(F64) @ As[0].to(F64) + 0.25 * Bs[2].to(F64) @ As[2].to(F64) \
+        - Bbar.to(F64) @ Abar.to(F64)
+
+    # Execute
+    L, R = residual_factors(Bs, As, weights, Bbar, Abar)
+
+    # Assert: one pair of rank-2 factors: L = .25 (B_2 - B_0), R = A_2 - Abar
+    assert L.shape == (7, 2) and R.shape == (2, 5)
+    assert residual_rank(weights, 2) == 2
+    torch.testing.assert_close(L, 0.25 * (Bs[2] - Bs[0]))
+    torch.testing.assert_close(R, As[2] - Abar)
+    torch.testing.assert_close((L @ R).to(F64), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_factors_product_is_invariant_to_client_order(seed: int) -> None:
+    """Permuting the clients (and so, on ties, the reference) changes L @ R only by rounding."""
+    # Prepare
+    g = torch_generator(seed, "test", "order")
+    K = randint(g, 2, 7)
+    Bs = [randn(g, 11, 3) for _ in range(K)]
+    As = [randn(g, 3, 13) for _ in range(K)]
+    counts = torch.randint(1, 4, (K,), generator=g).tolist()  # ties likely
+    perm = torch.randperm(K, generator=g).tolist()
+
+    def product(order: list[int]) -> torch.Tensor:
+        w = normalize_weights([counts[i] for i in order])
+        b, a = [Bs[i] for i in order], [As[i] for i in order]
+        L, R = residual_factors(b, a, w, weighted_average(b, w), weighted_average(a, w))
+        return (L @ R).to(F64)
+
+    # Execute / Assert
+    torch.testing.assert_close(product(perm), product(list(range(K))), rtol=0, atol=1e-5)
+
+
+def test_residual_factors_reject_mismatched_lengths() -> None:
+    with pytest.raises(AggregationError, match="weights"):
+        residual_factors([torch.zeros(2, 1)] * 2, [torch.zeros(1, 3)] * 2, normalize_weights([1, 1, 1]),
+                         torch.zeros(2, 1), torch.zeros(1, 3))
 
 
 def test_residual_nbytes_known_case() -> None:

@@ -23,10 +23,10 @@ LAYERS = {"qkv": (96, 32), "proj": (32, 32), "fc1": (128, 32), "fc2": (32, 128)}
 LORA_PARAMS = 2 * sum(RANK * (d_out + d_in) for d_out, d_in in LAYERS.values())
 HEAD_PARAMS = 32 * 10 + 10
 CLIENT_BYTES = 4 * (LORA_PARAMS + HEAD_PARAMS)
-# Per block and round, the factored residual has inner dimension (K + 1) r; a client receives per
+# Per block and round, the factored residual has inner dimension (K - 1) r; a client receives per
 # layer the smaller of the factors and the dense matrix.
 RESIDUAL_CATCH_UP = 4 * 2 * sum(
-    min((d_out + d_in) * (CLIENTS + 1) * RANK, d_out * d_in) for d_out, d_in in LAYERS.values()
+    min((d_out + d_in) * (CLIENTS - 1) * RANK, d_out * d_in) for d_out, d_in in LAYERS.values()
 )
 ROUND_KEYS = {"task", "round", "clients", "aggregation_error", "uplink_bytes", "downlink_bytes", "seconds"}
 

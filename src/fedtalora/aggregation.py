@@ -10,13 +10,18 @@ which is *not* the average of the clients' effective weights ``W_base + s * B_k 
 folded into the base (``W_base += W_res``, accumulated over rounds and tasks) makes the global model
 the exact weighted average of the clients' models (Fed-TaLoRA, arXiv 2505.12318; FedEx-LoRA).
 
-The residual has rank at most ``(K + 1) r`` and is computed from its factors
+Because ``sum_k p_k (A_k - Abar) = 0``, for any reference client ``j``
 
-    L = [p_1 B_1, ..., p_K B_K, -Bbar]   (d_out x (K+1) r)
-    R = [A_1; ...; A_K; Abar]             ((K+1) r x d_in)
+    sum_k p_k B_k A_k - Bbar Abar = sum_k p_k B_k (A_k - Abar) = sum_{k != j} p_k (B_k - B_j) (A_k - Abar)
 
-so ``W_res = s * L @ R`` is one GEMM, and ``(L, R)`` is also the compact form a server can send
-instead of the dense ``d_out x d_in`` matrix (see :func:`residual_nbytes`).
+so the residual has rank at most ``(K - 1) r`` and is computed from its factors
+
+    L = [p_k (B_k - B_j)]_{k != j}   (d_out x (K-1) r)
+    R = [A_k - Abar]_{k != j}         ((K-1) r x d_in)
+
+(clients of weight 0 drop out; ``j`` is the client of largest weight). ``W_res = s * L @ R`` is one
+GEMM, and ``(L, R)`` is also the compact form a server can send instead of the dense ``d_out x d_in``
+matrix (see :func:`residual_nbytes`): ``(d_out + d_in) (K-1) r`` numbers instead of ``d_out d_in``.
 
 Every function here is pure: tensors in, new tensors out.
 """
@@ -87,14 +92,35 @@ def residual_factors(
     Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor,
     Bbar: torch.Tensor, Abar: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors ``(L, R)`` with ``L @ R = sum_k p_k B_k A_k - Bbar Abar``.
+    """The factors ``(L, R)`` with ``L @ R = sum_k p_k B_k A_k - Bbar Abar``, of inner dimension ``(K' - 1) r``.
 
-    Shapes: ``B_k (d_out, r)``, ``A_k (r, d_in)`` -> ``L (d_out, (K+1) r)``, ``R ((K+1) r, d_in)``.
+    ``L = [p_k (B_k - B_j)]`` and ``R = [A_k - Abar]`` over the ``K'`` clients of nonzero weight except the
+    reference ``j`` (the one of largest weight); see the module docstring. The differences are taken
+    in float64 and rounded once to the factors' dtype, so ``L @ R`` differs from the residual of the
+    (rounded) ``Bbar``, ``Abar`` only by rounding.
+
+    Shapes: ``B_k (d_out, r)``, ``A_k (r, d_in)`` -> ``L (d_out, (K'-1) r)``, ``R ((K'-1) r, d_in)``
+    (zero inner dimension, i.e. a zero residual, for a single client).
     """
-    p = weights.to(Bbar.dtype).tolist()
-    L = torch.cat([B * pk for B, pk in zip(Bs, p, strict=True)] + [-Bbar], dim=1)
-    R = torch.cat(list(As) + [Abar], dim=0)
+    p = weights.tolist()
+    if len(Bs) != len(p) or len(As) != len(p):
+        raise AggregationError(f"{len(Bs)} B and {len(As)} A factors but {len(p)} weights")
+    f64, dtype = torch.float64, Bbar.dtype
+    live = [k for k, pk in enumerate(p) if pk > 0]
+    j = max(live, key=lambda k: p[k]) if live else 0
+    others = [k for k in live if k != j]
+    if not others:
+        return (Bbar.new_zeros(Bbar.shape[0], 0), Abar.new_zeros(0, Abar.shape[1]))
+    Bj = Bs[j].to(f64)
+    Abar64 = Abar.to(f64)
+    L = torch.cat([((Bs[k].to(f64) - Bj) * p[k]).to(dtype) for k in others], dim=1)
+    R = torch.cat([(As[k].to(f64) - Abar64).to(dtype) for k in others], dim=0)
     return L, R
+
+
+def residual_rank(weights: torch.Tensor, rank: int) -> int:
+    """Inner dimension ``(K' - 1) r`` of :func:`residual_factors` (``K'`` clients of nonzero weight)."""
+    return max(int((weights > 0).sum()) - 1, 0) * rank
 
 
 def lora_residual(
@@ -118,15 +144,15 @@ def relative_aggregation_error(
     from the factors, never by subtracting the large frozen weights (which would drown it in rounding).
     """
     f64 = torch.float64
-    target = torch.zeros(Bbar.shape[0], Abar.shape[1], dtype=f64, device=Bbar.device)
-    for B, A, p in zip(Bs, As, weights.tolist(), strict=True):
-        target.addmm_(B.to(f64), A.to(f64), alpha=p)
-    target.mul_(scaling)
-    got = (Bbar.to(f64) @ Abar.to(f64)) * scaling
+    p = weights.tolist()
+    # target = s sum_k p_k B_k A_k as ONE GEMM of inner K r (not K rank-r updates of a dense matrix)
+    P = torch.cat([B.to(f64) * pk for B, pk in zip(Bs, p, strict=True)], dim=1)
+    target = (P @ torch.cat([A.to(f64) for A in As], dim=0)).mul_(scaling)
+    got = (Bbar.to(f64) @ Abar.to(f64)).mul_(scaling)
     if residual is not None:
-        got = got + residual.to(f64)
+        got.add_(residual.to(f64))
     denom = torch.linalg.matrix_norm(target)
-    num = torch.linalg.matrix_norm(got - target)
+    num = torch.linalg.matrix_norm(got.sub_(target))
     if denom == 0:
         return 0.0 if num == 0 else float("inf")
     return float(num / denom)
@@ -153,7 +179,8 @@ class Aggregate:
     errors: dict[str, float]
     """Per adapted layer, :func:`relative_aggregation_error`."""
     residual_ranks: dict[str, int]
-    """Per adapted layer, the inner dimension ``(K+1) r`` of the factored residual."""
+    """Per adapted layer, the inner dimension ``(K' - 1) r`` of the factored residual (:func:`residual_factors`;
+    ``K'`` the clients of nonzero weight)."""
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Per adapted layer with a residual, its factors ``(L, R)``: ``residuals[layer] == (L @ R) * scaling``
     (what a server sends instead of the dense matrix when it is smaller; empty without the residual)."""
@@ -193,10 +220,10 @@ def aggregate_lora(
         res = None
         if residual:
             L, R = residual_factors(Bs, As, weights, Bbar, Abar)
-            res = (L @ R) * pair.scaling
+            res = (L @ R).mul_(pair.scaling)
             residuals[pair.layer] = res
             factors[pair.layer] = (L, R)
-        ranks[pair.layer] = (len(updates) + 1) * Bbar.shape[1]
+        ranks[pair.layer] = residual_rank(weights, Bbar.shape[1])
         errors[pair.layer] = relative_aggregation_error(Bs, As, weights, pair.scaling, Bbar, Abar, res)
     return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks, factors=factors)
 
