@@ -28,6 +28,8 @@ CLIENT_BYTES = 4 * (LORA_PARAMS + HEAD_PARAMS)
 RESIDUAL_CATCH_UP = 4 * 2 * sum(
     min((d_out + d_in) * (CLIENTS - 1) * RANK, d_out * d_in) for d_out, d_in in LAYERS.values()
 )
+RESIDUAL_DENSE = 4 * 2 * sum(d_out * d_in for d_out, d_in in LAYERS.values())
+RESIDUAL_FACTORED = 4 * 2 * sum((d_out + d_in) * (CLIENTS - 1) * RANK for d_out, d_in in LAYERS.values())
 ROUND_KEYS = {"task", "round", "clients", "aggregation_error", "uplink_bytes", "downlink_bytes", "seconds"}
 
 
@@ -119,9 +121,16 @@ def test_e2e_rounds_errors_and_bytes(e2e) -> None:
         # Round 0 sends only the state; afterwards each client also catches up one round's residual.
         expected_down = CLIENTS * CLIENT_BYTES + (CLIENTS * RESIDUAL_CATCH_UP if i > 0 else 0)
         assert r["downlink_bytes"] == expected_down
+        # The same downlink with the residual always sent dense, and the round's residual in both encodings.
+        assert r["downlink_bytes_dense"] == CLIENTS * CLIENT_BYTES + (CLIENTS * RESIDUAL_DENSE if i > 0 else 0)
+        assert r["residual_bytes_dense"] == RESIDUAL_DENSE
+        assert r["residual_bytes_factored"] == RESIDUAL_FACTORED
         assert r["seconds"] >= 0
     assert m["max_aggregation_error"] == max(r["aggregation_error"] for r in rounds)
     assert m["uplink_bytes_total"] == NUM_TASKS * ROUNDS * CLIENTS * CLIENT_BYTES
+    for key in ("downlink_bytes", "downlink_bytes_dense", "residual_bytes_dense", "residual_bytes_factored"):
+        assert m[f"{key}_total"] == sum(r[key] for r in rounds), key
+    assert m["downlink_bytes_total"] < m["downlink_bytes_dense_total"]
 
 
 def test_e2e_partitions(e2e) -> None:

@@ -118,3 +118,29 @@ def test_rounds_counts_recorded_rounds() -> None:
     assert ledger.last_sync[2] == len(ROUNDS)
     assert ledger.catch_up_bytes(2) == 0
     assert ledger.cumulative["q"] == [0, 100, 300, 550, 850, 1200]
+
+
+def test_encodings_dense_and_factored_bound_the_best() -> None:
+    """``dense`` always sends the accumulated delta of a layer with a missed residual, ``factored`` always its
+    factors; ``best`` is their per-layer minimum, so it is at most either total."""
+    # Prepare: the scenario of the min-per-layer test (client 1 owes rounds 1-3).
+    ledger = DownlinkLedger(DENSE)
+    run_round(ledger, 0, [0])
+    run_round(ledger, 1, [0, 1])
+    run_round(ledger, 2, [0])
+    run_round(ledger, 3, [0])
+
+    # Execute
+    got = {e: ledger.catch_up_bytes(1, e) for e in ("best", "dense", "factored")}
+
+    # Assert: q 750 factored / 1000 dense, v 600 factored / 500 dense, k never has a residual.
+    assert got == {"best": 750 + 500, "dense": 1000 + 500, "factored": 750 + 600}
+    assert got["best"] <= min(got["dense"], got["factored"])
+    assert ledger.catch_up_bytes(0, "dense") == 1000 + 500, "one missed round already costs the whole dense delta"
+
+
+def test_unknown_encoding_raises() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="encoding"):
+        DownlinkLedger(DENSE).catch_up_bytes(0, "zip")

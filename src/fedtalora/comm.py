@@ -30,14 +30,22 @@ class DownlinkLedger:
         for k, cum in self.cumulative.items():
             cum.append(cum[-1] + int(factored_bytes.get(k, 0)))
 
-    def catch_up_bytes(self, client: int) -> int:
-        """Bytes to bring ``client`` up to the current base (smaller of factors or dense per layer)."""
+    def catch_up_bytes(self, client: int, encoding: str = "best") -> int:
+        """Bytes to bring ``client`` up to the current base.
+
+        Args:
+            encoding: per layer with a missed residual, ``best`` the smaller of the missed factors and the
+                dense accumulated delta (what the engine sends), ``dense`` always the dense delta,
+                ``factored`` always the factors.
+        """
+        if encoding not in ("best", "dense", "factored"):
+            raise ValueError(f"encoding must be best, dense or factored, got {encoding!r}")
         since = self.last_sync.get(client, 0)
         total = 0
         for k, cum in self.cumulative.items():
             missed = cum[-1] - cum[since]
             if missed:
-                total += min(missed, self.dense[k])
+                total += {"best": min(missed, self.dense[k]), "dense": self.dense[k], "factored": missed}[encoding]
         return total
 
     def sync(self, client: int) -> None:

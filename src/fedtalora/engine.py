@@ -287,12 +287,13 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 continue
             t_round = time.perf_counter()
             clients = sorted(numpy_rng(cfg.seed, "sample", t, r).choice(cfg.fed.num_clients, m, replace=False).tolist())
-            downlink = uplink = 0
+            downlink = downlink_dense = uplink = 0
             dropped, corrupted, rejected, accepted = [], [], [], []
             buffer = method.new_buffer()
             faults = {k: draw_fault(cfg.faults, cfg.seed, t, r, k) for k in clients}
             for k in clients:
                 downlink += state_nbytes(global_state) + ledger.catch_up_bytes(k)
+                downlink_dense += state_nbytes(global_state) + ledger.catch_up_bytes(k, "dense")
                 ledger.sync(k)
             for outcome in transport.train(RoundJob(task, r, clients, global_state, faults)):
                 k, res, fault = outcome.client, outcome.result, faults[outcome.client]
@@ -351,6 +352,7 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 "aggregation_error": agg_error,
                 "uplink_bytes": uplink,
                 "downlink_bytes": downlink,
+                "downlink_bytes_dense": downlink_dense,  # the same, residual catch-ups sent dense
                 "residual_bytes_dense": sum(dense[layer] for layer in factored),
                 "residual_bytes_factored": sum(factored.values()),
                 "seconds": time.perf_counter() - t_round,
@@ -401,6 +403,8 @@ def _finish(metrics: dict[str, Any]) -> None:
     metrics["complete"] = True
     metrics["uplink_bytes_total"] = sum(r_["uplink_bytes"] for r_ in rounds)
     metrics["downlink_bytes_total"] = sum(r_["downlink_bytes"] for r_ in rounds)
+    for key in ("downlink_bytes_dense", "residual_bytes_dense", "residual_bytes_factored"):
+        metrics[f"{key}_total"] = sum(r_.get(key, 0) for r_ in rounds)
     metrics["max_aggregation_error"] = max(
         (r_["aggregation_error"] for r_ in rounds if r_["aggregation_error"] is not None), default=0.0)
     metrics["reliability"] = {
