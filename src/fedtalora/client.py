@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +38,22 @@ class ClientResult:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast of the forward pass on ``device`` (``precision="bf16"``), else nothing."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A host batch (tensor or :class:`~fedtalora.text_data.Tokens`) on ``device``.
+
+    For a GPU the batch is first put in page-locked memory, so the copy is asynchronous
+    (``non_blocking``): from pageable memory the copy would wait for the GPU's queue, a host-device
+    synchronisation per batch.
+    """
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator,
@@ -88,42 +102,77 @@ def local_train(
     model.load_trainable(global_state)
     keys = list(global_state)
     params = model.parameters_by_key()
+    wanted = set(keys)
     for k, p in params.items():
-        p.requires_grad_(k in keys)
+        p.requires_grad_(k in wanted)
     method.on_local_start(model, global_state)
-    groups = method.param_groups(model, keys)
+    opt = make_optimizer(method.param_groups(model, keys), cfg)
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    lengths = getattr(split.inputs, "lengths", None) if cfg.group_by_length else None
+    total, steps = train_steps(
+        model, method, opt, split.inputs, idx, torch.as_tensor(targets, dtype=torch.long), class_mask,
+        transform=transform, cfg=cfg, generator=generator, device=device,
+        lengths=None if lengths is None else lengths[idx],
+    )
+    state = {k: params[k].detach().to("cpu", copy=True) for k in keys}
+    return ClientResult(client=client, state=state, num_samples=len(indices),
+                        loss=float(total) / max(steps, 1), steps=steps)  # the round's one read-back
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimiser (``train.optimizer``), created afresh for every client round."""
     if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    inputs = split.inputs[torch.as_tensor(indices)]
-    lengths = getattr(inputs, "lengths", None) if cfg.group_by_length else None
-    y_all = torch.as_tensor(targets, dtype=torch.long)
-    mask = None if class_mask is None else class_mask.to(device)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train_steps(
+    model: FedModel,
+    method: Method,
+    opt: torch.optim.Optimizer,
+    inputs: Any,
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    class_mask: torch.Tensor | None,
+    *,
+    transform: Transform,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The inner loop of :func:`local_train`: ``cfg.local_epochs`` epochs of mini-batch steps over
+    ``inputs[idx]`` (host data, labels ``targets`` aligned with ``idx``).
+
+    Nothing in here reads a value back from ``device``: batches go up asynchronously (:func:`to_device`)
+    and the loss is summed on the device, so a GPU never waits for the host between steps.
+
+    Returns:
+        ``(sum of the step losses as a 0-d tensor on device, number of steps)``.
+    """
+    drop = None if class_mask is None else ~class_mask.to(device)
     model.train()
     total = torch.zeros((), device=device)
     steps = 0
     for _ in range(cfg.local_epochs):
-        for b in _batches(len(indices), cfg.batch_size, generator, lengths):
-            x = transform(inputs[b].to(device, non_blocking=True), train=True, generator=generator)
-            y = y_all[b].to(device, non_blocking=True)
+        for b in _batches(len(idx), cfg.batch_size, generator, lengths):
+            x = transform(to_device(inputs[idx[b]], device), train=True, generator=generator)
+            y = to_device(targets[b], device)
             with autocast(device, cfg.precision):
                 logits = method.forward(model, x)
             logits = logits.float()
-            if mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
+            if drop is not None:
+                logits = logits.masked_fill(drop, float("-inf"))
             loss = method.loss(logits, y, model=model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach()
             steps += 1
-    state = {k: params[k].detach().to("cpu", copy=True) for k in keys}
-    return ClientResult(client=client, state=state, num_samples=len(indices),
-                        loss=float(total) / max(steps, 1), steps=steps)
+    return total, steps
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: FedModel,
     split: Split,
@@ -175,7 +224,7 @@ def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], model: FedModel, split
         order = torch.argsort(lengths[idx], stable=True)
         idx = idx[order]
     for start in range(0, len(idx), batch_size):
-        x = transform(split.inputs[idx[start:start + batch_size]].to(device, non_blocking=True), train=False)
+        x = transform(to_device(split.inputs[idx[start:start + batch_size]], device), train=False)
         with autocast(device, precision):
             outs.append(fn(x))
     if not outs:

@@ -334,6 +334,7 @@ class ImageTransform:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.interpolation = interpolation
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -376,11 +377,20 @@ class ImageTransform:
         x = self._resize(x)
         if train and x.shape[0] > 0:
             draw_device = generator.device if generator is not None else device
-            flip = torch.rand(x.shape[0], generator=generator, device=draw_device).to(device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            flip = torch.rand(x.shape[0], generator=generator, device=draw_device)
+            if flip.device != device:  # host draws for a GPU batch: an asynchronous copy, no wait for the GPU
+                flip = (flip.pin_memory() if device.type == "cuda" else flip).to(device, non_blocking=True)
+            x = torch.where((flip < 0.5)[:, None, None, None], x.flip(-1), x)
+        mean, std = self._stats(device)
         return (x - mean) / std
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as ``(1, 3, 1, 1)`` tensors on ``device``, made once per device (a tensor
+        made from Python numbers on a GPU is a synchronous copy)."""
+        if device not in self._on_device:
+            self._on_device[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                                            for v in (self.mean, self.std))
+        return self._on_device[device]
 
 # Register the folder and text datasets (they import this module, so they come last).
 from . import image_data, text_data  # noqa: E402,F401

@@ -67,6 +67,10 @@ class Tokens:
     def __getitem__(self, index: Any) -> Tokens:
         return Tokens(self.input_ids[index], self.attention_mask[index], self.lengths[index])
 
+    def pin_memory(self) -> Tokens:
+        """The batch in page-locked host memory (for asynchronous copies to a GPU)."""
+        return Tokens(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.lengths)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Tokens:
         """The batch trimmed to its longest sequence, on ``device``."""
         width = int(self.lengths.max()) if len(self) else 0
@@ -94,12 +98,15 @@ def tokenize_split(split: Split, tokenizer: Any, max_length: int) -> Split:
 
 
 class TextTransform:
-    """Turns a batch of :class:`Tokens` into the keyword arguments of a transformers encoder."""
+    """Turns a batch of :class:`Tokens` into the inputs of :class:`~fedtalora.text_model.HFEncoder`:
+    ``input_ids``, ``attention_mask`` and ``padded`` (a Python bool: whether any sequence is shorter than
+    the batch, known on the host from the CPU lengths, so the encoder need not ask the device)."""
 
     def __call__(self, batch: Tokens, *, train: bool = False,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                 generator: torch.Generator | None = None) -> dict[str, Any]:
         del train, generator  # no augmentation for text
-        return {"input_ids": batch.input_ids.long(), "attention_mask": batch.attention_mask.long()}
+        padded = bool(len(batch) and int(batch.lengths.min()) < batch.input_ids.shape[1])
+        return {"input_ids": batch.input_ids.long(), "attention_mask": batch.attention_mask.long(), "padded": padded}
 
     def __repr__(self) -> str:
         return "TextTransform()"

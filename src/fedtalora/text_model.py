@@ -96,11 +96,30 @@ class HFEncoder(nn.Module):
         self.num_features = int(model.config.hidden_size if hasattr(model.config, "hidden_size")
                                 else model.config.dim)
 
-    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: dict[str, Any]) -> torch.Tensor:
         mask = x["attention_mask"]
-        hidden = self.model(input_ids=x["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = self.model(input_ids=x["input_ids"], attention_mask=self._attention_mask(mask, x.get("padded"))
+                            ).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+    def _attention_mask(self, mask: torch.Tensor, padded: bool | None) -> torch.Tensor | None:
+        """The mask to hand the encoder, chosen without reading the device.
+
+        Given a 2D mask, transformers decides with ``mask.all()`` whether it may drop it (for SDPA), which
+        makes the host wait for the device in every forward pass. When the host already knows
+        (``padded`` from :class:`~fedtalora.text_data.TextTransform`), it passes None for an unpadded batch
+        (what transformers would do) and, for SDPA, the 4D boolean mask transformers would build.
+        """
+        if padded is None:
+            return mask
+        if not padded:
+            return None
+        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+            n = mask.shape[1]
+            return mask.bool()[:, None, None, :].expand(-1, 1, n, n)
+        return mask
 
 
 def _family(model: nn.Module) -> str:
