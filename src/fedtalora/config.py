@@ -162,11 +162,15 @@ class TrainConfig:
     group_by_length: bool = False
     """Text: shuffle, then sort each window of 50 batches by sequence length, so that batches pad little
     (the order of the batches is shuffled again). Same samples per epoch; a speed knob for text data."""
+    threads: int = 0
+    """CPU threads of torch's intra-op parallelism (``torch.set_num_threads``); 0: torch's default (one per
+    core, or ``OMP_NUM_THREADS``). Small models on a shared machine run far faster with 1."""
 
     def validate(self) -> None:
         _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0: torch's default)")
         _check(self.lr >= 0, "train.lr", self.lr, "a number >= 0")
         _check(self.head_lr >= 0, "train.head_lr", self.head_lr, "a number >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")

@@ -165,6 +165,8 @@ class Setup:
 def prepare(cfg: RunConfig) -> Setup:
     """Load data, draw the scenario and partitions, build the model; raises on any bad input."""
     device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     method: Method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
     if cfg.engine != "inprocess":  # Flower installed, the method's clients need no server-side state
         from .flower import check_engine
