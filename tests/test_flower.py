@@ -173,6 +173,7 @@ class InMemoryGrid(Grid):
             for i, node in enumerate(self.node_ids)
         }
         self.log: list[tuple[str, int]] = []
+        self.replies: dict[str, Message] = {}
 
     def set_run(self, run: Any) -> None:  # noqa: D102
         pass
@@ -187,11 +188,17 @@ class InMemoryGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return list(self.node_ids)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's Grids do when pushing
+            reply = self.send_and_receive([msg])[0]
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

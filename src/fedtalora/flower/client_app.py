@@ -129,6 +129,8 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
         offset += len(classes)
     order = np.asarray([c for task in tasks for c in task.classes], dtype=np.int64)
     device = resolve_device(cfg.train.device)
+    if cfg.train.threads:  # as engine.prepare does on the server
+        torch.set_num_threads(cfg.train.threads)
     dataset = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed, download=cfg.data.download,
                            **cfg.data.options)
     if len(order) != dataset.num_classes or sorted(order.tolist()) != list(range(dataset.num_classes)):

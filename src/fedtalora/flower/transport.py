@@ -130,7 +130,7 @@ class GridTransport(Transport):
         content = RecordDict({P.CONFIG: ConfigRecord({"config": cfg.to_yaml(), "partitions": self.partitions})})
         node_ids = sorted(self.grid.get_node_ids())
         msgs = [Message(content, dst_node_id=node, message_type=P.HELLO, group_id="hello") for node in node_ids]
-        replies = list(self.grid.send_and_receive(msgs, timeout=cfg.flower.connect_timeout))
+        replies = self._send_and_receive(msgs, cfg.flower.connect_timeout)
         errors, nodes = [], {}
         for reply in replies:
             src = reply.metadata.src_node_id
@@ -202,10 +202,27 @@ class GridTransport(Transport):
         self._stats["wire_downlink_bytes"] += P.wire_nbytes(content)
         return Message(content, dst_node_id=self.nodes[k], message_type=kind, group_id=f"{t}.{r}")
 
+    def _send_and_receive(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        """``Grid.send_and_receive`` with a short poll: the deployment Grid's own polls every 3 s, which
+        adds up to 3 s to every round; this one polls after 50 ms, doubling up to 0.5 s."""
+        pending = set(self.grid.push_messages(msgs))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        wait = 0.05
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(wait)
+            wait = min(2 * wait, 0.5)
+        return replies
+
     def _exchange(self, msgs: dict[int, Message]) -> dict[int, Message | str]:
         """Send, wait (``flower.round_timeout``), return per client its reply or why there is none."""
         timeout = self._setup().cfg.flower.round_timeout or None
-        replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=timeout))
+        replies = self._send_and_receive(list(msgs.values()), timeout)
         by_node = {m.metadata.src_node_id: m for m in replies}
         out: dict[int, Message | str] = {}
         for k in msgs:
