@@ -182,7 +182,10 @@ def main() -> int:
             continue
         run_dir = Path(args.runs) / name.replace(", ", "-").replace(" + ", "+").replace(" ", "")
         cfg = resolve("banking77", [*base, *extra, f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"])
-        m = run(cfg, run_dir, resume=run_dir.exists()).metrics  # restartable: finished runs are reused
+        done = run_dir / "metrics.json"
+        m = json.loads(done.read_text()) if done.is_file() else {}
+        if not m.get("complete"):  # restartable: finished runs are reused, a partial one resumes
+            m = run(cfg, run_dir, resume=run_dir.exists()).metrics
         R = len(m["rounds"])
         row = {"setting": name, **{k: m[k] for k in ("final_average_accuracy", "average_incremental_accuracy",
                                                       "forgetting", "wall_seconds", "max_aggregation_error")},
