@@ -95,6 +95,30 @@ def bench_sim(size: str) -> dict[str, Any]:
     }
 
 
+COLD_START = """
+import sys, time
+t0 = time.perf_counter()
+from fedtalora.flower.client_app import build_client_side
+t1 = time.perf_counter()
+build_client_side(open(sys.argv[1]).read(), sys.argv[2])
+print(t1 - t0, time.perf_counter() - t1)
+"""
+
+
+def clientapp_cold_start(overrides: list[str], env: dict[str, str], folder: Path) -> tuple[float, float, float]:
+    """What every ClientApp process of a deployment pays before training: (process wall, imports, data +
+    model build), measured in a fresh Python process like the ``flwr-clientapp`` a SuperNode starts."""
+    from fedtalora.engine import Experiment
+
+    cfg = resolve("demo", overrides)
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    (folder / "partitions.json").write_text(json.dumps(Experiment.build(cfg).partitions_json()))
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", COLD_START, str(folder / "config.yaml"), str(folder / "partitions.json")],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    return time.perf_counter() - t0, float(out[-2]), float(out[-1])
+
+
 def bench_deploy(rounds: int) -> dict[str, Any]:
     from fedtalora.flower.deployment import LocalDeployment
 
@@ -115,6 +139,7 @@ def bench_deploy(rounds: int) -> dict[str, Any]:
         if proc.returncode != 0:
             raise SystemExit(f"deployment run failed:\n{proc.stderr[-3000:]}")
         got = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+        cold, imports, build = clientapp_cold_start(overrides, env, Path(tmp))
     return {
         "what": "flower deployment (loopback) vs inprocess", "size": "tiny", "load_before": load(),
         "rounds": rounds, "clients_per_round": 3,
@@ -123,6 +148,7 @@ def bench_deploy(rounds: int) -> dict[str, Any]:
         "inprocess_round_s": mean_round(ref), "deployment_round_s": mean_round(got),
         "round_overhead_s": mean_round(got) - mean_round(ref),
         "same_numbers": same_numbers(ref, got),
+        "clientapp_cold_start_s": cold, "clientapp_imports_s": imports, "clientapp_build_s": build,
     }
 
 
@@ -174,6 +200,13 @@ def write_md(rows: list[dict[str, Any]]) -> str:
                 f"| {r['rounds']} | {r['deployment_start_s']:.1f} s | {r['flwr_run_wall_s']:.1f} s | "
                 f"{r['server_wall_s']:.1f} s | {r['inprocess_round_s']:.2f} | {r['deployment_round_s']:.2f} | "
                 f"**{r['round_overhead_s']:.1f} s** | {'yes' if r['same_numbers'] else 'NO'} | {r['load_before']} |")
+        r = dep[-1]
+        lines += [
+            "",
+            f"One ClientApp process, alone (a SuperNode starts one per message): {r['clientapp_cold_start_s']:.1f} s "
+            f"wall, of which {r['clientapp_imports_s']:.1f} s importing fedtalora's client (torch, timm, peft, flwr) "
+            f"and {r['clientapp_build_s']:.1f} s loading the data and building the model.",
+        ]
     return "\n".join(lines) + "\n"
 
 
