@@ -144,3 +144,19 @@ def test_unknown_encoding_raises() -> None:
 
     with pytest.raises(ValueError, match="encoding"):
         DownlinkLedger(DENSE).catch_up_bytes(0, "zip")
+
+
+def test_one_update_per_round_has_no_residual_to_send(tiny_overrides: list[str]) -> None:
+    """With a single aggregated update the exact residual is zero (inner dimension (K-1) r = 0): no residual
+    bytes in either encoding, and the downlink is the global state alone."""
+    from fedtalora.aggregation import state_nbytes
+    from fedtalora.config import resolve
+    from fedtalora.engine import run
+
+    res = run(resolve("demo", [*tiny_overrides, "fed.clients_per_round=1", "scenario.num_tasks=1"]))
+    m = res.metrics
+    state = state_nbytes(res.model.trainable_state(list(res.model.lora_parameters()) + ["head.weight", "head.bias"]))
+    for r in m["rounds"]:
+        assert r["residual_bytes_factored"] == r["residual_bytes_dense"] == 0, r
+        assert r["downlink_bytes"] == r["downlink_bytes_dense"] == state
+    assert m["max_aggregation_error"] == 0.0

@@ -355,7 +355,7 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 "uplink_bytes": uplink,
                 "downlink_bytes": downlink,
                 "downlink_bytes_dense": downlink_dense,  # the same, residual catch-ups sent dense
-                "residual_bytes_dense": sum(dense[layer] for layer in factored),
+                "residual_bytes_dense": sum(dense[layer] for layer, nbytes in factored.items() if nbytes),  # 0: no residual
                 "residual_bytes_factored": sum(factored.values()),
                 "seconds": time.perf_counter() - t_round,
                 **transport.round_stats(),  # e.g. Flower: the bytes that went over the wire
