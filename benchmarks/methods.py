@@ -32,10 +32,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FLOAT_BYTES = 4
 
 
-def measure(name: str, base: list[str], runs: Path) -> dict[str, Any]:
-    """Run ``method=name`` on the preset with the shared overrides; the row of the table."""
-    cfg = resolve("banking77", [*base, f"method={name}", "output.overwrite=true"])
-    run_dir = runs / name
+def measure(name: str, base: list[str], runs: Path, options: list[str] | None = None) -> dict[str, Any]:
+    """Run ``method=name`` (with ``method_options`` ``options``, ``key=value``) on the preset with the
+    shared overrides; the row of the table."""
+    options = options or []
+    label = f"{name} ({', '.join(options)})" if options else name
+    cfg = resolve("banking77", [*base, f"method={name}", *[f"method_options.{o}" for o in options],
+                                "output.overwrite=true"])
+    run_dir = runs / (name + "".join(f"-{o}" for o in options))
     # The shared setting: every key but the method and where the run goes (a re-run skips a method only
     # when this is unchanged, e.g. not after a preset edit).
     shared = shared_config(cfg)
@@ -44,6 +48,7 @@ def measure(name: str, base: list[str], runs: Path) -> dict[str, Any]:
     client_rounds = sum(len(r["clients"]) for r in rounds)
     return {
         "method": name,
+        "label": label,
         **{k: m[k] for k in ("final_average_accuracy", "average_incremental_accuracy", "forgetting",
                              "max_aggregation_error", "trainable_parameters", "wall_seconds")},
         "uplink_params_per_client_round": m["uplink_bytes_total"] / FLOAT_BYTES / client_rounds,
@@ -69,6 +74,8 @@ def main() -> int:
     ap.add_argument("--runs", default=str(Path("runs") / "bench-methods"), help="parent of the run directories")
     ap.add_argument("--only", nargs="*", default=None, help="subset of methods (default: every implemented one)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides for every run")
+    ap.add_argument("--options", nargs="*", default=[], metavar="key=value",
+                    help="method_options for the methods of --only (an extra row labelled with them)")
     ap.add_argument("--fresh", action="store_true", help="re-measure methods already in the JSONL file")
     ap.add_argument("--out", default=str(RESULTS / "methods.md"))
     args = ap.parse_args()
@@ -85,18 +92,21 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     shared = json.loads(json.dumps(shared_config(resolve("banking77", base))))
     done = {} if args.fresh or not jsonl.is_file() else {
-        r["method"]: r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("config") == shared}
+        r.get("label", r["method"]): r for r in map(json.loads, jsonl.read_text().splitlines())
+        if r.get("config") == shared}
     for name in names:
-        if name in done:
-            print(f"{name}: measured already (--fresh to redo)", file=sys.stderr)
+        label = f"{name} ({', '.join(args.options)})" if args.options else name
+        if label in done:
+            print(f"{label}: measured already (--fresh to redo)", file=sys.stderr)
             continue
-        row = measure(name, base, Path(args.runs))
-        done[name] = row
+        row = measure(name, base, Path(args.runs), args.options)
+        done[label] = row
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     cfg = resolve("banking77", base)
-    write_table([done[n] for n in METHODS.names() if n in done], out, cfg, args)
+    order = {n: i for i, n in enumerate(METHODS.names())}
+    write_table(sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r.get("label", ""))), out, cfg, args)
     return 0
 
 
@@ -120,7 +130,8 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
         f"Machine: {os.cpu_count()} CPU threads (shared with other jobs: wall times are indicative), "
         f"torch {torch.__version__}; code at commit {rows[0].get('commit') or 'n/a' if rows else 'n/a'}. "
         f"Command: `python benchmarks/methods.py{' --quick' if args.quick else ''}"
-        f"{' --set ' + ' '.join(args.set) if args.set else ''}`.",
+        f"{' --set ' + ' '.join(args.set) if args.set else ''}`; a row labelled with options adds "
+        "`--only METHOD --options KEY=VALUE ...`.",
         "",
         "Parameters are counted per client and round (float32 values: bytes / 4); *up* is what a client sends, "
         "*down* what it receives (global trainable state + the residuals it missed, factored or dense, "
@@ -132,7 +143,7 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_pct(r['final_average_accuracy'])} | {_pct(r['average_incremental_accuracy'])} "
+            f"| {r.get('label', r['method'])} | {_pct(r['final_average_accuracy'])} | {_pct(r['average_incremental_accuracy'])} "
             f"| {_pct(r['forgetting'])} | {_count(r['trainable_parameters'])} "
             f"| {_count(r['uplink_params_per_client_round'])} | {_count(r['downlink_params_per_client_round'])} "
             f"| {r['max_aggregation_error']:.1e} | {r['wall_seconds']:.0f} |")

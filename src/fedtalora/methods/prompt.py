@@ -6,7 +6,8 @@ used as a rehearsal-free baseline by Fed-CPrompt (Bagwe et al., 2023, arXiv 2307
 * A pool of ``pool_size`` prompts (each ``length`` tokens of the backbone's width) with one learnable key
   each. The query of an input is the frozen backbone's pooled feature (no prompt); the ``top_k`` prompts
   whose keys are most cosine-similar to it are prepended to the token sequence (after the class token,
-  without position embeddings), and the average of the prompt tokens' outputs feeds the linear head.
+  without position embeddings), and the average of the prompt tokens' outputs feeds the linear head
+  (ViT; for text see below).
 * Local loss: cross-entropy (task-masked like every method) plus ``key_weight * mean(1 - cos(q, k))``
   over the selected keys, L2P's surrogate loss that pulls the chosen keys towards their queries.
 * Prompts, keys and head train and travel; the server takes their sample-weighted FedAvg (Fed-CPrompt
@@ -18,7 +19,10 @@ here); one forward without prompts gives the query (as in L2P), so training cost
 Prompt init: uniform(-1, 1) for images (L2P); for text the prompt tokens start as copies of seeded random
 vocabulary embeddings (the usual prompt-tuning init; uniform(-1, 1) dwarfs BERT-scale embeddings); keys
 uniform(-1, 1). Text prompts sit after ``[CLS]`` and do take position embeddings (the encoder adds them to
-every input embedding), so ``data.max_length + top_k * length`` must fit the encoder's positions.
+every input embedding), so ``data.max_length + top_k * length`` must fit the encoder's positions. Text
+features are the encoder's own pooling (masked mean) over the input's tokens, which the prompts steer
+through attention: the prompt tokens' own outputs, L2P's choice for ViTs, carry little of the sentence in
+a mean-pooled sentence encoder such as MiniLM (on Banking77 they gave below-chance accuracy within a task).
 
 Options (``method_options``): ``pool_size`` (10), ``length`` (5), ``top_k`` (5), ``key_weight`` (0.1).
 """
@@ -94,14 +98,16 @@ def vit_prompted_features(vit: nn.Module, x: torch.Tensor, prompts: torch.Tensor
 
 def text_prompted_features(encoder: nn.Module, x: dict[str, torch.Tensor], prompts: torch.Tensor) -> torch.Tensor:
     """A transformers encoder (:class:`~fedtalora.text_model.HFEncoder`) with ``prompts (B, P, D)`` after the
-    first token: the mean output of the prompt tokens ``(B, D)``."""
+    first token: the encoder's own pooling (masked mean) over the outputs of the input's tokens ``(B, D)``."""
     ids, mask = x["input_ids"], x["attention_mask"]
     emb = encoder.model.get_input_embeddings()(ids)
     P = prompts.shape[1]
     inputs = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], dim=1)
     full = torch.cat([mask[:, :1], mask.new_ones(mask.shape[0], P), mask[:, 1:]], dim=1)
     h = encoder.model(inputs_embeds=inputs, attention_mask=full).last_hidden_state
-    return h[:, 1:1 + P].mean(1)
+    h = torch.cat([h[:, :1], h[:, 1 + P:]], dim=1)  # the input's tokens, prompts dropped
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 @METHODS.register("prompt")
