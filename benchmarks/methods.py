@@ -61,6 +61,18 @@ def measure(name: str, base: list[str], runs: Path, options: list[str] | None = 
     }
 
 
+def same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`shared_config` dicts agree on every key both have (a key added to the config
+    since a row was measured does not invalidate it; a changed value does)."""
+    for k in a.keys() & b.keys():
+        if isinstance(a[k], dict) and isinstance(b[k], dict):
+            if not same_setting(a[k], b[k]):
+                return False
+        elif a[k] != b[k]:
+            return False
+    return True
+
+
 def shared_config(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config without ``method``, ``method_options`` and ``output``."""
     return {k: v for k, v in cfg.to_dict().items() if k not in ("method", "method_options", "output")}
@@ -93,7 +105,7 @@ def main() -> int:
     shared = json.loads(json.dumps(shared_config(resolve("banking77", base))))
     done = {} if args.fresh or not jsonl.is_file() else {
         r.get("label", r["method"]): r for r in map(json.loads, jsonl.read_text().splitlines())
-        if r.get("config") == shared}
+        if same_setting(r.get("config") or {}, shared)}
     for name in names:
         label = f"{name} ({', '.join(args.options)})" if args.options else name
         if label in done:
