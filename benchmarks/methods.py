@@ -140,7 +140,8 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
         f"(body) / {cfg.train.head_lr} (head); LoRA rank {cfg.lora.rank} on {cfg.lora.targets} of layers "
         f"{cfg.lora.blocks}; seed {cfg.seed}; every method with its default `method_options`. "
         f"Machine: {os.cpu_count()} CPU threads (shared with other jobs: wall times are indicative), "
-        f"torch {torch.__version__}; code at commit {rows[0].get('commit') or 'n/a' if rows else 'n/a'}. "
+        f"torch {torch.__version__}; code at commit(s) "
+        f"{', '.join(sorted({r.get('commit') or 'n/a' for r in rows})) or 'n/a'}. "
         f"Command: `python benchmarks/methods.py{' --quick' if args.quick else ''}"
         f"{' --set ' + ' '.join(args.set) if args.set else ''}`; a row labelled with options adds "
         "`--only METHOD --options KEY=VALUE ...`.",
