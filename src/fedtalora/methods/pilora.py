@@ -32,8 +32,8 @@ Departures and approximations:
   old classes' rows never train again (the task-masked loss gives them no gradient).
 * LoRA placement, rank and optimiser are this project's (``lora.*``, ``train.*``), not PILoRA's rank-4
   q/v LoRA in block 0 with Adam; no early stopping on the test set; the partition is fixed per task.
-* Extra uplink: ``(D + 1)`` floats per (client, class it holds) at each task's end, added to the last
-  round's ``uplink_bytes``.
+* Extra uplink: ``D`` float32 sums and an int64 count per (client, class it holds) at each task's end
+  (:func:`~fedtalora.prototypes.prototype_nbytes`), added to the last round's ``uplink_bytes``.
 
 Options (``method_options``): ``ortho`` (0.5), ``l1`` (0.01), ``pl`` (0.001), ``temperature`` (1.0),
 ``prototypes`` (``mean`` | ``reweight``).
@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
+from ..prototypes import aggregate_class_sums, prototype_nbytes
+from ..prototypes import class_sums as shared_class_sums
 from ..seeding import torch_generator
 from .base import METHODS, Method, TaskData, check_option
 
@@ -88,25 +90,24 @@ def prototype_distance(features: torch.Tensor, centers: torch.Tensor) -> torch.T
 
 
 def class_sums(features: torch.Tensor, targets: torch.Tensor, classes: range) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class of ``classes`` (head positions), the float64 sum of ``features`` and the count.
+    """Per class of ``classes`` (head positions), the float64 sum of ``features`` and the count
+    (:func:`fedtalora.prototypes.class_sums` restricted to the task's positions).
 
     Shapes: ``features (n, D)``, ``targets (n,)`` -> ``sums (len(classes), D)``, ``counts (len(classes),)``.
     """
     rel = targets.long() - classes.start
     keep = (rel >= 0) & (rel < len(classes))
-    sums = torch.zeros(len(classes), features.shape[1], dtype=torch.float64)
-    sums.index_add_(0, rel[keep], features[keep].to(torch.float64))
-    counts = torch.bincount(rel[keep], minlength=len(classes)).to(torch.float64)
-    return sums, counts
+    sums, counts = shared_class_sums(features[keep], rel[keep], len(classes))
+    return sums, counts.to(torch.float64)
 
 
 def pooled_prototypes(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_k S_kc / sum_k n_kc``: ``sums (K, C, D)``, ``counts (K, C)`` -> ``(C, D)`` and which classes
-    any client holds ``(C,)`` (rows of absent classes are zero)."""
-    total = counts.sum(0)
+    """``sum_k S_kc / sum_k n_kc`` (:func:`fedtalora.prototypes.aggregate_class_sums`): ``sums (K, C, D)``,
+    ``counts (K, C)`` -> ``(C, D)`` and which classes any client holds ``(C,)`` (rows of absent classes are
+    zero)."""
+    protos, total = aggregate_class_sums(list(sums), [c.round().to(torch.int64) for c in counts])
     present = total > 0
-    protos = torch.zeros(sums.shape[1:], dtype=torch.float64)
-    protos[present] = sums.sum(0)[present] / total[present, None]
+    protos[~present] = 0.0
     return protos, present
 
 
@@ -194,7 +195,7 @@ class PILoRA(Method):
             sums, counts = class_sums(feats, targets, positions)
             all_sums.append(sums)
             all_counts.append(counts)
-            nbytes += int((counts > 0).sum()) * (feats.shape[1] + 1) * 4
+            nbytes += prototype_nbytes(int((counts > 0).sum()), feats.shape[1])
         if not all_sums:
             return 0
         pool = reweighted_prototypes if self.options.prototypes == "reweight" else pooled_prototypes
