@@ -233,3 +233,12 @@ def test_norm_bound_rejects_scaled_updates_only(tiny_overrides) -> None:
     assert bounded["reliability"]["rejected_updates"] == bounded["reliability"]["corrupted_updates"] > 0
     for r in bounded["rounds"]:
         assert all("exceeds fed.max_update_norm=50" in x["reason"] for x in r["rejected"])
+
+
+def test_tensor_mismatch_can_ignore_dtype() -> None:
+    from fedtalora.validation import tensor_mismatch
+
+    ref = {"w": torch.zeros(2, 3)}
+    assert tensor_mismatch({"w": torch.zeros(2, 3, dtype=torch.float64)}, ref, check_dtype=False) is None
+    assert "float64" in tensor_mismatch({"w": torch.zeros(2, 3, dtype=torch.float64)}, ref)
+    assert "(3, 2)" in tensor_mismatch({"w": torch.zeros(3, 2)}, ref, check_dtype=False)

@@ -50,6 +50,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import CheckpointError
+from .validation import tensor_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -251,12 +252,6 @@ def check_tensors(ckpt: Checkpoint, what: str, got: Mapping[str, torch.Tensor],
                   expected: Mapping[str, torch.Tensor]) -> None:
     """Raise :class:`CheckpointError` unless ``got`` has exactly the keys and shapes of ``expected``."""
     where = ckpt.path if ckpt.path is not None else "checkpoint"
-    if set(got) != set(expected):
-        missing = sorted(set(expected) - set(got))[:3]
-        extra = sorted(set(got) - set(expected))[:3]
-        raise CheckpointError(f"checkpoint {where} does not match the model: {what} missing {missing}, "
-                              f"unexpected {extra}")
-    for k, t in expected.items():
-        if tuple(got[k].shape) != tuple(t.shape) or got[k].dtype != t.dtype:
-            raise CheckpointError(f"checkpoint {where} does not match the model: {what} {k} is "
-                                  f"{tuple(got[k].shape)} {got[k].dtype}, expected {tuple(t.shape)} {t.dtype}")
+    reason = tensor_mismatch(got, expected)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {where} does not match the model: {what} {reason}")

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import ConfigError, ModelError
+from .validation import tensor_mismatch
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -105,14 +106,9 @@ def load_into(model: FedModel, tensors: dict[str, torch.Tensor], meta: dict[str,
     params = model.parameters_by_key()
     bases = {p.layer: model.base_weight(p.layer) for p in model.lora_pairs()}
     expected = {f"global/{k}": v for k, v in params.items()} | {f"base/{k}": v for k, v in bases.items()}
-    if set(tensors) != set(expected):
-        missing = sorted(set(expected) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(expected))[:3]
-        raise ModelError(f"{source} does not match the model built from the run's config: missing {missing}, "
-                         f"unexpected {extra}")
-    for k, t in expected.items():
-        if tuple(tensors[k].shape) != tuple(t.shape):
-            raise ModelError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(t.shape)}")
+    reason = tensor_mismatch(tensors, expected, check_dtype=False)
+    if reason is not None:
+        raise ModelError(f"{source} does not match the model built from the run's config: {reason}")
     saved = json.loads(meta.get("fingerprint", "{}"))
     now = fingerprint(model)
     bad = [k for k in now if k not in saved or not math.isclose(now[k], saved[k], rel_tol=FINGERPRINT_RTOL,

@@ -35,6 +35,28 @@ def update_norm(update: StateDict, reference: StateDict) -> float:
     return math.sqrt(total)
 
 
+def tensor_mismatch(got: Mapping[str, object], expected: StateDict, *, check_dtype: bool = True) -> str | None:
+    """How ``got`` differs from ``expected`` in keys, tensor type, shapes (and dtypes), or None.
+
+    The structural check shared by update screening, checkpoints and final-model loading.
+    """
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing:
+        return f"missing tensors {_few(missing)}"
+    if extra:
+        return f"unexpected tensors {_few(extra)}"
+    for key, ref in expected.items():
+        t = got[key]
+        if not isinstance(t, torch.Tensor):
+            return f"{key} is a {type(t).__name__}, not a tensor"
+        if tuple(t.shape) != tuple(ref.shape):
+            return f"{key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+        if check_dtype and t.dtype != ref.dtype:
+            return f"{key} has dtype {t.dtype}, expected {ref.dtype}"
+    return None
+
+
 def check_update(
     update: StateDict, num_samples: float, reference: StateDict, *, max_norm: float = 0.0,
 ) -> str | None:
@@ -49,20 +71,9 @@ def check_update(
     Returns:
         A one-line reason naming the first problem found, or None.
     """
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing:
-        return f"missing tensors {_few(missing)}"
-    if extra:
-        return f"unexpected tensors {_few(extra)}"
-    for key, ref in reference.items():
-        t = update[key]
-        if not isinstance(t, torch.Tensor):
-            return f"{key} is a {type(t).__name__}, not a tensor"
-        if tuple(t.shape) != tuple(ref.shape):
-            return f"{key} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
-        if t.dtype != ref.dtype:
-            return f"{key} has dtype {t.dtype}, expected {ref.dtype}"
+    reason = tensor_mismatch(update, reference)
+    if reason is not None:
+        return reason
     for key in reference:
         bad = int((~torch.isfinite(update[key])).sum())
         if bad:
