@@ -13,6 +13,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -125,3 +126,16 @@ def run_cli() -> Callable[..., tuple[int, str, str]]:
         return proc.returncode, proc.stdout, proc.stderr
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    """In-process ``cli.main`` calls ``logging.basicConfig``; keep one test's handlers from leaking into
+    the next."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)

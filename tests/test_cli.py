@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,6 @@ RESIDUAL_CATCH_UP = 4 * 2 * sum(
 RESIDUAL_DENSE = 4 * 2 * sum(d_out * d_in for d_out, d_in in LAYERS.values())
 RESIDUAL_FACTORED = 4 * 2 * sum((d_out + d_in) * (CLIENTS - 1) * RANK for d_out, d_in in LAYERS.values())
 ROUND_KEYS = {"task", "round", "clients", "aggregation_error", "uplink_bytes", "downlink_bytes", "seconds"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_root_logger():
-    """``main`` calls ``logging.basicConfig``; keep one test's handlers from leaking into the next."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers[:]:
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
 
 
 def _one_error_line(err: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import logging
 import math
 import shutil
 from collections.abc import Callable
@@ -30,18 +29,6 @@ from fedtalora.config import resolve
 from fedtalora.engine import run, without_timing
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedtalora"
-
-
-@pytest.fixture(autouse=True)
-def _restore_root_logger():
-    """``main`` calls ``logging.basicConfig``; keep one test's handlers from leaking into the next."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers[:]:
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
 
 
 def _one_error_line(err: str, prog: str = "fedtalora") -> str:

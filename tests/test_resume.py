@@ -7,7 +7,6 @@ final checkpoint (global LoRA + head, every adapted base weight) equal byte for 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import signal
@@ -33,17 +32,6 @@ TASKS, ROUNDS = 2, 3
 TOTAL = TASKS * ROUNDS
 EXTRA = ["fed.rounds_per_task=3", "fed.num_clients=4", "fed.clients_per_round=3", "lora.dropout=0.1",
          "faults.client_dropout=0.15", "faults.corrupt_update=0.15", "fed.min_clients=2"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers[:]:
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
