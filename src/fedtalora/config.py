@@ -457,7 +457,8 @@ def preset_description(name: str) -> str:
     return ""
 
 
-def _read_yaml(text: str, source: str) -> dict[str, Any]:
+def read_yaml(text: str, source: str) -> dict[str, Any]:
+    """Parse a YAML mapping (empty text -> ``{}``); one-line :class:`ConfigError` naming ``source`` otherwise."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -490,7 +491,7 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
             )
         text = (resources.files("fedtalora") / "presets" / f"{name_or_path}.yaml").read_text()
         source = f"preset {name_or_path!r}"
-    data = _read_yaml(text, source)
+    data = read_yaml(text, source)
     me = str(path.resolve()) if path.is_file() else name_or_path
     parent = data.pop("extends", None)
     if parent is None:

@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, apply_overrides, from_dict, load_preset, parse_override
+from .config import RunConfig, apply_overrides, from_dict, load_preset, parse_override, read_yaml
 from .errors import ConfigError, FedTaLoRAError
 from .registry import Registry
 
@@ -239,14 +239,7 @@ def load_grid(name_or_path: str, extra: Sequence[str] = ()) -> Grid:
     """
     text, path, stem = _grid_text(name_or_path)
     source = str(path) if path is not None else f"grid {name_or_path!r}"
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must be a YAML mapping with at least 'presets', got {type(data).__name__}")
+    data = read_yaml(text, source)  # one-line errors for bad YAML and non-mappings
     unknown = [k for k in data if k not in GRID_KEYS]
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(GRID_KEYS)})")
