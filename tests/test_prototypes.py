@@ -94,3 +94,9 @@ def test_prototype_classifier_run_predicts_by_exact_class_means(tmp_path, tiny_o
     last_rounds = [r for r in m["rounds"] if r["round"] == cfg.fed.rounds_per_task - 1]
     first_rounds = [r for r in m["rounds"] if r["round"] == 0]
     assert all(a["uplink_bytes"] > b["uplink_bytes"] for a, b in zip(last_rounds, first_rounds, strict=True))
+
+
+def test_class_sums_over_a_range_of_positions_leaves_other_labels_out() -> None:
+    f = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [9.0, 9.0]])
+    sums, counts = class_sums(f, torch.tensor([10, 10, 11, 7]), 3, offset=10)
+    assert sums.tolist() == [[4.0, 2.0], [5.0, 5.0], [0.0, 0.0]] and counts.tolist() == [2, 1, 0]

@@ -24,7 +24,7 @@ import torch
 from .aggregation import Aggregate
 from .errors import CheckpointError
 from .methods.base import Method, TaskData, UpdateBuffer
-from .prototypes import aggregate_class_sums, class_sums, nearest_prototype, prototype_nbytes
+from .prototypes import aggregate_class_sums, nearest_prototype
 
 if TYPE_CHECKING:
     from .model import FedModel
@@ -83,22 +83,15 @@ class PrototypeClassifier(Method):
 
     def on_task_end(self, model: FedModel, task: Task, data: TaskData) -> int:
         uplink = self.inner.on_task_end(model, task, data)
-        C = model.head.out_features
-        sums, counts = [], []
-        for k in data.clients:
-            feats, targets = data.features(k)
-            s, n = class_sums(feats, targets, C)
-            sums.append(s)
-            counts.append(n)
-            uplink += prototype_nbytes(int((n > 0).sum()), feats.shape[1])
+        rows = range(task.label_offset, task.label_offset + len(task.classes))
+        sums, counts, nbytes = data.class_sums(rows)
         if not sums:
             return uplink
         means, _ = aggregate_class_sums(sums, counts)
         if self.prototypes is None:
-            self.prototypes = torch.full_like(means, float("nan"))
-        rows = list(range(task.label_offset, task.label_offset + len(task.classes)))
-        self.prototypes[rows] = means[rows]
-        return uplink
+            self.prototypes = torch.full((model.head.out_features, means.shape[1]), float("nan"), dtype=torch.float64)
+        self.prototypes[list(rows)] = means
+        return uplink + nbytes
 
     def forward(self, model: FedModel, x: Any) -> torch.Tensor:
         if model.training or self.prototypes is None:

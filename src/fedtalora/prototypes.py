@@ -19,15 +19,20 @@ from .errors import AggregationError
 __all__ = ["aggregate_class_sums", "class_sums", "nearest_prototype", "prototype_nbytes"]
 
 
-def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums (float64, ``(C, D)``) and counts (int64, ``(C,)``) of ``features`` ``(N, D)``."""
+def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums (float64, ``(C, D)``) and counts (int64, ``(C,)``) of ``features`` ``(N, D)`` for the
+    classes ``offset .. offset + C - 1`` (row ``i`` is class ``offset + i``; other labels are left out)."""
     if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
         raise ValueError(f"features (N, D) and labels (N,) expected, got {tuple(features.shape)} and "
                          f"{tuple(labels.shape)}")
-    labels = labels.to(device=features.device, dtype=torch.long)
+    rel = labels.to(device=features.device, dtype=torch.long) - offset
+    keep = (rel >= 0) & (rel < num_classes)
+    if not bool(keep.all()):
+        features, rel = features[keep], rel[keep]
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
-    sums.index_add_(0, labels, features.to(torch.float64))
-    counts = torch.bincount(labels, minlength=num_classes)
+    sums.index_add_(0, rel, features.to(torch.float64))
+    counts = torch.bincount(rel, minlength=num_classes)
     return sums, counts
 
 

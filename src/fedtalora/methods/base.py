@@ -51,6 +51,20 @@ class TaskData:
     """``features(k)`` -> ``(features (n_k, d), targets (n_k,))``: client ``k``'s training data of the task
     through the current global model (:meth:`FedModel.features`, eval mode, no augmentation), on the CPU."""
 
+    def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
+        head positions ``classes``, and the uplink bytes of sending them (the classes a client holds)."""
+        from ..prototypes import class_sums, prototype_nbytes
+
+        sums, counts, nbytes = [], [], 0
+        for k in self.clients:
+            feats, targets = self.features(k)
+            s, n = class_sums(feats, targets, len(classes), offset=classes.start)
+            sums.append(s)
+            counts.append(n)
+            nbytes += prototype_nbytes(int((n > 0).sum()), feats.shape[1])
+        return sums, counts, nbytes
+
 
 class UpdateBuffer:
     """A round's accepted client updates, as the server receives them (default: all kept, in order)."""

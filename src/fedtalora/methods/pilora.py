@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
-from ..prototypes import aggregate_class_sums, prototype_nbytes
+from ..prototypes import aggregate_class_sums
 from ..prototypes import class_sums as shared_class_sums
 from ..seeding import torch_generator
 from .base import METHODS, Method, TaskData, check_option
@@ -90,14 +90,12 @@ def prototype_distance(features: torch.Tensor, centers: torch.Tensor) -> torch.T
 
 
 def class_sums(features: torch.Tensor, targets: torch.Tensor, classes: range) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class of ``classes`` (head positions), the float64 sum of ``features`` and the count
-    (:func:`fedtalora.prototypes.class_sums` restricted to the task's positions).
+    """Per class of ``classes`` (head positions), the float64 sum of ``features`` and the (float64) count:
+    :func:`fedtalora.prototypes.class_sums` over the task's positions.
 
     Shapes: ``features (n, D)``, ``targets (n,)`` -> ``sums (len(classes), D)``, ``counts (len(classes),)``.
     """
-    rel = targets.long() - classes.start
-    keep = (rel >= 0) & (rel < len(classes))
-    sums, counts = shared_class_sums(features[keep], rel[keep], len(classes))
+    sums, counts = shared_class_sums(features, targets, len(classes), offset=classes.start)
     return sums, counts.to(torch.float64)
 
 
@@ -188,18 +186,11 @@ class PILoRA(Method):
     @torch.no_grad()
     def on_task_end(self, model: FedModel, task: Task, data: TaskData) -> int:
         positions = task.positions
-        all_sums, all_counts = [], []
-        nbytes = 0
-        for k in data.clients:
-            feats, targets = data.features(k)
-            sums, counts = class_sums(feats, targets, positions)
-            all_sums.append(sums)
-            all_counts.append(counts)
-            nbytes += prototype_nbytes(int((counts > 0).sum()), feats.shape[1])
+        all_sums, all_counts, nbytes = data.class_sums(positions)
         if not all_sums:
             return 0
         pool = reweighted_prototypes if self.options.prototypes == "reweight" else pooled_prototypes
-        protos, present = pool(torch.stack(all_sums), torch.stack(all_counts))
+        protos, present = pool(torch.stack(all_sums), torch.stack(all_counts).to(torch.float64))
         w = model.head.weight
         rows = torch.as_tensor(list(positions))[present]
         w[rows.to(w.device)] = protos[present].to(device=w.device, dtype=w.dtype)
