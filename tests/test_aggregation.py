@@ -12,6 +12,7 @@ from fedtalora.aggregation import (
     Aggregate,
     LoraPair,
     aggregate_lora,
+    aggregation_errors,
     check_updates,
     fedavg,
     lora_residual,
@@ -592,6 +593,47 @@ def test_relative_error_zero_target_nonzero_gap_is_inf() -> None:
     # Assert
     assert float(Bbar) == 1.5 and float(Abar) == 0.25
     assert err == float("inf")
+
+
+def test_naive_loss_hand_example() -> None:
+    """p = (.5, .5), B1 A1 = 2 * 1, B2 A2 = 0 * 3: target 1; Bbar Abar = 1 * 2 = 2 -> naive loses |2 - 1| / 1."""
+    # Prepare
+    Bs = [torch.tensor([[2.0]]), torch.tensor([[0.0]])]
+    As = [torch.tensor([[1.0]]), torch.tensor([[3.0]])]
+    weights = normalize_weights([1, 1])
+    Bbar, Abar = weighted_average(Bs, weights), weighted_average(As, weights)
+    res = lora_residual(Bs, As, weights, 1.0)
+
+    # Execute
+    err, naive = aggregation_errors(Bs, As, weights, 1.0, Bbar, Abar, res)
+    plain = aggregation_errors(Bs, As, weights, 1.0, Bbar, Abar, None)
+
+    # Assert
+    assert float(res) == -1.0
+    assert naive == 1.0 and plain == (1.0, 1.0)
+    assert err == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_aggregate_reports_the_naive_loss_with_and_without_the_residual(seed: int) -> None:
+    """Aggregate.naive_errors is what averaging the factors alone loses, whether or not the residual is on."""
+    # Prepare
+    g = torch_generator(seed, "test", "naive")
+    updates = [{"A": randn(g, 4, 7), "B": randn(g, 5, 4)} for _ in range(3)]
+    weights = normalize_weights([1, 2, 4])
+    pairs = [LoraPair("l", "A", "B", 0.5)]
+
+    # Execute
+    with_res = aggregate_lora(updates, weights, pairs, residual=True)
+    without = aggregate_lora(updates, weights, pairs, residual=False)
+
+    # Assert
+    want = relative_aggregation_error([u["B"] for u in updates], [u["A"] for u in updates], weights, 0.5,
+                                      without.state["B"], without.state["A"], None)
+    assert with_res.naive_errors["l"] == pytest.approx(want, rel=1e-12)
+    assert without.naive_errors["l"] == without.errors["l"] == pytest.approx(want, rel=1e-12)
+    assert with_res.errors["l"] < 1e-6 < 1e-2 < want
+    assert with_res.max_naive_error == with_res.naive_errors["l"]
 
 
 def test_aggregation_state_does_not_alias_or_mutate_inputs() -> None:

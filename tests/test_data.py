@@ -11,7 +11,16 @@ import pytest
 import torch
 import torchvision
 
-from fedtalora.data import DATASETS, Dataset, ImageTransform, Split, load_cifar100, load_dataset
+from fedtalora.data import (
+    DATASETS,
+    Dataset,
+    ImageTransform,
+    Split,
+    load_cifar100,
+    load_dataset,
+    per_class_subset,
+    subset_dataset,
+)
 from fedtalora.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------------------------------
@@ -266,3 +275,57 @@ def test_transform_on_cuda_matches_cpu() -> None:
     gpu = tf(images.cuda(), train=True, generator=torch.Generator().manual_seed(3))
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-class subsets (data.train_per_class / data.test_per_class)
+
+
+def test_per_class_subset_hand_example() -> None:
+    """Classes 0 (4 samples), 1 (1 sample), 2 (3 samples); at most 2 each -> 2 + 1 + 2, sorted."""
+    labels = np.array([0, 2, 0, 1, 2, 0, 2, 0])
+    idx = per_class_subset(labels, 2, np.random.default_rng(0))
+    assert list(idx) == sorted(idx)
+    assert np.bincount(labels[idx]).tolist() == [2, 1, 2]
+    assert set(idx) <= set(range(len(labels)))
+    assert list(per_class_subset(labels, 0, np.random.default_rng(0))) == list(range(8))
+    assert list(per_class_subset(labels, 10, np.random.default_rng(0))) == list(range(8))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_class_subset_is_seeded_and_uniform_within_a_class(seed: int) -> None:
+    labels = np.random.default_rng(seed).integers(0, 5, size=200)
+    a = per_class_subset(labels, 7, np.random.default_rng(seed))
+    b = per_class_subset(labels, 7, np.random.default_rng(seed))
+    c = per_class_subset(labels, 7, np.random.default_rng(seed + 10))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(labels[a], minlength=5).tolist() == [min(7, int((labels == k).sum())) for k in range(5)]
+
+
+def test_subset_dataset_keeps_inputs_with_their_labels(digits: Dataset) -> None:
+    text = Dataset("t", Split([f"s{i}" for i in range(12)], np.arange(12) % 3),
+                   Split([f"q{i}" for i in range(6)], np.arange(6) % 3), ["a", "b", "c"], modality="text")
+    sub = subset_dataset(text, seed=0, train_per_class=2)
+    assert len(sub.train) == 6 and sub.test is text.test
+    assert all(int(s[1:]) % 3 == y for s, y in zip(sub.train.inputs, sub.train.labels, strict=True))
+    img = subset_dataset(digits, seed=1, train_per_class=5, test_per_class=3)
+    assert np.bincount(img.train.labels).tolist() == [5] * 10 and np.bincount(img.test.labels).tolist() == [3] * 10
+    pos = [int(np.flatnonzero((digits.train.inputs == x).flatten(1).all(1))[0]) for x in img.train.inputs[:4]]
+    assert [int(digits.train.labels[p]) for p in pos] == img.train.labels[:4].tolist()
+    again = subset_dataset(digits, seed=1, train_per_class=5, test_per_class=3)
+    assert torch.equal(again.train.inputs, img.train.inputs)
+    assert subset_dataset(digits, seed=1) is digits
+
+
+def test_experiment_uses_the_subset_and_bad_values_are_refused(tmp_path: Path) -> None:
+    from fedtalora.cli import main
+    from fedtalora.config import resolve
+    from fedtalora.engine import Experiment
+
+    cfg = resolve("demo", ["data.train_per_class=6", "data.test_per_class=2", "partition.kind=iid"])
+    exp = Experiment.build(cfg)
+    assert len(exp.dataset.train) == 60 and len(exp.dataset.test) == 20
+    assert sum(len(ix) for parts in exp.partitions for ix in parts) == 60
+    with pytest.raises(ConfigError, match="data.train_per_class"):
+        resolve("demo", ["data.train_per_class=-1"])
+    assert main(["run", "demo", "data.test_per_class=-3", f"output.dir={tmp_path}"]) == 2

@@ -336,3 +336,49 @@ def test_a_runner_with_sparser_metrics_plugs_in(tmp_path: Path) -> None:
     row = read_csv(tmp_path / "out" / "g" / "summary.csv")[0]
     assert float(row["faa_mean"]) == 0.25 and row["faa_std"] == "" and row["params_per_round"] == ""
     assert "| dir | default | β=0.5 | 1/1 | 25.00 | 50.00 | — | — | — |" in (tmp_path / "out" / "g" / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel workers
+
+
+def _without_timing(m: dict[str, Any]) -> dict[str, Any]:
+    m = {k: v for k, v in m.items() if k != "wall_seconds"}
+    m["rounds"] = [{k: v for k, v in r.items() if k != "seconds"} for r in m["rounds"]]
+    m["tasks"] = [{k: v for k, v in t.items() if k != "seconds"} for t in m["tasks"]]
+    return m
+
+
+def test_parallel_workers_give_the_serial_sweeps_results(full_sweep, tmp_path: Path) -> None:
+    """``workers=2`` runs each run in a spawned process: same statuses, same metrics, one summary."""
+    folder, serial = full_sweep
+    grid = load_grid(str(write_grid(tmp_path, common=[*COMMON, "train.threads=1"])))
+    seen: list[int] = []
+    result = run_sweep(grid, workers=2, on_run=lambda spec, i, n: seen.append(i))
+    assert [r.status for r in result.runs] == ["complete"] * 4
+    assert sorted(seen) == [0, 1, 2, 3]
+    for a, b in zip(serial.runs, result.runs, strict=True):
+        ma = json.loads((a.run_dir / "metrics.json").read_text())
+        mb = json.loads((b.run_dir / "metrics.json").read_text())
+        assert _without_timing(ma) == _without_timing(mb)
+    state = json.loads((grid.sweep_dir / "sweep.json").read_text())
+    assert [s["status"] for s in state["runs"]] == ["complete"] * 4
+    assert [r["faa_mean"] for r in result.rows] == [r["faa_mean"] for r in serial.rows]
+    again = run_sweep(grid, workers=2)
+    assert [r.status for r in again.runs] == ["skipped"] * 4
+
+
+def test_a_crashing_run_in_a_worker_is_recorded(tmp_path: Path) -> None:
+    grid = load_grid(str(write_grid(tmp_path, seeds=[0], overrides=[[], ["data.root=/nonexistent", "data.dataset=cifar100"]])))
+    result = run_sweep(grid, workers=2)
+    assert [r.status for r in result.runs] == ["complete", "failed", "complete", "failed"]
+    assert all("cifar" in r.error.lower() for r in result.failed)
+
+
+def test_workers_below_one_are_refused(tmp_path: Path, capsys) -> None:
+    path = write_grid(tmp_path)
+    with pytest.raises(ConfigError, match="workers"):
+        run_sweep(load_grid(str(path)), workers=0)
+    assert main(["sweep", str(path), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers" in err[0]

@@ -143,16 +143,29 @@ def relative_aggregation_error(
     ``dW_global = s Bbar Abar + W_res`` (``W_res = 0`` without the residual). Computed in float64
     from the factors, never by subtracting the large frozen weights (which would drown it in rounding).
     """
+    return aggregation_errors(Bs, As, weights, scaling, Bbar, Abar, residual)[0]
+
+
+def aggregation_errors(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor, scaling: float,
+    Bbar: torch.Tensor, Abar: torch.Tensor, residual: torch.Tensor | None,
+) -> tuple[float, float]:
+    """:func:`relative_aggregation_error` with ``residual`` and without it (what naive averaging of the
+    factors loses), from one product of the factors. Equal when ``residual`` is None."""
     f64 = torch.float64
     p = weights.tolist()
     # target = s sum_k p_k B_k A_k as ONE GEMM of inner K r (not K rank-r updates of a dense matrix)
     P = torch.cat([B.to(f64) * pk for B, pk in zip(Bs, p, strict=True)], dim=1)
     target = (P @ torch.cat([A.to(f64) for A in As], dim=0)).mul_(scaling)
-    got = (Bbar.to(f64) @ Abar.to(f64)).mul_(scaling)
-    if residual is not None:
-        got.add_(residual.to(f64))
+    diff = (Bbar.to(f64) @ Abar.to(f64)).mul_(scaling).sub_(target)  # naive global update - target
     denom = torch.linalg.matrix_norm(target)
-    num = torch.linalg.matrix_norm(got.sub_(target))
+    naive = _ratio(torch.linalg.matrix_norm(diff), denom)
+    if residual is None:
+        return naive, naive
+    return _ratio(torch.linalg.matrix_norm(diff.add_(residual.to(f64))), denom), naive
+
+
+def _ratio(num: torch.Tensor, denom: torch.Tensor) -> float:
     if denom == 0:
         return 0.0 if num == 0 else float("inf")
     return float(num / denom)
@@ -185,9 +198,17 @@ class Aggregate:
     """Per adapted layer with a residual, its factors ``(L, R)``: ``residuals[layer] == (L @ R) * scaling``
     (what a server sends instead of the dense matrix when it is smaller; empty without the residual)."""
 
+    naive_errors: dict[str, float] = field(default_factory=dict)
+    """Per adapted layer, what naive averaging of the factors would lose this round (equal to
+    :attr:`errors` without the residual; empty for methods that aggregate no LoRA factors)."""
+
     @property
     def max_error(self) -> float:
         return max(self.errors.values(), default=0.0)
+
+    @property
+    def max_naive_error(self) -> float | None:
+        return max(self.naive_errors.values()) if self.naive_errors else None
 
 
 def aggregate_lora(
@@ -211,6 +232,7 @@ def aggregate_lora(
     state = fedavg(updates, weights)
     residuals: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
+    naive: dict[str, float] = {}
     ranks: dict[str, int] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for pair in pairs:
@@ -224,8 +246,9 @@ def aggregate_lora(
             residuals[pair.layer] = res
             factors[pair.layer] = (L, R)
         ranks[pair.layer] = residual_rank(weights, Bbar.shape[1])
-        errors[pair.layer] = relative_aggregation_error(Bs, As, weights, pair.scaling, Bbar, Abar, res)
-    return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks, factors=factors)
+        errors[pair.layer], naive[pair.layer] = aggregation_errors(Bs, As, weights, pair.scaling, Bbar, Abar, res)
+    return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks, factors=factors,
+                     naive_errors=naive)
 
 
 def residual_nbytes(d_out: int, d_in: int, inner: int, element_size: int = 4) -> tuple[int, int]:

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("grid", metavar="GRID", help="a grid YAML file or the name of a shipped grid (paper-cifar100, ...)")
     add_run_args(sw)
     sw.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    sw.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="runs at once, each in its own process (set train.threads so N x threads fits the cores)")
     rp = sub.add_parser("report", help="write report.md and PNG plots of a run (needs fedtalora[report])")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds metrics.json)")
     rp.add_argument("--out", metavar="DIR", default=None, help="where to write (default: RUN_DIR)")
@@ -92,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "methods":
             return _cmd_methods()
         if args.command == "sweep":
-            return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose)
+            return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
+                              workers=args.workers)
         if args.command == "report":
             return _cmd_report(args.run_dir, args.out)
         if args.command == "compare":
@@ -371,9 +374,12 @@ def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
     print(f"run directory: {run_dir}")
 
 
-def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: bool, verbose: bool) -> int:
+def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: bool, verbose: bool,
+               workers: int = 1) -> int:
     from .sweep import load_grid, plan, run_status, run_sweep
 
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} is invalid: expected an integer >= 1")
     grid = load_grid(grid_arg, overrides)
     if dry_run:
         for spec in plan(grid):
@@ -388,7 +394,7 @@ def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: boo
             sys.stderr.write(f"[{i + 1}/{n}] {spec.name}: {spec.status}{detail}\n")
 
     try:
-        result = run_sweep(grid, on_run=report)
+        result = run_sweep(grid, on_run=report, workers=workers)
     except KeyboardInterrupt:
         sys.stderr.write(f"fedtalora: sweep interrupted; run the same command again to continue "
                          f"(completed runs are skipped, the interrupted one resumes); {grid.sweep_dir}\n")

@@ -45,10 +45,17 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the dataset's loader, e.g. ``{text_column: utterance}`` for
     ``text-csv`` (a loader rejects keys it does not know)."""
+    train_per_class: int = 0
+    """Keep at most this many training samples of each class, drawn from the seed (0: all). For quick
+    studies and smoke runs; the subset is recorded in ``partitions.json`` like any partition."""
+    test_per_class: int = 0
+    """Keep at most this many test samples of each class, drawn from the seed (0: all)."""
 
     def validate(self) -> None:
         _check(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1")
         _check(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
+        _check(self.train_per_class >= 0, "data.train_per_class", self.train_per_class, "an integer >= 0 (0: all)")
+        _check(self.test_per_class >= 0, "data.test_per_class", self.test_per_class, "an integer >= 0 (0: all)")
         empty = [k for k, v in self.options.items() if v is None]
         _check(not empty, "data.options", self.options,
                "key: value pairs with values (in YAML flow style put a space after each colon)")

@@ -24,7 +24,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torchvision.datasets import CIFAR100
 from .errors import ConfigError, DataError
 from .registry import Registry
 from .seeding import numpy_rng
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ __all__ = [
     "load_cifar100",
     "load_dataset",
     "load_digits",
+    "load_from_config",
+    "per_class_subset",
+    "subset_dataset",
 ]
 
 
@@ -125,6 +131,56 @@ def load_dataset(name: str, root: str | Path, *, seed: int, download: bool = Fal
         len(dataset.test),
     )
     return dataset
+
+
+def load_from_config(data: DataConfig, seed: int) -> Dataset:
+    """The dataset a run's ``data`` section describes: loaded, then subset per class if asked. The one
+    entry point of the server and of every Flower client, so both see the same samples."""
+    dataset = load_dataset(data.dataset, data.root, seed=seed, download=data.download, **data.options)
+    return subset_dataset(dataset, seed, data.train_per_class, data.test_per_class)
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most ``per_class`` samples of every class, drawn without replacement.
+
+    Pure and deterministic given ``rng``'s state: classes are visited in increasing id order and each
+    draws its samples with one ``rng.permutation``. The result is sorted (the split keeps its order).
+    ``per_class <= 0`` keeps everything.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if per_class <= 0:
+        return np.arange(len(labels))
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(idx[rng.permutation(len(idx))[:per_class]] if len(idx) > per_class else idx)
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def _take(split: Split, idx: np.ndarray) -> Split:
+    inputs = split.inputs
+    if isinstance(inputs, torch.Tensor):
+        taken: Any = inputs[torch.from_numpy(idx)]
+    elif isinstance(inputs, np.ndarray):
+        taken = inputs[idx]
+    else:  # a list (text)
+        taken = [inputs[i] for i in idx.tolist()]
+    return Split(taken, split.labels[idx])
+
+
+def subset_dataset(dataset: Dataset, seed: int, train_per_class: int = 0, test_per_class: int = 0) -> Dataset:
+    """``dataset`` with at most ``train_per_class`` / ``test_per_class`` samples of each class (0: all),
+    drawn from generators derived from ``seed`` (``"subset", "train"`` and ``"subset", "test"``)."""
+    if train_per_class <= 0 and test_per_class <= 0:
+        return dataset
+    splits = {}
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        split = getattr(dataset, name)
+        splits[name] = split if per_class <= 0 else _take(
+            split, per_class_subset(split.labels, per_class, numpy_rng(seed, "subset", name)))
+    logger.info("subset of %s: %d train / %d test samples (at most %d / %d per class)", dataset.name,
+                len(splits["train"]), len(splits["test"]), train_per_class, test_per_class)
+    return Dataset(dataset.name, splits["train"], splits["test"], dataset.class_names, dataset.modality)
 
 
 def _check_loader_options(name: str, loader: Callable[..., Dataset], options: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from .classifier import with_classifier
 from .client import accuracy_per_task, predict
 from .comm import DownlinkLedger
 from .config import RunConfig
-from .data import Dataset, ImageTransform, load_dataset
+from .data import Dataset, ImageTransform, load_from_config
 from .errors import CheckpointError, ConfigError
 from .faults import corrupt, draw_fault
 from .methods import METHODS, Method
@@ -105,8 +105,7 @@ class Experiment:
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Experiment:
-        data = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed, download=cfg.data.download,
-                            **cfg.data.options)
+        data = load_from_config(cfg.data, cfg.seed)
         order_rng = numpy_rng(cfg.seed, "class-order")
         scenario = make_scenario(data.num_classes, cfg.scenario.num_tasks, order_rng, cfg.scenario.class_order)
         train_targets = scenario.remap(data.train.labels)
@@ -324,6 +323,7 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
             skipped = len(accepted) < cfg.fed.min_clients
             factored: dict[str, int] = {}
             agg_error: float | None = None
+            naive_error: float | None = None
             weights = None
             if skipped:
                 logger.warning("[task %d/%d | round %d/%d] round skipped: %d valid updates < fed.min_clients=%d; "
@@ -338,6 +338,7 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 factored = {layer: residual_nbytes(*model.base_weight(layer).shape, inner=agg.residual_ranks[layer])[1]
                             for layer in agg.residuals}
                 agg_error = agg.max_error
+                naive_error = agg.max_naive_error
             ledger.record_round(factored)
             transport.after_round(None if skipped else agg)  # e.g. Flower: the next base the clients sync to
             if r == R - 1:  # e.g. pilora: the reporting clients send class feature sums -> prototypes
@@ -352,6 +353,7 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 "train_loss": None if weights is None else float(
                     np.average([res.loss for res in accepted], weights=weights.numpy())),
                 "aggregation_error": agg_error,
+                "naive_aggregation_loss": naive_error,  # what averaging the factors alone would lose (max layer)
                 "uplink_bytes": uplink,
                 "downlink_bytes": downlink,
                 "downlink_bytes_dense": downlink_dense,  # the same, residual catch-ups sent dense

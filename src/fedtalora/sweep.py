@@ -28,6 +28,9 @@ parameters: LoRA factors + head) plus the measured bytes up and down per round. 
 lays the numbers out as the paper's tables: one per dataset, a row per override setting (the
 "method"), two columns (F_AA, AIA) per preset (partition setting).
 
+``workers=N`` (``fedtalora sweep GRID --workers N``) runs N runs at once, each in its own spawned
+process; only the parent writes ``sweep.json`` and the summaries, so they never see a half-written state.
+
 Runs go through :func:`fedtalora.engine.run` in-process. The runner is looked up in :data:`RUNNERS`
 by the config's ``engine`` key when a config has one (``local`` otherwise), so another engine plugs in
 by registering a runner; methods plug in through the ordinary ``method=`` key.
@@ -361,33 +364,78 @@ def _runner_for(cfg: RunConfig) -> Runner:
 
 
 def run_sweep(grid: Grid, *, runner: Runner | None = None,
-              on_run: Callable[[RunSpec, int, int], None] | None = None) -> SweepResult:
+              on_run: Callable[[RunSpec, int, int], None] | None = None, workers: int = 1) -> SweepResult:
     """Run every run of ``grid`` that is not complete yet, then write the summaries.
 
     Args:
         grid: A validated grid (:func:`load_grid`).
         runner: Runs one config (default: the registered runner of the config's engine, ``local``).
-        on_run: Called as ``on_run(spec, i, n)`` after each run (for progress display).
+        on_run: Called as ``on_run(spec, i, n)`` after each run (for progress display; ``i`` counts
+            finished runs).
+        workers: Runs at once, each in its own process (spawned; results, statuses and summaries are
+            collected here, so only this process writes ``sweep.json`` and the summaries). Give every run
+            ``train.threads`` so that ``workers x threads`` fits the machine's cores.
 
     Returns:
         Every run with its final status, and the summary rows.
 
     Raises:
-        ConfigError: The grid does not resolve (before anything runs).
+        ConfigError: The grid does not resolve (before anything runs), or ``workers < 1``.
         KeyboardInterrupt: Passed on after ``sweep.json`` and the summaries are written.
     """
+    if workers < 1:
+        raise ConfigError(f"workers={workers} is invalid: expected an integer >= 1")
     runs = plan(grid)
     result = SweepResult(grid, runs)
     grid.sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for i, spec in enumerate(runs):
-            _run_one(spec, runner)
-            _write_outputs(result)
-            if on_run is not None:
-                on_run(spec, i, len(runs))
+        if workers == 1:
+            for i, spec in enumerate(runs):
+                _run_one(spec, runner)
+                _write_outputs(result)
+                if on_run is not None:
+                    on_run(spec, i, len(runs))
+        else:
+            _run_parallel(result, runner, on_run, workers)
     finally:
         _write_outputs(result)
     return result
+
+
+def _run_parallel(result: SweepResult, runner: Runner | None,
+                  on_run: Callable[[RunSpec, int, int], None] | None, workers: int) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    runs = result.runs
+    todo = list(range(len(runs)))
+    done = 0
+    ctx = multiprocessing.get_context("spawn")  # no forked torch state (threads, CUDA) in the workers
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending = {pool.submit(_run_in_worker, runs[i], runner): i for i in todo}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    spec = runs[pending.pop(fut)]
+                    try:
+                        spec.status, spec.error, spec.seconds = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                        spec.status, spec.error = "failed", _one_line(f"worker died: {type(e).__name__}: {e}")
+                        logger.error("%s failed: %s", spec.name, spec.error)
+                    _write_outputs(result)
+                    if on_run is not None:
+                        on_run(spec, done, len(runs))
+                    done += 1
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _run_in_worker(spec: RunSpec, runner: Runner | None) -> tuple[str, str, float]:
+    _run_one(spec, runner)
+    return spec.status, spec.error, spec.seconds
 
 
 def _run_one(spec: RunSpec, runner: Runner | None) -> None:

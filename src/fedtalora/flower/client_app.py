@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 
 from ..classifier import with_classifier
 from ..config import RunConfig, from_dict
-from ..data import ImageTransform, Split, load_dataset
+from ..data import ImageTransform, Split, load_from_config
 from ..errors import FedTaLoRAError, PartitionError
 from ..methods import METHODS, Method
 from ..model import FedModel, build_model
@@ -131,8 +131,7 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:  # as engine.prepare does on the server
         torch.set_num_threads(cfg.train.threads)
-    dataset = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.seed, download=cfg.data.download,
-                           **cfg.data.options)
+    dataset = load_from_config(cfg.data, cfg.seed)
     if len(order) != dataset.num_classes or sorted(order.tolist()) != list(range(dataset.num_classes)):
         raise PartitionError(f"the manifest's class order does not cover the {dataset.num_classes} classes of "
                              f"{cfg.data.dataset!r}")

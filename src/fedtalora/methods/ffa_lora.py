@@ -47,4 +47,4 @@ class FFALoRA(Method):
             Bs = [u[pair.b_key] for u in updates]
             errors[pair.layer] = relative_aggregation_error(Bs, [A] * len(Bs), weights, pair.scaling,
                                                             state[pair.b_key], A, None)
-        return Aggregate(state=state, residuals={}, errors=errors, residual_ranks={})
+        return Aggregate(state=state, residuals={}, errors=errors, residual_ranks={}, naive_errors=dict(errors))
