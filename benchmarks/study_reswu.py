@@ -64,7 +64,6 @@ SEEDS = (0, 1, 2)
 
 # The small ViT of the image benchmark (the study-omniglot preset's model.kwargs).
 VIT = {"patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3}
-LR = float(os.environ.get("PT_LR", "2e-3"))
 PRETRAIN_ALPHABETS = ("Balinese", "Early_Aramaic", "Korean")
 
 
@@ -82,6 +81,10 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
              "blocks": {"lower": "[0,1,2]", "all": "[0,1,2,3,4,5]"}, "partitions": _partitions(3)},
     "image": {"preset": "study-omniglot", "data": "omniglot-small", "title": "Omniglot-small + small ViT",
               "blocks": {"lower": "[0,1]", "all": "[0,1,2,3]"}, "partitions": _partitions(6)},
+    # The GPU version's core: the banking77 preset as shipped (all data, 10 clients, Dirichlet 0.1, 3 rounds x
+    # 2 local epochs per task, rank 8 in layers 0-2), the three methods across the four LoRA rates.
+    "text-full": {"preset": "banking77", "data": "banking77", "title": "Banking77 + MiniLM, full data and budget",
+                  "blocks": {"lower": "[0,1,2]"}, "partitions": {"dir0.1": ()}, "lr_only": {"epochs": 2, "rank": 8}},
 }
 
 logger = logging.getLogger("study_reswu")
@@ -92,7 +95,7 @@ logger = logging.getLogger("study_reswu")
 # --------------------------------------------------------------------------------------------------
 
 
-def pretrain_vit(data_root: Path, out: Path, *, epochs: int = 40, seed: int = 0) -> Path:
+def pretrain_vit(data_root: Path, out: Path, *, epochs: int = 60, lr: float = 1e-3, seed: int = 0) -> Path:
     """Pre-train the study's small ViT on Omniglot alphabets the benchmark never uses; cached in ``out``.
 
     Central training of ``vit_tiny_patch16_224`` with :data:`VIT` at 28 px on every drawing of the
@@ -124,9 +127,9 @@ def pretrain_vit(data_root: Path, out: Path, *, epochs: int = 40, seed: int = 0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=len(keep), img_size=28, **VIT)
     pcfg = model.pretrained_cfg
     transform = ImageTransform(28, tuple(pcfg["mean"]), tuple(pcfg["std"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(labels) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=epochs * steps_per_epoch,
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                 pct_start=0.1)
     gen = torch_generator(seed, "pretrain-augment")
     rng = numpy_rng(seed, "pretrain-shuffle")
@@ -161,7 +164,7 @@ def pretrain_vit(data_root: Path, out: Path, *, epochs: int = 40, seed: int = 0)
 # --------------------------------------------------------------------------------------------------
 
 
-def cells(bench: dict[str, Any]) -> list[dict[str, Any]]:
+def cells(bench: dict[str, Any], lrs: tuple[float, ...] = LRS) -> list[dict[str, Any]]:
     """Every cell of one benchmark's grid: method, LoRA rate, partition, local epochs, rank, blocks."""
     dir05, *_ = bench["partitions"]
     out: list[dict[str, Any]] = []
@@ -171,13 +174,21 @@ def cells(bench: dict[str, Any]) -> list[dict[str, Any]]:
         if cell not in out:
             out.append(cell)
 
+    if "lr_only" in bench:  # the preset's own budget and capacity; only the method and the LoRA rate vary
+        epochs, rank = bench["lr_only"]["epochs"], bench["lr_only"]["rank"]
+        for method in LORA_METHODS:
+            for lr in lrs:
+                add(method, lr, dir05, epochs, rank)
+        add("head-only", None, dir05, epochs, 4)
+        return out
+
     for part in bench["partitions"]:
         for method in LORA_METHODS:
-            for lr in LRS:
+            for lr in lrs:
                 add(method, lr, part, 1)
         add("head-only", None, part, 1)
     for method in LORA_METHODS:
-        for lr in LRS:
+        for lr in lrs:
             add(method, lr, dir05, 5)
     add("head-only", None, dir05, 5)
     for rank, blocks in ((16, "lower"), (4, "all"), (16, "all")):
@@ -201,7 +212,8 @@ def cell_overrides(cell: dict[str, Any], bench: dict[str, Any]) -> list[str]:
     return sets
 
 
-def write_grid(name: str, out: Path, data_root: Path, checkpoint: Path | None) -> Path:
+def write_grid(name: str, out: Path, data_root: Path, checkpoint: Path | None, extra: list[str],
+               lrs: tuple[float, ...] = LRS, seeds: tuple[int, ...] = SEEDS) -> Path:
     """The benchmark's grid as a ``fedtalora sweep`` file in ``OUT/grids`` (runnable on its own)."""
     import yaml
 
@@ -209,12 +221,13 @@ def write_grid(name: str, out: Path, data_root: Path, checkpoint: Path | None) -
     common = [f"data.root={(data_root / bench['data']).resolve()}"]
     if checkpoint is not None:
         common.append(f"model.checkpoint={checkpoint.resolve()}")
+    common += extra
     grid = {
         "name": f"study-reswu-{name}",
         "output": str(out.resolve()),
         "presets": [bench["preset"]],
-        "overrides": [{"label": cell_label(c), "set": cell_overrides(c, bench)} for c in cells(bench)],
-        "seeds": list(SEEDS),
+        "overrides": [{"label": cell_label(c), "set": cell_overrides(c, bench)} for c in cells(bench, lrs)],
+        "seeds": list(seeds),
         "common": common,
     }
     path = out / "grids" / f"study-reswu-{name}.yaml"
@@ -233,14 +246,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
 
 
-def collect(sweep_dir: Path, bench: dict[str, Any]) -> list[dict[str, Any]]:
+def collect(sweep_dir: Path, bench: dict[str, Any], lrs: tuple[float, ...] = LRS) -> list[dict[str, Any]]:
     """One record per cell: per-seed F_AA, AIA, forgetting, aggregation loss, bytes, seconds."""
     state = json.loads((sweep_dir / "sweep.json").read_text())
-    by_label = {cell_label(c): c for c in cells(bench)}
+    by_label = {cell_label(c): c for c in cells(bench, lrs)}
     records: dict[str, dict[str, Any]] = {}
     for run in state["runs"]:
         metrics_path = Path(run["run_dir"]) / "metrics.json"
-        if run["status"] not in ("complete", "skipped") or not metrics_path.is_file():
+        if (run["status"] not in ("complete", "skipped") or not metrics_path.is_file()
+                or run["setting"] not in by_label):
             continue
         m = json.loads(metrics_path.read_text())
         cell = by_label[run["setting"]]
@@ -310,7 +324,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plots(results: dict[str, list[dict[str, Any]]], images: Path) -> list[Path]:
+def plots(results: dict[str, list[dict[str, Any]]], images: Path, stem: str = "study_reswu") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,18 +348,23 @@ def plots(results: dict[str, list[dict[str, Any]]], images: Path) -> list[Path]:
     ax.set_title("Residual gain vs measured aggregation loss (mean ± std over 3 seeds)")
     ax.legend()
     fig.tight_layout()
-    paths.append(images / "study_reswu_gain_vs_loss.png")
+    paths.append(images / f"{stem}_gain_vs_loss.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     # 2. F_AA against the LoRA learning rate per method (core cells: rank 4, lower blocks)
     for name, rows in results.items():
-        parts = list(BENCHMARKS[name]["partitions"])
-        settings = [(p, 1) for p in parts] + [(parts[0], 5)]
-        fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings), 3.4), sharey=True)
-        for ax, (part, epochs) in zip(axes, settings, strict=True):
+        rank = BENCHMARKS[name].get("lr_only", {}).get("rank", 4)
+        settings = list(dict.fromkeys((r["partition"], r["epochs"]) for r in rows if r["method"] == "fedtalora"
+                                      and r["rank"] == rank and r["blocks"] == "lower"))
+        if not settings:
+            continue
+        fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings) + 0.6, 3.4), sharey=True,
+                                 squeeze=False)
+        for ax, (part, epochs) in zip(axes[0], settings, strict=True):
             for method, style in (("fedtalora", "-o"), ("fedlora", "--s")):
                 pts = sorted((r["lr"], r["faa"], r["faa_std"]) for r in rows if r["method"] == method and
-                             r["partition"] == part and r["epochs"] == epochs and r["rank"] == 4 and r["blocks"] == "lower")
+                             r["partition"] == part and r["epochs"] == epochs and r["rank"] == rank
+                             and r["blocks"] == "lower")
                 if pts:
                     x, y, e = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
                     ax.errorbar(x, 100 * y, yerr=100 * np.nan_to_num(e), fmt=style, capsize=2, label=method)
@@ -355,17 +374,18 @@ def plots(results: dict[str, list[dict[str, Any]]], images: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_xlabel("LoRA learning rate")
             ax.set_title(f"{part}, {epochs} local epoch{'s' if epochs > 1 else ''}")
-        axes[0].set_ylabel("F_AA (%)")
-        axes[0].legend(fontsize=8)
+        axes[0][0].set_ylabel("F_AA (%)")
+        axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{BENCHMARKS[name]['title']}: F_AA vs LoRA rate (mean ± std, 3 seeds)")
         fig.tight_layout()
-        paths.append(images / f"study_reswu_faa_vs_lr_{name}.png")
+        paths.append(images / f"{stem}_faa_vs_lr_{name}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
 
-def report(results: dict[str, list[dict[str, Any]]], out: Path, images: Path, meta: dict[str, Any]) -> Path:
+def report(results: dict[str, list[dict[str, Any]]], out: Path, images: Path, meta: dict[str, Any],
+           stem: str = "study_reswu", raw: dict[str, list[dict[str, Any]]] | None = None) -> Path:
     lines = ["# Study: where does the residual pay off?", "",
              f"`python benchmarks/study_reswu.py {meta['args']}` — {meta['when']}, {meta['machine']}; "
              f"{meta['runs']} runs, {meta['hours']:.2f} h of run time.", "",
@@ -375,11 +395,14 @@ def report(results: dict[str, list[dict[str, Any]]], out: Path, images: Path, me
              "and initialisation), in percentage points of F_AA; ± is the sample std over seeds.", ""]
     for name, rows in results.items():
         lines += [f"## {BENCHMARKS[name]['title']}", "", table(rows), ""]
-    for p in plots(results, images):
-        lines += [f"![{p.stem}](../../docs/img/{p.name})", ""]
-    path = out / "study_reswu.md"
+    for p in plots(results, images, stem):
+        rel = os.path.relpath(p.resolve(), out.resolve())
+        lines += [f"![{p.stem}]({rel})", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.md"
     path.write_text("\n".join(lines))
-    (out / "study_reswu.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1, default=float))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "cells": results, "runs": raw or {}}, indent=1,
+                                                         default=float))
     return path
 
 
@@ -404,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-only", action="store_true", help="only pre-train the small ViT")
     ap.add_argument("--report-only", action="store_true", help="analyse what has run; run nothing")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where study_reswu.md/.json go")
+    ap.add_argument("--images", type=Path, default=IMAGES, help="where the plots go")
+    ap.add_argument("--name", default="study_reswu", help="file stem of the report and the plots")
+    ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="LoRA learning rates of the grid")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds of every cell")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("fedtalora").setLevel(logging.WARNING)
@@ -420,13 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     elif "image" in names:
         checkpoint = args.out / "omniglot-vit-pretrained-seed0.safetensors"
     results, runs, seconds = {}, 0, 0.0
+    raw: dict[str, list[dict[str, Any]]] = {}
     for name in names:
-        grid = load_grid(str(write_grid(name, args.out, args.data, checkpoint)))
+        grid = load_grid(str(write_grid(name, args.out, args.data, checkpoint if name == "image" else None, args.set,
+                                         tuple(args.lrs), tuple(args.seeds))))
         if not args.report_only:
-            for seed in SEEDS:  # seed by seed: an interrupted study has every cell at the first seeds
+            for seed in grid.seeds:  # seed by seed: an interrupted study has every cell at the first seeds
                 run_sweep(dataclasses.replace(grid, seeds=(seed,)), workers=args.workers, on_run=_progress)
             run_sweep(grid)  # all runs complete (skipped): writes the sweep's summaries over every seed
-        records = collect(grid.sweep_dir, BENCHMARKS[name])
+        records = collect(grid.sweep_dir, BENCHMARKS[name], tuple(args.lrs))
+        raw[name] = records
         runs += sum(len(r["seeds"]) for r in records)
         seconds += sum(s["seconds"] for r in records for s in r["seeds"].values())
         results[name] = analyse(records)
@@ -435,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"args": " ".join(sys.argv[1:] if argv is None else argv), "when": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.workers} workers",
             "runs": runs, "hours": seconds / 3600, "wall_hours": (time.perf_counter() - t0) / 3600}
-    path = report(results, args.results, IMAGES, meta)
+    path = report(results, args.results, args.images, meta, args.name, raw)
     logger.info("wrote %s", path)
     return 0
 
