@@ -145,6 +145,21 @@ def test_fedlora_has_an_aggregation_error_that_the_residual_removes(runs) -> Non
     assert all(r["residual_bytes_factored"] > 0 for r in exact["rounds"])
 
 
+def test_every_round_records_what_naive_averaging_would_lose(runs) -> None:
+    """naive_aggregation_loss: the loss of averaging the factors, measured with or without the residual
+    (equal to aggregation_error without it); None for methods that aggregate no LoRA factors."""
+    naive, exact, head = runs["fedlora"].metrics, runs["fedtalora"].metrics, runs["head-only"].metrics
+    assert all(r["naive_aggregation_loss"] == r["aggregation_error"] for r in naive["rounds"])
+    assert all(r["naive_aggregation_loss"] > 1e-3 > 1e-5 > r["aggregation_error"] for r in exact["rounds"])
+    # fedtalora's first round starts from the same model as fedlora's: the same clients, the same loss
+    assert exact["rounds"][0]["naive_aggregation_loss"] == pytest.approx(naive["rounds"][0]["aggregation_error"])
+    losses = [r["naive_aggregation_loss"] for r in exact["rounds"]]
+    assert exact["naive_aggregation_loss_max"] == max(losses)
+    assert exact["naive_aggregation_loss_mean"] == pytest.approx(sum(losses) / len(losses))
+    assert all(r["naive_aggregation_loss"] is None for r in head["rounds"])
+    assert head["naive_aggregation_loss_mean"] is None and head["naive_aggregation_loss_max"] is None
+
+
 def test_fedlora_ignores_fed_residual(tiny_overrides) -> None:
     on = run(_cfg(tiny_overrides, "method=fedlora", "fed.residual=true", "fed.rounds_per_task=1"))
     off = run(_cfg(tiny_overrides, "method=fedlora", "fed.residual=false", "fed.rounds_per_task=1"))

@@ -382,3 +382,35 @@ def test_workers_below_one_are_refused(tmp_path: Path, capsys) -> None:
     assert main(["sweep", str(path), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--workers" in err[0]
+
+
+def test_the_study_grids_resolve(tmp_path: Path) -> None:
+    """benchmarks/study_reswu.py: every cell of both benchmarks is a valid config; pairs for the gains exist."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_reswu.py"
+    spec = importlib.util.spec_from_file_location("study_reswu", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    ckpt = tmp_path / "vit.safetensors"
+    for name in ("text", "image", "text-full"):
+        grid = load_grid(str(study.write_grid(name, tmp_path / "out", tmp_path / "data",
+                                              ckpt if name == "image" else None, ["train.device=cpu"])))
+        runs = plan(grid)
+        cells = study.cells(study.BENCHMARKS[name])
+        assert len(runs) == 3 * len(cells) == (144 if name != "text-full" else 27)
+        methods = {r.cfg.method for r in runs}
+        assert methods == {"fedtalora", "fedlora", "head-only"}
+        lrs = sorted({r.cfg.train.lr for r in runs if r.cfg.method != "head-only"})
+        assert lrs == [0.001, 0.005, 0.02, 0.1] and lrs[-1] / lrs[0] >= 100  # two decades
+        assert all(r.cfg.model.checkpoint == (str(ckpt.resolve()) if name == "image" else "") for r in runs)
+        for r in runs:  # every fedtalora cell has its fedlora twin (same everything but the method)
+            if r.cfg.method == "fedtalora":
+                twin = r.setting.label.replace("fedtalora", "fedlora")
+                assert any(o.setting.label == twin and o.seed == r.seed for o in runs)
+    text = plan(load_grid(str(study.write_grid("text", tmp_path / "o2", tmp_path / "data", None, []))))
+    assert {(r.cfg.partition.kind, r.cfg.partition.beta if r.cfg.partition.kind == "dirichlet" else r.cfg.partition.alpha)
+            for r in text} == {("dirichlet", 0.05), ("dirichlet", 0.5), ("quantity", 3)}
+    assert {r.cfg.train.local_epochs for r in text} == {1, 5}
+    assert {(r.cfg.lora.rank, tuple(r.cfg.lora.blocks)) for r in text if r.cfg.method != "head-only"} == {
+        (4, (0, 1, 2)), (16, (0, 1, 2)), (4, (0, 1, 2, 3, 4, 5)), (16, (0, 1, 2, 3, 4, 5))}

@@ -356,6 +356,9 @@ def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
         ("average incremental accuracy (AIA)", f"{m['average_incremental_accuracy']:.4f}"),
         ("forgetting", "n/a (one task)" if fgt is None else f"{fgt:.4f}"),
         ("max aggregation error", f"{m['max_aggregation_error']:.2e}"),
+        *([("naive averaging would lose (mean / max)",
+            f"{m['naive_aggregation_loss_mean']:.2e} / {m['naive_aggregation_loss_max']:.2e}")]
+          if m.get("naive_aggregation_loss_mean") is not None else []),
         ("uplink per round", _fmt_bytes(m["uplink_bytes_total"] / n)),
         ("downlink per round", _fmt_bytes(m["downlink_bytes_total"] / n)),
         ("trainable parameters", f"{m['trainable_parameters']:,}"),

@@ -411,6 +411,9 @@ def _finish(metrics: dict[str, Any]) -> None:
         metrics[f"{key}_total"] = sum(r_.get(key, 0) for r_ in rounds)
     metrics["max_aggregation_error"] = max(
         (r_["aggregation_error"] for r_ in rounds if r_["aggregation_error"] is not None), default=0.0)
+    naive = [r_["naive_aggregation_loss"] for r_ in rounds if r_.get("naive_aggregation_loss") is not None]
+    metrics["naive_aggregation_loss_mean"] = float(np.mean(naive)) if naive else None
+    metrics["naive_aggregation_loss_max"] = max(naive) if naive else None
     metrics["reliability"] = {
         "dropped_clients": sum(len(r_["dropped"]) for r_ in rounds),
         "corrupted_updates": sum(len(r_["corrupted"]) for r_ in rounds),

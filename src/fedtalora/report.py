@@ -255,6 +255,12 @@ def plot_aggregation_error(run: RunData, path: Path) -> Path:
     if pos:
         ax.plot([x for x, _ in pos], [e for _, e in pos], marker="o", markersize=3, linewidth=1,
                 label="max over layers of relative error")
+    naive = [(i + 1, r.get("naive_aggregation_loss")) for i, r in enumerate(run.rounds)]
+    naive = [(x, e) for x, e in naive if e is not None and e > 0]
+    if naive and any(e != dict(pos).get(x) for x, e in naive):  # differs from the error: the residual is on
+        ax.plot([x for x, _ in naive], [e for _, e in naive], marker=".", markersize=3, linewidth=1,
+                linestyle="--", color="tab:gray", label="what naive averaging of the factors would lose")
+        pos = pos + naive  # for the axis limits
     if zeros:
         ax.plot(zeros, [floor] * len(zeros), linestyle="none", marker="v", color="tab:green",
                 label=f"exactly 0 ({len(zeros)} rounds, drawn at {floor:.0e})")
@@ -323,6 +329,8 @@ def summary_rows(run: RunData) -> list[tuple[str, str]]:
         ("average incremental accuracy (AIA)", fmt(m.get("average_incremental_accuracy"))),
         ("forgetting", fmt(m.get("forgetting"))),
         ("max aggregation error", fmt(run.max_aggregation_error, ".3g")),
+        ("naive averaging would lose (mean / max per round)",
+         f"{fmt(m.get('naive_aggregation_loss_mean'), '.3g')} / {fmt(m.get('naive_aggregation_loss_max'), '.3g')}"),
         ("rounds", str(len(run.rounds))),
         ("uplink per round", fmt_bytes(run.per_round("uplink_bytes"))),
         ("downlink per round", fmt_bytes(run.per_round("downlink_bytes"))),
