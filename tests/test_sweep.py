@@ -398,11 +398,11 @@ def test_the_study_grids_resolve(tmp_path: Path) -> None:
                                               ckpt if name == "image" else None, ["train.device=cpu"])))
         runs = plan(grid)
         cells = study.cells(study.BENCHMARKS[name])
-        assert len(runs) == 3 * len(cells) == (144 if name != "text-full" else 27)
+        assert len(runs) == 3 * len(cells) == {"text": 168, "image": 144, "text-full": 27}[name]
         methods = {r.cfg.method for r in runs}
         assert methods == {"fedtalora", "fedlora", "head-only"}
         lrs = sorted({r.cfg.train.lr for r in runs if r.cfg.method != "head-only"})
-        assert lrs == [0.001, 0.005, 0.02, 0.1] and lrs[-1] / lrs[0] >= 100  # two decades
+        assert lrs[:4] == [0.001, 0.005, 0.02, 0.1] and lrs[-1] / lrs[0] >= 100  # >= 4 rates, two decades
         assert all(r.cfg.model.checkpoint == (str(ckpt.resolve()) if name == "image" else "") for r in runs)
         for r in runs:  # every fedtalora cell has its fedlora twin (same everything but the method)
             if r.cfg.method == "fedtalora":
