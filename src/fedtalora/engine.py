@@ -63,11 +63,6 @@ from .validation import check_update
 
 logger = logging.getLogger(__name__)
 
-#: Naive-averaging loss (fraction of the clients' averaged LoRA update, worst layer) above which a run with the
-#: residual warns once: in the study (docs/study-reswu.md) every cell where the residual cost accuracy had a
-#: mean loss above it, and below it the residual never changed F_AA by more than its seed noise.
-DIVERGENT_UPDATES = 0.1
-
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -246,7 +241,6 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
     ledger = DownlinkLedger(dense)
     T, R = exp.scenario.num_tasks, cfg.fed.rounds_per_task
     m = cfg.fed.clients_per_round
-    warned = False  # DIVERGENT_UPDATES, once per run
     metrics: dict[str, Any] = {
         "method": cfg.method, "seed": cfg.seed, "complete": False,
         "backbone": cfg.model.backbone, "pretrained": model.spec.pretrained,
@@ -345,14 +339,6 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                             for layer in agg.residuals}
                 agg_error = agg.max_error
                 naive_error = agg.max_naive_error
-                if agg.residuals and naive_error is not None and naive_error > DIVERGENT_UPDATES and not warned:
-                    warned = True
-                    logger.warning(
-                        "[task %d/%d | round %d/%d] naive averaging would lose %.0f%% of the clients' averaged LoRA "
-                        "update (> %.0f%%): the clients' updates diverge. In docs/study-reswu.md this regime is "
-                        "where the exact residual stopped being neutral and often cost accuracy; consider a "
-                        "lower train.lr (said once per run)", t + 1, T, r + 1, R, 100 * naive_error,
-                        100 * DIVERGENT_UPDATES)
             ledger.record_round(factored)
             transport.after_round(None if skipped else agg)  # e.g. Flower: the next base the clients sync to
             if r == R - 1:  # e.g. pilora: the reporting clients send class feature sums -> prototypes
