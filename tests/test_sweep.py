@@ -414,3 +414,33 @@ def test_the_study_grids_resolve(tmp_path: Path) -> None:
     assert {r.cfg.train.local_epochs for r in text} == {1, 5}
     assert {(r.cfg.lora.rank, tuple(r.cfg.lora.blocks)) for r in text if r.cfg.method != "head-only"} == {
         (4, (0, 1, 2)), (16, (0, 1, 2)), (4, (0, 1, 2, 3, 4, 5)), (16, (0, 1, 2, 3, 4, 5))}
+
+
+def test_the_study_pairs_gains_by_seed_hand_example() -> None:
+    """Residual gain = fedtalora - fedlora and LoRA gain = fedtalora - head-only, per seed, then mean +- std."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_reswu.py"
+    spec = importlib.util.spec_from_file_location("study_reswu_gains", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    def rec(method: str, lr: float | None, faa: dict[int, float], loss: float | None) -> dict[str, Any]:
+        cell = {"method": method, "lr": lr, "partition": "dir0.05", "epochs": 1, "rank": 4, "blocks": "lower"}
+        seeds = {s: {"faa": v, "aia": v, "forgetting": 0.0, "agg_loss_mean": loss, "agg_loss_max": loss,
+                     "agg_error_max": 0.0, "downlink_mb": 1.0, "seconds": 1.0} for s, v in faa.items()}
+        return {**cell, "label": study.cell_label(cell), "seeds": seeds}
+
+    records = [rec("fedtalora", 0.1, {0: 0.50, 1: 0.40, 2: 0.30}, 1e-7),
+               rec("fedlora", 0.1, {0: 0.45, 1: 0.40, 2: 0.35}, 0.2),  # seed 2 missing below for head-only
+               rec("head-only", None, {0: 0.30, 1: 0.20}, None)]
+    rows = {r["method"]: r for r in study.analyse(records)}
+    ft = rows["fedtalora"]
+    # residual gains per seed: +0.05, 0.00, -0.05 -> mean 0, sample std 0.05
+    assert ft["residual_gain"] == pytest.approx(0.0, abs=1e-12) and ft["residual_gain_std"] == pytest.approx(0.05)
+    assert ft["residual_gain_seeds"] == 3 and ft["fedlora_agg_loss_mean"] == pytest.approx(0.2)
+    # LoRA gains only on the seeds both have: +0.20, +0.20
+    assert ft["lora_gain"] == pytest.approx(0.2) and ft["lora_gain_std"] == pytest.approx(0.0)
+    assert ft["lora_gain_seeds"] == 2
+    assert ft["faa"] == pytest.approx(0.4) and ft["faa_std"] == pytest.approx(0.1) and ft["n"] == 3
+    assert "residual_gain" not in rows["fedlora"] and "lora_gain" not in rows["head-only"]
