@@ -170,7 +170,7 @@ def cells(bench: dict[str, Any], lrs: tuple[float, ...] | None = None) -> list[d
     """Every cell of one benchmark's grid: method, LoRA rate, partition, local epochs, rank, blocks
     (``lrs``: the LoRA rates; default: the benchmark's own, else :data:`LRS`)."""
     lrs = lrs or bench.get("lrs", LRS)
-    dir05, *_ = bench["partitions"]
+    skewed, *_ = bench["partitions"]  # the most non-IID partition: where the residual has most to repair
     out: list[dict[str, Any]] = []
 
     def add(method: str, lr: float | None, part: str, epochs: int, rank: int = 4, blocks: str = "lower") -> None:
@@ -182,8 +182,8 @@ def cells(bench: dict[str, Any], lrs: tuple[float, ...] | None = None) -> list[d
         epochs, rank = bench["lr_only"]["epochs"], bench["lr_only"]["rank"]
         for method in LORA_METHODS:
             for lr in lrs:
-                add(method, lr, dir05, epochs, rank)
-        add("head-only", None, dir05, epochs, 4)
+                add(method, lr, skewed, epochs, rank)
+        add("head-only", None, skewed, epochs, 4)
         return out
 
     for part in bench["partitions"]:
@@ -193,12 +193,12 @@ def cells(bench: dict[str, Any], lrs: tuple[float, ...] | None = None) -> list[d
         add("head-only", None, part, 1)
     for method in LORA_METHODS:
         for lr in lrs:
-            add(method, lr, dir05, 5)
-    add("head-only", None, dir05, 5)
+            add(method, lr, skewed, 5)
+    add("head-only", None, skewed, 5)
     for rank, blocks in ((16, "lower"), (4, "all"), (16, "all")):
         for method in LORA_METHODS:
             for lr in CAPACITY_LRS:
-                add(method, lr, dir05, 1, rank, blocks)
+                add(method, lr, skewed, 1, rank, blocks)
     return out
 
 

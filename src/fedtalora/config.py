@@ -47,7 +47,7 @@ class DataConfig:
     ``text-csv`` (a loader rejects keys it does not know)."""
     train_per_class: int = 0
     """Keep at most this many training samples of each class, drawn from the seed (0: all). For quick
-    studies and smoke runs; the subset is recorded in ``partitions.json`` like any partition."""
+    studies and smoke runs; the client indices in ``partitions.json`` then index the subset."""
     test_per_class: int = 0
     """Keep at most this many test samples of each class, drawn from the seed (0: all)."""
 

@@ -408,25 +408,35 @@ def _run_parallel(result: SweepResult, runner: Runner | None,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     runs = result.runs
-    todo = list(range(len(runs)))
     done = 0
+
+    def finished(spec: RunSpec) -> None:
+        nonlocal done
+        _write_outputs(result)
+        if on_run is not None:
+            on_run(spec, done, len(runs))
+        done += 1
+
     ctx = multiprocessing.get_context("spawn")  # no forked torch state (threads, CUDA) in the workers
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending = {pool.submit(_run_in_worker, runs[i], runner): i for i in todo}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:  # workers start at the first submit
+        pending = {}
+        for spec in runs:
+            if run_status(spec) in ("complete", "foreign"):  # nothing to run: settled here, no worker needed
+                _run_one(spec, runner)
+                finished(spec)
+            else:
+                pending[pool.submit(_run_in_worker, spec, runner)] = spec
         try:
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    spec = runs[pending.pop(fut)]
+                ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in ready:
+                    spec = pending.pop(fut)
                     try:
                         spec.status, spec.error, spec.seconds = fut.result()
                     except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory)
                         spec.status, spec.error = "failed", _one_line(f"worker died: {type(e).__name__}: {e}")
                         logger.error("%s failed: %s", spec.name, spec.error)
-                    _write_outputs(result)
-                    if on_run is not None:
-                        on_run(spec, done, len(runs))
-                    done += 1
+                    finished(spec)
         except BaseException:
             for fut in pending:
                 fut.cancel()
