@@ -256,7 +256,7 @@ class ClassifierConfig:
     """How the global model predicts: ``head`` -- argmax of the method's logits (the linear head for
     Fed-TaLoRA); ``prototype`` -- nearest class prototype, the exact federated mean of each class's
     features, which the clients of each task's last round send once per task as per-class feature sums
-    and counts (:mod:`fedtalora.classifier`). Training is unchanged; only prediction differs."""
+    and counts (:mod:`fedtalora.methods.classifier`). Training is unchanged; only prediction differs."""
     metric: Literal["cosine", "euclidean"] = "cosine"
     """Similarity used by the prototype classifier."""
 
@@ -320,9 +320,8 @@ class RunConfig:
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
                 sub.validate()
-        from .methods import METHODS  # local import: methods import the config
-
-        METHODS.get(self.method).parse_options(self.method_options)  # ConfigError naming the choices / key
+        # The method name and its options are checked by the method registry when the run is built
+        # (fedtalora.fed.build.check_config): the config knows no methods.
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,3 +34,9 @@ class AggregationError(FedTaLoRAError, ValueError):
 
 class CheckpointError(FedTaLoRAError):
     """A run directory or checkpoint cannot be resumed: missing, corrupted, or from another config."""
+
+
+def one_line(text: object) -> str:
+    """``str(text)`` with every whitespace run (newlines included) collapsed to one space: the form in which
+    a message reaches the user."""
+    return " ".join(str(text).split())

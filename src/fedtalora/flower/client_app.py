@@ -13,7 +13,7 @@ A client knows only what reaches it through Flower:
   message (:mod:`fedtalora.flower.protocol`).
 
 It builds its own model from the config (same seeds: the same initial weights as the server's, checked
-by a fingerprint) and trains with :func:`fedtalora.transport.client_round`, the function the in-process
+by a fingerprint) and trains with :func:`fedtalora.fed.transport.client_round`, the function the in-process
 engine calls. Its frozen base and the base version live in ``context.state`` between messages (a
 SuperNode starts one ClientApp process per message). The dataset and model are cached per process (the
 simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
@@ -38,14 +38,14 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..classifier import with_classifier
 from ..config import RunConfig, from_dict
-from ..data import ImageTransform, Split, load_from_config
+from ..core.scenario import Task
+from ..data import Split, load_from_config
 from ..errors import FedTaLoRAError, PartitionError
-from ..methods import METHODS, Method
-from ..model import FedModel, build_model
-from ..scenario import Task
-from ..transport import client_features, client_round
+from ..fed.build import torch_threads
+from ..fed.transport import client_features, client_round
+from ..methods import Method
+from ..model import FedModel
 from . import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
     key = (config_yaml, manifest_path, data_root)
     if key in _CACHE:
         return _CACHE[key]
-    from ..engine import resolve_device
-    from ..text_data import TextTransform, tokenize_split
+    from ..fed.build import build_components, input_transform, resolve_device
 
     data = yaml.safe_load(config_yaml)
     if data_root:
@@ -129,25 +128,16 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
         offset += len(classes)
     order = np.asarray([c for task in tasks for c in task.classes], dtype=np.int64)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:  # as engine.prepare does on the server
-        torch.set_num_threads(cfg.train.threads)
     dataset = load_from_config(cfg.data, cfg.seed)
     if len(order) != dataset.num_classes or sorted(order.tolist()) != list(range(dataset.num_classes)):
         raise PartitionError(f"the manifest's class order does not cover the {dataset.num_classes} classes of "
                              f"{cfg.data.dataset!r}")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
-    method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
-    model = build_model(cfg.model, cfg.lora, len(order), cfg.data.image_size, cfg.seed)
-    method.attach(model)
-    model = model.to(device)
+    parts = build_components(cfg, len(order), device)  # as the server builds them
+    model, method = parts.model, parts.method
+    transform = input_transform(cfg, dataset, model, splits=("train",))
     split = dataset.train
-    transform: Callable[..., Any]
-    if dataset.modality == "text":
-        split = tokenize_split(split, model.backbone.tokenizer, cfg.data.max_length)
-        transform = TextTransform()
-    else:
-        transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
     keys = method.trainable_keys(model)
     side = ClientSide(
         cfg=cfg, manifest=manifest, tasks=tasks, num_classes=len(order), split=split,
@@ -284,9 +274,10 @@ def train(msg: Message, context: Context) -> Message:
     version = _sync(side, context, msg)
     global_state = P.from_record(msg.content.array_records[P.GLOBAL])
     transform = _crash_midway(side.transform) if bool(cr["crash"]) else side.transform
-    res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
-                       round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
-                       indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
+    with torch_threads(side.cfg.train.threads):
+        res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
+                           round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
+                           indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
     if bool(cr["crash"]):  # a local round of a single batch: crash before replying instead
         raise InjectedCrash("injected crash after local training, before replying (faults.client_dropout)")
     content = RecordDict({
@@ -306,8 +297,9 @@ def features(msg: Message, context: Context) -> Message:
     t, idx = _task_indices(side, cr, k)
     version = _sync(side, context, msg)
     side.model.load_trainable(P.from_record(msg.content.array_records[P.GLOBAL]))
-    feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx], transform=side.transform,
-                                     cfg=side.cfg, device=side.device)
+    with torch_threads(side.cfg.train.threads):
+        feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
+                                         transform=side.transform, cfg=side.cfg, device=side.device)
     content = RecordDict({
         P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets}),
         P.CONFIG: ConfigRecord({"version": version}),

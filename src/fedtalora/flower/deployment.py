@@ -35,7 +35,7 @@ from ..errors import ConfigError, FedTaLoRAError
 
 if TYPE_CHECKING:
     from ..config import RunConfig
-    from ..engine import RunResult
+    from ..fed.loop import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
     text = APP_PYPROJECT
     if cfg is not None:
         from ..config import from_dict
-        from ..engine import Experiment
+        from ..fed.build import Experiment
 
         data = cfg.to_dict()
         data["engine"] = "flower"
@@ -144,7 +144,8 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
     The ServerApp writes ``run_dir`` on the SuperLink's machine; when that is this machine (or a shared
     file system), the result is read back from it.
     """
-    from ..engine import RunResult
+    from ..fed.history import load_history
+    from ..fed.loop import RunResult
 
     if run_dir is None:
         raise ConfigError("engine=flower needs a run directory (the ServerApp writes metrics.json there)")
@@ -162,13 +163,13 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
         raise FedTaLoRAError(f"flwr run exited with status {proc.returncode} (see its output above)")
     metrics_file = run_dir / "metrics.json"
     try:
-        metrics = json.loads(metrics_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        history = load_history(metrics_file)
+    except (OSError, ValueError, TypeError):
         raise FedTaLoRAError(f"flwr run finished but {metrics_file} is missing or unreadable (the ServerApp "
                              "writes it on the SuperLink's machine)") from None
-    if not metrics.get("complete"):
+    if not history.complete:
         raise FedTaLoRAError(f"the Flower run did not complete: {metrics_file} is partial (see the log above)")
-    return RunResult(metrics=metrics, run_dir=run_dir, model=None)
+    return RunResult(history=history, run_dir=run_dir, model=None)
 
 
 # --- a local deployment ---------------------------------------------------------------------------

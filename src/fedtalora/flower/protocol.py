@@ -150,7 +150,7 @@ def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[
 @torch.no_grad()
 def apply_catch_up(model: FedModel, plan: Mapping[str, Any]) -> None:
     """Bring the model's base weights to the server's: copy dense layers, add factored residuals in order
-    exactly as the server did (``base += (L @ R) * s``, :func:`fedtalora.aggregation.aggregate_lora` and
+    exactly as the server did (``base += (L @ R) * s``, :func:`fedtalora.core.aggregation.aggregate_lora` and
     :meth:`FedModel.add_to_base`)."""
     scaling = {p.layer: p.scaling for p in model.lora_pairs()}
     unknown = sorted(set(plan) - set(scaling))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate, aggregate_lora
+from ..core.aggregation import Aggregate, aggregate_lora
 from .base import METHODS, Method
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate, fedavg, relative_aggregation_error
+from ..core.aggregation import Aggregate, fedavg, relative_aggregation_error
 from ..errors import AggregationError
 from .base import METHODS, Method
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate
+from ..core.aggregation import Aggregate
 from ..errors import AggregationError
 from .base import METHODS, Method, UpdateBuffer
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate, fedavg
+from ..core.aggregation import Aggregate, fedavg
 from .base import METHODS, Method
 
 if TYPE_CHECKING:

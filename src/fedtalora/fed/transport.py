@@ -1,6 +1,6 @@
 """How the task x round loop reaches its clients: direct calls, or messages (Flower).
 
-The loop (:func:`fedtalora.engine.run`) exists once. Everything that happens *on a client* goes through
+The loop (:func:`fedtalora.fed.loop.run_loop`) exists once. Everything that happens *on a client* goes through
 a :class:`Transport`, so the in-process engine and the Flower engines share the loop, the screening,
 the aggregation, the evaluation, the metrics and the checkpoints::
 
@@ -12,7 +12,7 @@ the aggregation, the evaluation, the metrics and the checkpoints::
         transport.after_round(agg | None)               the new global model (Flower: the clients' next sync)
         (last round) transport.task_data(t, clients)     end-of-task client work (class features)
         record.update(transport.round_stats())           e.g. the bytes that really went over the wire
-    transport.finish(metrics); transport.close()
+    transport.finish(history); transport.close()
 
 A client's local round itself is :func:`client_round`: the same function runs in this process
 (:class:`InProcessTransport`) and inside a Flower ``ClientApp`` (:mod:`fedtalora.flower.client_app`), so
@@ -21,7 +21,6 @@ seeds, model randomness and the loss mask are identical wherever a client runs.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,21 +28,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..methods import Method, TaskData
+from ..seeding import seeded_torch, torch_generator
 from .client import ClientResult, extract_features, local_train
 from .faults import Fault
-from .methods import Method, TaskData
-from .seeding import derive_seed, torch_generator
 
 if TYPE_CHECKING:
-    from .aggregation import Aggregate
-    from .config import RunConfig
-    from .data import Split
-    from .engine import Setup
-    from .model import FedModel
-    from .scenario import Task
+    from ..config import RunConfig
+    from ..core.aggregation import Aggregate
+    from ..core.scenario import Task
+    from ..data import Split
+    from ..model import FedModel
+    from .build import Setup
+    from .history import History
 
-__all__ = ["ClientOutcome", "InProcessTransport", "RoundJob", "Transport", "class_mask", "client_round",
-           "model_rng", "task_mask"]
+__all__ = ["ClientOutcome", "InProcessTransport", "RoundJob", "Transport", "class_mask", "client_round", "task_mask"]
 
 
 @dataclass
@@ -56,7 +55,7 @@ class RoundJob:
     """Sampled clients, in the order the server processes their updates."""
     global_state: dict[str, torch.Tensor]
     faults: dict[int, Fault] = field(default_factory=dict)
-    """Injected fate of each sampled client (:func:`fedtalora.faults.draw_fault`)."""
+    """Injected fate of each sampled client (:func:`fedtalora.fed.faults.draw_fault`)."""
 
 
 @dataclass
@@ -92,8 +91,8 @@ class Transport:
         """Extra fields of the round's metrics record (asked once per round, after the task-end work)."""
         return {}
 
-    def finish(self, metrics: dict[str, Any]) -> None:
-        """Once every round is done: add run totals to ``metrics``."""
+    def finish(self, history: History) -> None:
+        """Once every round is done: add the transport's run totals to ``history`` (:attr:`History.extra`)."""
 
     def close(self) -> None:
         """Release what :meth:`open` acquired (also after a failure)."""
@@ -120,30 +119,10 @@ def class_mask(kind: str, mask_of_task: torch.Tensor, targets: np.ndarray) -> to
     return mask_of_task
 
 
-@contextlib.contextmanager
-def model_rng(device: torch.device, seed: int, *path: object) -> Iterator[None]:
-    """Seed the global torch RNG of the CPU (and of ``device`` if it is a GPU) from ``(seed, *path)``
-    for the code inside, and restore it afterwards.
-
-    The model draws from the global RNG (peft's LoRA dropout, timm's dropout/drop-path). Seeding it
-    per client and round makes those draws depend only on the position, not on the history of the
-    process, which is what makes a resumed run identical to an uninterrupted one, and a client in
-    another process identical to one in this process.
-    """
-    s = derive_seed(seed, *path)
-    gpu = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpu):
-        torch.default_generator.manual_seed(s)
-        if gpu:
-            with torch.cuda.device(gpu[0]):
-                torch.cuda.manual_seed(s)
-        yield
-
-
 def client_round(model: FedModel, method: Method, global_state: dict[str, torch.Tensor], *, cfg: RunConfig,
                  task: Task, round_: int, client: int, num_classes: int, split: Split, indices: np.ndarray,
                  targets: np.ndarray, transform: Callable[..., Any], device: torch.device) -> ClientResult:
-    """Client ``client``'s local round ``round_`` of ``task``: :func:`~fedtalora.client.local_train` with
+    """Client ``client``'s local round ``round_`` of ``task``: :func:`~fedtalora.fed.client.local_train` with
     the generators derived from ``(seed, task, round, client)`` and the configured loss mask.
 
     Args:
@@ -152,7 +131,7 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
     """
     t, r, k = task.index, round_, client
     mask = class_mask(cfg.train.logit_mask, task_mask(num_classes, task), targets)
-    with model_rng(device, cfg.seed, "model-rng", t, r, k):  # LoRA dropout, drop-path
+    with seeded_torch(cfg.seed, "model-rng", t, r, k, device=device):  # LoRA dropout, drop-path
         return local_train(
             model, method, global_state, client=k, split=split, indices=indices, targets=targets,
             class_mask=mask, transform=transform, cfg=cfg.train,
@@ -176,7 +155,7 @@ class InProcessTransport(Transport):
     """Clients train one after another on the server's own model (``engine=inprocess``).
 
     A client holds no copy of the model: the global state is loaded into the shared model before its
-    round (:func:`~fedtalora.client.local_train`), so each update is produced, screened and buffered
+    round (:func:`~fedtalora.fed.client.local_train`), so each update is produced, screened and buffered
     before the next client trains (the server never holds more than the method's buffer).
     """
 

@@ -1,6 +1,6 @@
 """Metric trackers fed by the engine's events, and the provenance that makes a run directory self-describing.
 
-The loop (:mod:`fedtalora.engine`) emits one event dict per client, round and task (``start``,
+The loop (:mod:`fedtalora.fed.loop`) emits one event dict per client, round and task (``start``,
 ``client``, ``round``, ``task``, ``end``). A tracker is any callable taking such a dict. Two ship here:
 
 - :class:`CSVTracker` (always on when there is a run directory): ``rounds.csv``, one row per round,
@@ -10,8 +10,8 @@ The loop (:mod:`fedtalora.engine`) emits one event dict per client, round and ta
 - :class:`TensorBoardTracker` (``output.tensorboard=true``, needs ``pip install fedtalora[tensorboard]``):
   the same scalars as TensorBoard event files under ``RUN_DIR/tensorboard``.
 
-:func:`provenance` adds what the engine's environment block lacks: the device, library versions and
-the git commit of the fedtalora source (best effort: absent outside a git checkout).
+The provenance of a run (device, library versions, git commit) is recorded by the loop itself
+(:func:`fedtalora.fed.build.environment`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,16 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .rundir import atomic_write_text
 
 if TYPE_CHECKING:
-    import torch
 
-    from .config import RunConfig
+    from ..config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +58,6 @@ def _cell(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
     return value
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -151,7 +143,7 @@ class CSVTracker:
         writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_text(path, buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
 
 
 def _summary_writer_class() -> Any:
@@ -225,49 +217,3 @@ def fan_out(*callbacks: Tracker | None) -> Tracker:
             c(event)
 
     return emit
-
-
-# --- provenance -----------------------------------------------------------------------------------
-
-
-def git_commit(path: Path | None = None) -> dict[str, Any]:
-    """``{"git_commit": sha, "git_dirty": bool}`` of the checkout holding ``path`` (default: this
-    package's source); ``{}`` when it is not in a git checkout or git is missing."""
-    where = path if path is not None else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True, stdin=subprocess.DEVNULL).stdout.strip()
-        status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=5, check=True,
-                                stdin=subprocess.DEVNULL).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if len(sha) != 40:
-        return {}
-    return {"git_commit": sha, "git_dirty": bool(status.strip())}
-
-
-def provenance(device: torch.device | str) -> dict[str, Any]:
-    """Device, library versions and git commit, for ``metrics.json``'s ``environment``."""
-    from importlib import metadata
-
-    import numpy
-    import torch
-
-    out: dict[str, Any] = {"device": str(device)}
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available():
-        out["device_name"] = torch.cuda.get_device_name(dev)
-    else:
-        import platform
-
-        out["device_name"] = platform.processor() or platform.machine()
-    versions: dict[str, str] = {"numpy": numpy.__version__}
-    for name in ("timm", "peft", "transformers", "safetensors"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    out.update(versions)
-    out.update(git_commit())
-    return out

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError, ModelError
-from .seeding import seeded_torch
+from ..config import ModelConfig
+from ..errors import ConfigError, ModelError
+from ..seeding import seeded_torch
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class HFEncoder(nn.Module):
 
         Given a 2D mask, transformers decides with ``mask.all()`` whether it may drop it (for SDPA), which
         makes the host wait for the device in every forward pass. When the host already knows
-        (``padded`` from :class:`~fedtalora.text_data.TextTransform`), it passes None for an unpadded batch
+        (``padded`` from :class:`~fedtalora.data.transforms.TextTransform`), it passes None for an unpadded batch
         (what transformers would do) and, for SDPA, the 4D boolean mask transformers would build.
         """
         if padded is None:

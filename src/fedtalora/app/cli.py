@@ -14,11 +14,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__
-from .errors import ConfigError, FedTaLoRAError
-from .tracking import check_tensorboard
+from .. import __version__
+from ..errors import ConfigError, FedTaLoRAError, one_line
+from ..fed.tracking import check_tensorboard
+from .progress import ProgressBars
+
+if TYPE_CHECKING:
+    from ..fed.history import History
 
 EXIT_USAGE = 2
 
@@ -112,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                verbose=args.verbose)
         return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose)
     except FedTaLoRAError as e:
-        sys.stderr.write(f"fedtalora: error: {_one_line(str(e))}\n")
+        sys.stderr.write(f"fedtalora: error: {one_line(e)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("fedtalora: interrupted; `fedtalora resume RUN_DIR` continues from the last completed "
@@ -120,20 +124,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _resolve(preset: str, overrides: list[str] | None = None) -> Any:
+    """The validated config of a preset + overrides, its method and options included."""
+    from ..config import resolve
+    from ..fed.build import check_config
+
+    cfg = resolve(preset, overrides)
+    check_config(cfg)
+    return cfg
 
 
 def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
     """Write the Flower app folder (and, with a preset, the run's config.yaml and partitions.json)."""
     cfg = None
     if preset is not None:
-        from .config import resolve
-
-        cfg = resolve(preset, overrides)
+        cfg = _resolve(preset, overrides)
     elif overrides:
         raise ConfigError("flower-app: overrides need a PRESET_OR_PATH before them")
-    from .flower.deployment import write_app
+    from ..flower.deployment import write_app
 
     path = write_app(dest, cfg)
     print(f"Flower app written to {path}: flwr run {path} SUPERLINK (see docs/flower.md)")
@@ -141,7 +149,7 @@ def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
 
 
 def _cmd_presets() -> int:
-    from .config import preset_description, preset_names
+    from ..config import preset_description, preset_names
 
     def natural(name: str) -> list[Any]:  # cifar100-r2 before cifar100-r16
         return [float(t) if t[0].isdigit() else t for t in re.findall(r"\d+(?:\.\d+)?|\D+", name)]
@@ -152,7 +160,7 @@ def _cmd_presets() -> int:
 
 
 def _cmd_methods() -> int:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     for name in METHODS.names():
         print(f"{name:12s} {METHODS.get(name).summary}")
@@ -187,21 +195,19 @@ def _run_dir(cfg: Any, preset: str) -> Path:
 
 
 def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -> int:
-    from .config import resolve
-
-    cfg = resolve(preset, overrides)  # validates before anything heavy is imported
+    cfg = _resolve(preset, overrides)  # validates before anything heavy is built
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     _check_run_dir(cfg, preset)
     check_tensorboard(cfg)
 
-    from .engine import prepare, run
+    from ..api import prepare, run
 
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
-    with _Progress(enabled=interactive) as progress:
+    with ProgressBars(enabled=interactive) as progress:
         result = run(setup, run_dir=run_dir, progress=progress)
-    _print_summary(result.metrics, run_dir)
+    _print_summary(result.history, run_dir)
     return 0
 
 
@@ -219,8 +225,6 @@ def _setup_logging(quiet: bool, verbose: bool) -> bool:
 def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str] | None = None, quiet: bool,
                 verbose: bool) -> int:
     """Continue ``run_dir`` from its latest checkpoint, with the config saved in its ``config.yaml``."""
-    from .config import resolve
-
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         what = "a file, not a run directory" if path.exists() else "no such run directory"
@@ -229,12 +233,12 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
     if not cfg_file.is_file():
         raise ConfigError(f"cannot resume {run_dir}: {cfg_file} is missing (not a fedtalora run directory)")
     try:
-        cfg = resolve(str(cfg_file))
+        cfg = _resolve(str(cfg_file))
     except ConfigError as e:
         raise ConfigError(str(e) if str(cfg_file) in str(e) else f"{cfg_file}: {e}") from None
     check_tensorboard(cfg)
     if preset is not None:
-        wanted = resolve(preset, overrides)
+        wanted = _resolve(preset, overrides)
         diff = _first_difference(
             {k: v for k, v in wanted.to_dict().items() if k != "output"},
             {k: v for k, v in cfg.to_dict().items() if k != "output"},
@@ -244,17 +248,17 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
             raise ConfigError(f"--resume {run_dir}: {key}={mine!r} from {preset} and the overrides, but the run "
                               f"has {key}={saved!r} in {cfg_file}; use `fedtalora resume {run_dir}`")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-    from .checkpoint import latest_path, load
-    from .engine import prepare, run
+    from ..api import prepare, run
+    from ..fed.rundir import latest_path, load
 
     latest = latest_path(path)
     if latest is not None:
         load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
     setup = prepare(cfg)
     interactive = _setup_logging(quiet, verbose)
-    with _Progress(enabled=interactive) as progress:
+    with ProgressBars(enabled=interactive) as progress:
         result = run(setup, run_dir=path, progress=progress, resume=True)
-    _print_summary(result.metrics, path)
+    _print_summary(result.history, path)
     return 0
 
 
@@ -269,74 +273,6 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
-class _Progress:
-    """Rich progress bars over tasks, rounds and clients, with ETA, accuracy and loss (terminal only).
-
-    The tasks bar advances by round, so its ETA covers the whole run; its info shows the accuracy on all
-    classes seen after the last finished task and the last round's training loss.
-    """
-
-    def __init__(self, enabled: bool, console: Any = None) -> None:
-        self.enabled = enabled
-        self._console = console
-        self._bar: Any = None
-        self._acc: float | None = None
-        self._loss: float | None = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("{task.description:<16}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=self._console or Console(stderr=True), transient=False)
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def _summary(self) -> str:
-        acc = "acc n/a" if self._acc is None else f"acc {self._acc:.3f}"
-        return acc if self._loss is None else f"{acc}  loss {self._loss:.3f}"
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if self._bar is None:
-            return
-        bar = self._bar
-        if kind == "start":
-            self._T, self._R, self._m = event["num_tasks"], event["rounds_per_task"], event["clients_per_round"]
-            done = event.get("completed_rounds", 0)
-            t, r = divmod(done, self._R)  # a resumed run starts part-way
-            self._tasks = bar.add_task("tasks", total=self._T, completed=done / self._R, info=self._summary())
-            self._rounds = bar.add_task(f"task {min(t + 1, self._T)}/{self._T} rounds", total=self._R, completed=r,
-                                        info="")
-            self._clients = bar.add_task(f"round {r + 1} clients", total=self._m, info="")
-        elif kind == "client":
-            loss = event["loss"]
-            bar.update(self._clients, advance=1, info="dropped out" if loss is None else f"loss {loss:.3f}")
-        elif kind == "round":
-            t, r = event["task"], event["round"]
-            err, loss = event["aggregation_error"], event.get("train_loss")
-            if loss is not None:
-                self._loss = loss
-            info = "skipped" if err is None else f"loss {loss:.3f}  agg. error {err:.1e}"
-            bar.update(self._rounds, advance=1, info=info)
-            bar.update(self._tasks, completed=t + (r + 1) / self._R, info=self._summary())
-            if r + 1 < self._R:
-                bar.reset(self._clients, total=self._m, description=f"round {r + 2} clients")
-        elif kind == "task":
-            self._acc = event["seen_accuracy"]
-            t = event["task"] + 1
-            bar.update(self._tasks, completed=t, info=self._summary())
-            if t < self._T:
-                bar.reset(self._rounds, total=self._R, description=f"task {t + 1}/{self._T} rounds")
-                bar.reset(self._clients, total=self._m, description="round 1 clients")
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -345,26 +281,24 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
-    rounds = m["rounds"]
-    n = max(len(rounds), 1)
-    fgt = m.get("forgetting")
-    pre = "pretrained" if m["pretrained"] else "NOT pretrained: random initialisation"
+def _print_summary(h: History, run_dir: Path) -> None:
+    n = max(len(h.rounds), 1)
+    pre = "pretrained" if h.pretrained else "NOT pretrained: random initialisation"
     rows = [
-        ("backbone", f"{m['backbone']} ({pre})"),
-        ("final average accuracy (F_AA)", f"{m['final_average_accuracy']:.4f}"),
-        ("average incremental accuracy (AIA)", f"{m['average_incremental_accuracy']:.4f}"),
-        ("forgetting", "n/a (one task)" if fgt is None else f"{fgt:.4f}"),
-        ("max aggregation error", f"{m['max_aggregation_error']:.2e}"),
+        ("backbone", f"{h.backbone} ({pre})"),
+        ("final average accuracy (F_AA)", f"{h.final_average_accuracy:.4f}"),
+        ("average incremental accuracy (AIA)", f"{h.average_incremental_accuracy:.4f}"),
+        ("forgetting", "n/a (one task)" if h.forgetting is None else f"{h.forgetting:.4f}"),
+        ("max aggregation error", f"{h.max_aggregation_error:.2e}"),
         *([("naive averaging would lose (mean / max)",
-            f"{m['naive_aggregation_loss_mean']:.2e} / {m['naive_aggregation_loss_max']:.2e}")]
-          if m.get("naive_aggregation_loss_mean") is not None else []),
-        ("uplink per round", _fmt_bytes(m["uplink_bytes_total"] / n)),
-        ("downlink per round", _fmt_bytes(m["downlink_bytes_total"] / n)),
-        ("trainable parameters", f"{m['trainable_parameters']:,}"),
-        ("wall time", f"{m['wall_seconds']:.1f} s"),
+            f"{h.naive_aggregation_loss_mean:.2e} / {h.naive_aggregation_loss_max:.2e}")]
+          if h.naive_aggregation_loss_mean is not None else []),
+        ("uplink per round", _fmt_bytes((h.uplink_bytes_total or 0) / n)),
+        ("downlink per round", _fmt_bytes((h.downlink_bytes_total or 0) / n)),
+        ("trainable parameters", f"{h.trainable_parameters:,}"),
+        ("wall time", f"{h.wall_seconds or 0.0:.1f} s"),
     ]
-    rel = m.get("reliability") or {}
+    rel = h.reliability or {}
     if any(rel.values()):
         rows.append(("dropped / corrupted / rejected / skipped rounds",
                      f"{rel['dropped_clients']} / {rel['corrupted_updates']} / {rel['rejected_updates']} / "

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .data import Split
-from .methods import Method
-from .model import FedModel
+from ..config import TrainConfig
+from ..data import Split
+from ..methods import Method
+from ..model import FedModel
 
 Transform = Callable[..., torch.Tensor]
 
@@ -45,7 +45,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def to_device(x: Any, device: torch.device) -> Any:
-    """A host batch (tensor or :class:`~fedtalora.text_data.Tokens`) on ``device``.
+    """A host batch (tensor or :class:`~fedtalora.data.transforms.Tokens`) on ``device``.
 
     For a GPU the batch is first put in page-locked memory, so the copy is asynchronous
     (``non_blocking``): from pageable memory the copy would wait for the GPU's queue, a host-device
@@ -183,11 +183,11 @@ def predict(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
-    method: Method | None = None,
+    scores: Callable[[Any], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Arg-max over the first ``num_seen`` outputs (all classes seen so far, no task id) of the model's
-    head, or of ``method.forward`` (e.g. distances to prototypes) when a method is given."""
-    forward = model if method is None else (lambda x: method.forward(model, x))
+    head, or of ``scores(x)`` when given (the classifier's evaluation scores, e.g. prototype similarities)."""
+    forward = model if scores is None else scores
     out = _evaluate(lambda x: forward(x)[:, :num_seen].argmax(dim=1), model, split, indices, transform=transform,
                     batch_size=batch_size, device=device, precision=precision)
     return np.zeros(0, dtype=np.int64) if out is None else out.numpy()

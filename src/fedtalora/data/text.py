@@ -1,6 +1,6 @@
 """Text classification datasets, and tokenised inputs that batch like image tensors.
 
-Registered in :data:`~fedtalora.data.DATASETS`:
+Registered in :data:`~fedtalora.data.types.DATASETS`:
 
 * ``banking77``: the CSV layout of PolyAI's Banking77 (``train.csv`` and ``test.csv`` with columns
   ``text,category``), 77 intents;
@@ -11,7 +11,8 @@ Registered in :data:`~fedtalora.data.DATASETS`:
   file from which a stratified test split is drawn with the seed (``test_fraction``).
 
 A loader returns raw strings (``Split.inputs`` is a ``list[str]``, ``Dataset.modality == "text"``).
-The engine tokenises them once, with the backbone's own tokenizer, into :class:`Tokens`, which index
+The run's builder tokenises them once, with the backbone's own tokenizer, into
+:class:`~fedtalora.data.transforms.Tokens`, which index
 and move to a device like a tensor, so the client loop is the same for images and text.
 Class ids are the sorted label names: stable across runs and machines.
 """
@@ -22,94 +23,21 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .data import DATASETS, Dataset, Split, _stratified_split
-from .errors import DataError
-from .seeding import numpy_rng
+from ..errors import DataError
+from ..seeding import numpy_rng
+from .types import DATASETS, Dataset, Split, stratified_split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextTransform", "Tokens", "load_banking77", "load_clinc150", "load_text_csv", "tokenize_split"]
+__all__ = ["load_banking77", "load_clinc150", "load_text_csv"]
 
 BANKING77_URL = "https://github.com/PolyAI-LDN/task-specific-datasets/tree/master/banking_data"
 CLINC150_URL = "https://github.com/clinc/oos-eval/raw/master/data/data_full.json"
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenised inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Tokens:
-    """Right-padded token ids of ``N`` sequences, indexable like a tensor.
-
-    Attributes:
-        input_ids: ``(N, L)`` integer ids (``L`` = the longest sequence, at most ``data.max_length``).
-        attention_mask: ``(N, L)``, 1 on real tokens.
-        lengths: ``(N,)`` number of real tokens of each sequence, always on the CPU, so that trimming a
-            batch to its longest sequence (:meth:`to`) needs no device synchronisation.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    lengths: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def __getitem__(self, index: Any) -> Tokens:
-        return Tokens(self.input_ids[index], self.attention_mask[index], self.lengths[index])
-
-    def pin_memory(self) -> Tokens:
-        """The batch in page-locked host memory (for asynchronous copies to a GPU)."""
-        return Tokens(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.lengths)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Tokens:
-        """The batch trimmed to its longest sequence, on ``device``."""
-        width = int(self.lengths.max()) if len(self) else 0
-        return Tokens(
-            self.input_ids[:, :width].to(device, non_blocking=non_blocking),
-            self.attention_mask[:, :width].to(device, non_blocking=non_blocking),
-            self.lengths,
-        )
-
-
-def tokenize_split(split: Split, tokenizer: Any, max_length: int) -> Split:
-    """Tokenise a text split once (right padding to the longest sequence, truncation to ``max_length``)."""
-    texts = list(split.inputs)
-    if texts and not all(isinstance(t, str) for t in texts):
-        raise DataError("text dataset: every input must be a string")
-    tokenizer.padding_side = "right"
-    if not texts:
-        empty = torch.zeros((0, 1), dtype=torch.int32)
-        return Split(Tokens(empty, empty.clone(), torch.zeros(0, dtype=torch.int64)), split.labels)
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    mask = enc["attention_mask"].to(torch.int8)
-    ids = enc["input_ids"].to(torch.int32)
-    lengths = mask.sum(dim=1).to(torch.int64)
-    return Split(Tokens(ids, mask, lengths), split.labels)
-
-
-class TextTransform:
-    """Turns a batch of :class:`Tokens` into the inputs of :class:`~fedtalora.text_model.HFEncoder`:
-    ``input_ids``, ``attention_mask`` and ``padded`` (a Python bool: whether any sequence is shorter than
-    the batch, known on the host from the CPU lengths, so the encoder need not ask the device)."""
-
-    def __call__(self, batch: Tokens, *, train: bool = False,
-                 generator: torch.Generator | None = None) -> dict[str, Any]:
-        del train, generator  # no augmentation for text
-        padded = bool(len(batch) and int(batch.lengths.min()) < batch.input_ids.shape[1])
-        return {"input_ids": batch.input_ids.long(), "attention_mask": batch.attention_mask.long(), "padded": padded}
-
-    def __repr__(self) -> str:
-        return "TextTransform()"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +160,7 @@ def load_text_csv(root: str | Path, *, seed: int, download: bool = False, text_c
     if root.is_file():
         texts, labels = _read_csv(root, text_column, label_column)
         y = np.array(labels, dtype=object)
-        train_idx, test_idx = _stratified_split(np.unique(y, return_inverse=True)[1], test_fraction,
+        train_idx, test_idx = stratified_split(np.unique(y, return_inverse=True)[1], test_fraction,
                                                 numpy_rng(seed, "text-csv-split"))
         train = ([texts[i] for i in train_idx], [labels[i] for i in train_idx])
         test = ([texts[i] for i in test_idx], [labels[i] for i in test_idx])

@@ -10,7 +10,7 @@ of another round, or of training itself:
   server (``faults.corrupt_kind``): NaN in one element of one tensor, one tensor with an extra row,
   or the whole update scaled by :data:`SCALE` around the global state.
 
-The server's screening (:mod:`fedtalora.validation`) must catch the corrupted updates.
+The server's screening (:mod:`fedtalora.core.validation`) must catch the corrupted updates.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import FaultsConfig
-from .seeding import numpy_rng
+from ..config import FaultsConfig
+from ..seeding import numpy_rng
 
 SCALE = 1000.0
 """Factor of a ``scale`` corruption: ``global + SCALE * (update - global)``."""

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FedTaLoRAError
+from ..errors import FedTaLoRAError
+from ..fed.history import History, RoundRecord, load_history
 
 REPORT_HINT = "pip install fedtalora[report]"
 DPI = 100
@@ -88,7 +89,7 @@ class RunData:
     """What a report needs from a run directory."""
 
     path: Path
-    metrics: dict[str, Any]
+    history: History
     config: dict[str, Any]
     """``config.yaml`` as a plain dict (``{}`` if absent)."""
 
@@ -97,8 +98,8 @@ class RunData:
         return self.path.name
 
     @property
-    def rounds(self) -> list[dict[str, Any]]:
-        return list(self.metrics.get("rounds", []))
+    def rounds(self) -> list[RoundRecord]:
+        return list(self.history.rounds)
 
     @property
     def num_tasks(self) -> int:
@@ -106,8 +107,8 @@ class RunData:
         t = self.config.get("scenario", {}).get("num_tasks")
         if isinstance(t, int):
             return t
-        acc = self.metrics.get("accuracy_matrix") or []
-        return len(acc[0]) if acc else len(self.metrics.get("tasks", []))
+        acc = self.history.accuracy_matrix
+        return len(acc[0]) if acc else len(self.history.tasks)
 
     @property
     def rounds_per_task(self) -> int | None:
@@ -116,7 +117,7 @@ class RunData:
 
     def total(self, key: str) -> int:
         """Sum of a per-round byte count over the rounds run so far."""
-        return int(sum(r.get(key) or 0 for r in self.rounds))
+        return int(sum(getattr(r, key) or 0 for r in self.rounds))
 
     def per_round(self, key: str) -> float | None:
         """Mean of a per-round byte count (None without rounds)."""
@@ -125,7 +126,7 @@ class RunData:
 
     @property
     def max_aggregation_error(self) -> float | None:
-        errs = [r["aggregation_error"] for r in self.rounds if r.get("aggregation_error") is not None]
+        errs = [r.aggregation_error for r in self.rounds if r.aggregation_error is not None]
         return max(errs) if errs else None
 
 
@@ -144,11 +145,11 @@ def load_run(run_dir: Path) -> RunData:
     if not path.is_file():
         raise ReportError(f"{run_dir} is not a run directory (no metrics.json)")
     try:
-        metrics = json.loads(path.read_text())
+        history = load_history(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReportError(f"{path} cannot be read: {' '.join(str(e).split())}") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("rounds", []), list):
-        raise ReportError(f"{path} is not a fedtalora metrics file")
+    except (ValueError, TypeError, AttributeError):
+        raise ReportError(f"{path} is not a fedtalora metrics file") from None
     config: dict[str, Any] = {}
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
@@ -157,22 +158,22 @@ def load_run(run_dir: Path) -> RunData:
             config = loaded if isinstance(loaded, dict) else {}
         except (OSError, yaml.YAMLError):
             config = {}
-    return RunData(run_dir, metrics, config)
+    return RunData(run_dir, history, config)
 
 
 def accuracy_matrix(run: RunData) -> list[list[float | None]]:
     """Rows of the accuracy matrix evaluated so far, each padded with None to the number of tasks."""
     T = run.num_tasks
-    rows = [list(r) for r in run.metrics.get("accuracy_matrix") or []]
+    rows = [list(r) for r in run.history.accuracy_matrix]
     return [r + [None] * (T - len(r)) for r in rows]
 
 
 def seen_accuracy(run: RunData) -> list[float]:
     """``A_t`` for the tasks evaluated so far."""
-    seen = run.metrics.get("seen_accuracy")
+    seen = run.history.seen_accuracy
     if isinstance(seen, list):
         return [float(v) for v in seen]
-    return [float(t["seen_accuracy"]) for t in run.metrics.get("tasks", [])]
+    return [float(t.seen_accuracy) for t in run.history.tasks if t.seen_accuracy is not None]
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def _task_boundaries(ax: Any, run: RunData) -> None:
 
 def plot_aggregation_error(run: RunData, path: Path) -> Path:
     fig, ax = new_figure()
-    pts = [(i + 1, r.get("aggregation_error")) for i, r in enumerate(run.rounds)]
+    pts = [(i + 1, r.aggregation_error) for i, r in enumerate(run.rounds)]
     pos = [(x, e) for x, e in pts if e is not None and e > 0]
     zeros = [x for x, e in pts if e is not None and e == 0]
     skipped = [x for x, e in pts if e is None]
@@ -255,7 +256,7 @@ def plot_aggregation_error(run: RunData, path: Path) -> Path:
     if pos:
         ax.plot([x for x, _ in pos], [e for _, e in pos], marker="o", markersize=3, linewidth=1,
                 label="max over layers of relative error")
-    naive = [(i + 1, r.get("naive_aggregation_loss")) for i, r in enumerate(run.rounds)]
+    naive = [(i + 1, r.naive_aggregation_loss) for i, r in enumerate(run.rounds)]
     naive = [(x, e) for x, e in naive if e is not None and e > 0]
     if naive and any(e != dict(pos).get(x) for x, e in naive):  # differs from the error: the residual is on
         ax.plot([x for x, _ in naive], [e for _, e in naive], marker=".", markersize=3, linewidth=1,
@@ -317,40 +318,39 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def summary_rows(run: RunData) -> list[tuple[str, str]]:
-    m = run.metrics
-    n_tasks = len(m.get("tasks", []))
-    pre = m.get("pretrained")
+    h = run.history
+    n_tasks = len(h.tasks)
     rows = [
-        ("status", "complete" if m.get("complete") else f"incomplete ({n_tasks} of {run.num_tasks} tasks)"),
-        ("method", str(m.get("method", "n/a"))),
-        ("backbone", f"{m.get('backbone', 'n/a')} ({'pretrained' if pre else 'NOT pretrained'})"),
-        ("seed", str(m.get("seed", "n/a"))),
-        ("final average accuracy (F_AA)", fmt(m.get("final_average_accuracy"))),
-        ("average incremental accuracy (AIA)", fmt(m.get("average_incremental_accuracy"))),
-        ("forgetting", fmt(m.get("forgetting"))),
+        ("status", "complete" if h.complete else f"incomplete ({n_tasks} of {run.num_tasks} tasks)"),
+        ("method", h.method or "n/a"),
+        ("backbone", f"{h.backbone or 'n/a'} ({'pretrained' if h.pretrained else 'NOT pretrained'})"),
+        ("seed", str(h.seed)),
+        ("final average accuracy (F_AA)", fmt(h.final_average_accuracy)),
+        ("average incremental accuracy (AIA)", fmt(h.average_incremental_accuracy)),
+        ("forgetting", fmt(h.forgetting)),
         ("max aggregation error", fmt(run.max_aggregation_error, ".3g")),
         ("naive averaging would lose (mean / max per round)",
-         f"{fmt(m.get('naive_aggregation_loss_mean'), '.3g')} / {fmt(m.get('naive_aggregation_loss_max'), '.3g')}"),
+         f"{fmt(h.naive_aggregation_loss_mean, '.3g')} / {fmt(h.naive_aggregation_loss_max, '.3g')}"),
         ("rounds", str(len(run.rounds))),
         ("uplink per round", fmt_bytes(run.per_round("uplink_bytes"))),
         ("downlink per round", fmt_bytes(run.per_round("downlink_bytes"))),
         ("uplink / downlink total", f"{fmt_bytes(run.total('uplink_bytes'))} / {fmt_bytes(run.total('downlink_bytes'))}"),
-        ("trainable parameters", f"{m['trainable_parameters']:,}" if "trainable_parameters" in m else "n/a"),
-        ("wall time", f"{fmt(m.get('wall_seconds'), '.1f')} s"),
+        ("trainable parameters", "n/a" if h.trainable_parameters is None else f"{h.trainable_parameters:,}"),
+        ("wall time", f"{fmt(h.wall_seconds, '.1f')} s"),
     ]
     return rows
 
 
 def render_markdown(run: RunData) -> str:
-    m = run.metrics
+    h = run.history
     cfg = run.config
     lines = [f"# Run report: {run.name}", ""]
     data = cfg.get("data", {}).get("dataset", "?")
     fed = cfg.get("fed", {})
-    lines += [f"{m.get('method', '?')} on `{data}`: {run.num_tasks} tasks x {fed.get('rounds_per_task', '?')} "
+    lines += [f"{h.method or '?'} on `{data}`: {run.num_tasks} tasks x {fed.get('rounds_per_task', '?')} "
               f"rounds, {fed.get('clients_per_round', '?')} of {fed.get('num_clients', '?')} clients per round, "
               f"ResWU {'on' if fed.get('residual', True) else 'off'}.", ""]
-    if not m.get("pretrained", True):
+    if not h.pretrained:
         lines += ["> The backbone is **not pretrained** (random initialisation): accuracies are far below "
                   "what a pre-trained model reaches.", ""]
     lines += ["## Summary", "", *_table(("metric", "value"), summary_rows(run)), ""]
@@ -363,20 +363,20 @@ def render_markdown(run: RunData) -> str:
                         [[str(t + 1), *("" if v is None else f"{v:.4f}" for v in row)] for t, row in enumerate(acc)])
         lines.append("")
     lines += ["## Accuracy after each task", "", "![accuracy after each task](accuracy.png)", ""]
-    tasks = m.get("tasks", [])
+    tasks = h.tasks
     if tasks:
         lines += _table(("task", "classes", "A_t (all seen classes)", "on this task", "seconds"),
-                        [(t["task"] + 1, " ".join(str(c) for c in t.get("classes", [])), fmt(t.get("seen_accuracy")),
-                          fmt(t["accuracy"][-1] if t.get("accuracy") else None), fmt(t.get("seconds"), ".1f"))
+                        [(t.task + 1, " ".join(str(c) for c in t.classes), fmt(t.seen_accuracy),
+                          fmt(t.accuracy[-1] if t.accuracy else None), fmt(t.seconds, ".1f"))
                          for t in tasks])
         lines.append("")
-    errs = [r.get("aggregation_error") for r in run.rounds]
+    errs = [r.aggregation_error for r in run.rounds]
     zeros = sum(1 for e in errs if e == 0)
     lines += ["## Aggregation error per round", "", "![aggregation error](aggregation_error.png)", "",
               "Largest over adapted layers of ||dW_global - sum_k p_k dW_k||_F / ||sum_k p_k dW_k||_F."
               + (f" Exactly 0 in {zeros} of {len(errs)} rounds." if zeros else ""), ""]
     lines += ["## Communication per round", "", "![communication](communication.png)", ""]
-    env = m.get("environment", {})
+    env = h.environment
     if env:
         lines += ["## Environment", "", *_table(("key", "value"), sorted((k, f"`{v}`") for k, v in env.items())), ""]
     cfg_path = run.path / "config.yaml"

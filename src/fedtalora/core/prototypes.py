@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import AggregationError
+from ..errors import AggregationError
 
 __all__ = ["aggregate_class_sums", "class_sums", "nearest_prototype", "prototype_nbytes"]
 

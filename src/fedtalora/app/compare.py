@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from ..config import RunConfig
 from .report import (
     ReportError,
     RunData,
@@ -111,32 +111,32 @@ def labels(runs: Sequence[RunData]) -> list[str]:
     out = []
     for r, f in zip(runs, flat, strict=True):
         parts = [f"{k}={_value(f.get(k))}" for k in differing]
-        out.append(" ".join(parts) if parts else str(r.metrics.get("method", r.name)))
+        out.append(" ".join(parts) if parts else (r.history.method or r.name))
     return out
 
 
 def run_row(run: RunData, name: str, label: str) -> dict[str, Any]:
     """One row of the comparison: the run's headline numbers, straight from its metrics.json."""
-    m = run.metrics
+    h = run.history
     return {
         "run": name,
         "label": label,
-        "method": m.get("method"),
-        "seed": m.get("seed"),
-        "complete": bool(m.get("complete")),
-        "tasks_done": len(m.get("tasks", [])),
+        "method": h.method or None,
+        "seed": h.seed,
+        "complete": bool(h.complete),
+        "tasks_done": len(h.tasks),
         "num_tasks": run.num_tasks,
-        "final_average_accuracy": m.get("final_average_accuracy"),
-        "average_incremental_accuracy": m.get("average_incremental_accuracy"),
-        "forgetting": m.get("forgetting"),
+        "final_average_accuracy": h.final_average_accuracy,
+        "average_incremental_accuracy": h.average_incremental_accuracy,
+        "forgetting": h.forgetting,
         "max_aggregation_error": run.max_aggregation_error,
-        "trainable_parameters": m.get("trainable_parameters"),
+        "trainable_parameters": h.trainable_parameters,
         "rounds": len(run.rounds),
         "uplink_bytes_per_round": run.per_round("uplink_bytes"),
         "downlink_bytes_per_round": run.per_round("downlink_bytes"),
         "uplink_bytes_total": run.total("uplink_bytes"),
         "downlink_bytes_total": run.total("downlink_bytes"),
-        "wall_seconds": m.get("wall_seconds"),
+        "wall_seconds": h.wall_seconds,
     }
 
 

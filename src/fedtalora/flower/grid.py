@@ -1,10 +1,10 @@
-"""The server side of the Flower engines: the loop's :class:`~fedtalora.transport.Transport` over a Flower Grid.
+"""The server side of the Flower engines: the loop's :class:`~fedtalora.fed.transport.Transport` over a Flower Grid.
 
-The fedtalora ServerApp runs :func:`fedtalora.engine.run` -- the same task x round loop as
+The fedtalora ServerApp runs :func:`fedtalora.fed.loop.run_loop` -- the same task x round loop as
 ``engine=inprocess`` -- with a :class:`GridTransport`. Where the in-process transport calls
-:func:`~fedtalora.transport.client_round` directly, this one sends each sampled client a ``train``
+:func:`~fedtalora.fed.transport.client_round` directly, this one sends each sampled client a ``train``
 message and waits for the replies; screening, aggregation (the method hooks and the pure ResWU
-functions of :mod:`fedtalora.aggregation`), evaluation, metrics and checkpoints stay in the loop.
+functions of :mod:`fedtalora.core.aggregation`), evaluation, metrics and checkpoints stay in the loop.
 
 It also keeps what the wire needs: which node holds which partition (``query.hello`` at the start),
 the base version each client has, the factors of the recent residual rounds (enough to catch any
@@ -30,15 +30,16 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..client import ClientResult
 from ..errors import FedTaLoRAError
+from ..fed.client import ClientResult
+from ..fed.transport import ClientOutcome, RoundJob, Transport
 from ..methods import TaskData
-from ..transport import ClientOutcome, RoundJob, Transport
 from . import protocol as P
 
 if TYPE_CHECKING:
-    from ..aggregation import Aggregate
-    from ..engine import Setup
+    from ..core.aggregation import Aggregate
+    from ..fed.build import Setup
+    from ..fed.history import History
 
 logger = logging.getLogger(__name__)
 
@@ -327,14 +328,16 @@ class GridTransport(Transport):
         stats, self._stats = self._stats, self._zero_stats()
         return stats
 
-    def finish(self, metrics: dict[str, Any]) -> None:
-        rounds = metrics["rounds"]
-        metrics["engine"] = self.name
-        metrics["wire"] = {
-            key: sum(int(r_.get(f"wire_{key}", 0) or 0) for r_ in rounds)
+    def finish(self, history: History) -> None:
+        rounds = history.rounds
+        history.extra["engine"] = self.name
+        history.extra["wire"] = {
+            key: sum(int(r_.extra.get(f"wire_{key}", 0) or 0) for r_ in rounds)
             for key in ("downlink_bytes", "residual_bytes", "uplink_bytes")
         }
-        metrics.setdefault("reliability", {})["client_errors"] = sum(len(r_.get("client_errors", [])) for r_ in rounds)
+        if history.reliability is None:
+            history.reliability = {}
+        history.reliability["client_errors"] = sum(len(r_.extra.get("client_errors", [])) for r_ in rounds)
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -34,15 +34,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
-from .errors import ConfigError, ModelError
-from .state import load_final, run_config
+from .. import __version__
+from ..errors import ConfigError, ModelError
+from ..fed.history import load_history
+from ..fed.rundir import load_final, run_config
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .config import RunConfig
-    from .model import FedModel
+    from ..config import RunConfig
+    from ..model import FedModel
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +116,12 @@ def _require_timm(cfg: RunConfig) -> None:
 
 
 def _require_linear_head(cfg: RunConfig) -> None:
-    from .methods import METHODS, Method
+    from ..methods import METHODS
 
     if cfg.classifier.kind != "head":
         raise ConfigError(f"export: classifier.kind={cfg.classifier.kind!r} predicts by class prototypes, which a "
                           "plain timm classifier cannot reproduce (export a run with classifier.kind=head)")
-    if METHODS.get(cfg.method).forward is not Method.forward:
+    if not METHODS.get(cfg.method).predicts_with_head:
         raise ConfigError(f"export: method {cfg.method!r} computes its logits its own way (not backbone + linear "
                           "head), which a plain timm classifier cannot reproduce")
 
@@ -147,7 +148,7 @@ def _save_adapter(cfg: RunConfig, model: FedModel, base_sd: dict[str, torch.Tens
     """Wrap a fresh classifier (base weights loaded) with peft, copy the run's LoRA and head in, save it."""
     from peft import get_peft_model
 
-    from .model import ADAPTER as NAME
+    from ..model import ADAPTER as NAME
 
     net = build_classifier(cfg, model.head.out_features)
     net.load_state_dict(base_sd)
@@ -194,8 +195,8 @@ def load_adapter(out: Path) -> nn.Module:
 
 def _class_order(run_dir: Path) -> list[int] | None:
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        return [int(c) for task in metrics["tasks"] for c in task["classes"]]
+        history = load_history(run_dir / "metrics.json")
+        return [int(c) for task in history.tasks for c in task.classes]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

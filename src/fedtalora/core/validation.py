@@ -11,7 +11,7 @@ it: before aggregation every update is checked against the global state the clie
 
 and a failing update is rejected with a one-line reason. What the server then does (aggregate the
 rest, or skip the round when fewer than ``fed.min_clients`` remain) is the loop's business
-(:mod:`fedtalora.engine`). Every function here is pure.
+(:mod:`fedtalora.fed.loop`). Every function here is pure.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import operator
 
 import numpy as np
 
-from .errors import ConfigError, PartitionError
+from ..errors import ConfigError, PartitionError
 
 PARTITION_KINDS = ("iid", "quantity", "dirichlet")
 

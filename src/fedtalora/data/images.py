@@ -1,6 +1,6 @@
 """Image datasets read from their usual on-disk layouts: Tiny-ImageNet, ImageNet-R, any ImageFolder, Omniglot.
 
-Registered in :data:`~fedtalora.data.DATASETS` (CIFAR-100 and digits live in :mod:`fedtalora.data`):
+Registered in :data:`~fedtalora.data.types.DATASETS` (CIFAR-100 and digits live in :mod:`fedtalora.data`):
 
 ==================  ======================================================================================
 ``tiny-imagenet``   the official ``tiny-imagenet-200`` folder: ``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
@@ -54,9 +54,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DATASETS, Dataset, Split, _one_line, _stratified_split
-from .errors import DataError
-from .seeding import numpy_rng
+from ..errors import DataError, one_line
+from ..seeding import numpy_rng
+from .types import DATASETS, Dataset, Split, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _decode_one(source: ImageSource, size: int, name: str) -> np.ndarray:
                 img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot decode image {name}: {_one_line(exc)}") from None
+        raise DataError(f"cannot decode image {name}: {one_line(exc)}") from None
     return arr.transpose(2, 0, 1)  # HWC -> CHW
 
 
@@ -181,7 +181,7 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
 
 
 def _download_error(what: str, url: str, root: Path, exc: BaseException) -> DataError:
-    return DataError(_one_line(
+    return DataError(one_line(
         f"{what} could not be downloaded from {url} to {root} ({type(exc).__name__}: {exc}); "
         f"download it by hand and extract it into {root}"
     ))
@@ -212,8 +212,8 @@ def _download_and_extract(what: str, url: str, root: Path) -> None:
 
 
 def _split_by_class(labels: np.ndarray, test_fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The seeded per-class split of :func:`fedtalora.data._stratified_split`, under its own stream."""
-    return _stratified_split(labels, test_fraction, numpy_rng(seed, f"{name}-split"))
+    """The seeded per-class split of :func:`fedtalora.data.types.stratified_split`, under its own stream."""
+    return stratified_split(labels, test_fraction, numpy_rng(seed, f"{name}-split"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def _tiny_base(root: Path) -> Path | None:
 
 
 def _tiny_missing(root: Path, detail: str = "not found") -> DataError:
-    return DataError(_one_line(
+    return DataError(one_line(
         f"Tiny-ImageNet {detail} under {root} (expected {root}/tiny-imagenet-200/wnids.txt, "
         f"train/<wnid>/images/*.JPEG and val/val_annotations.txt); download {TINY_IMAGENET_URL} and "
         f"extract it into {root}, or set data.download=true on a machine with internet"
@@ -405,7 +405,7 @@ def _read_split_file(path: Path, base: Path, class_names: list[str]) -> tuple[li
         data = json.loads(path.read_text())
         train, test = list(data["train"]), list(data["test"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"ImageNet-R split file {path} is unreadable ({_one_line(exc)}); delete it to redraw") from None
+        raise DataError(f"ImageNet-R split file {path} is unreadable ({one_line(exc)}); delete it to redraw") from None
     missing = [p for p in train + test if not (base / p).is_file()]
     if missing:
         raise DataError(f"ImageNet-R split file {path} lists {len(missing)} file(s) missing under {base} "
@@ -459,7 +459,7 @@ def load_imagenet_r(
         _download_and_extract("ImageNet-R", IMAGENET_R_URL, root)
         base = _imagenet_r_base(root)
     if base is None:
-        raise DataError(_one_line(
+        raise DataError(one_line(
             f"ImageNet-R not found under {root} (expected {root}/imagenet-r/<wnid>/*.jpg); download "
             f"{IMAGENET_R_URL} and extract it into {root}, or set data.download=true on a machine with internet"
         ))
@@ -512,7 +512,7 @@ def _omniglot_characters(source: Path) -> dict[tuple[str, str], list[tuple[str, 
                     alphabet, character = parts[-3], parts[-2]
                     chars.setdefault((alphabet, character), []).append((parts[-1], zf.read(info)))
         except (OSError, zipfile.BadZipFile) as exc:
-            raise DataError(f"Omniglot archive {source} is unreadable ({_one_line(exc)}); download it again") from None
+            raise DataError(f"Omniglot archive {source} is unreadable ({one_line(exc)}); download it again") from None
     else:
         top = source / source.name if (source / source.name).is_dir() else source
         for path in _images_under(top):
@@ -582,7 +582,7 @@ def load_omniglot(
                 raise _download_error(f"Omniglot {part}", url, root, exc) from None
             source = _omniglot_part(root, part)
         if source is None:
-            raise DataError(_one_line(
+            raise DataError(one_line(
                 f"Omniglot {part} not found under {root} (expected {root}/{part}.zip or the extracted "
                 f"{root}/{part}/<Alphabet>/<characterNN>/*.png); download {OMNIGLOT_URL.format(part=part)} "
                 f"into {root}, or set data.download=true on a machine with internet"

@@ -31,7 +31,7 @@ lays the numbers out as the paper's tables: one per dataset, a row per override 
 ``workers=N`` (``fedtalora sweep GRID --workers N``) runs N runs at once, each in its own spawned
 process; only the parent writes ``sweep.json`` and the summaries, so they never see a half-written state.
 
-Runs go through :func:`fedtalora.engine.run` in-process. The runner is looked up in :data:`RUNNERS`
+Runs go through :func:`fedtalora.fed.loop.run_loop` in-process. The runner is looked up in :data:`RUNNERS`
 by the config's ``engine`` key when a config has one (``local`` otherwise), so another engine plugs in
 by registering a runner; methods plug in through the ordinary ``method=`` key.
 """
@@ -56,9 +56,12 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, apply_overrides, from_dict, load_preset, parse_override, read_yaml
-from .errors import ConfigError, FedTaLoRAError
-from .registry import Registry
+from ..config import RunConfig, apply_overrides, from_dict, load_preset, parse_override, read_yaml
+from ..errors import ConfigError, FedTaLoRAError, one_line
+from ..fed.build import check_config
+from ..fed.history import History, load_history
+from ..fed.rundir import atomic_write_text
+from ..registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +87,8 @@ RUNNERS: Registry[Runner] = Registry("sweep runner")
 
 @RUNNERS.register("local")
 def run_local(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
-    """The in-process simulation of :mod:`fedtalora.engine`."""
-    from .engine import run
+    """The in-process simulation of :mod:`fedtalora.fed.loop`."""
+    from ..api import run
 
     result = run(cfg, run_dir=run_dir, resume=resume)
     metrics = result.metrics
@@ -311,6 +314,7 @@ def plan(grid: Grid) -> list[RunSpec]:
                 fixed = [f"seed={seed}", f"output.dir={run_dir.parent}", f"output.name={name}"]
                 try:
                     cfg = from_dict(apply_overrides(base, [*grid.common, *setting.overrides, *fixed]))
+                    check_config(cfg)
                 except ConfigError as e:
                     where = f"preset {preset!r}" + (f", overrides {list(setting.overrides)}" if setting.overrides else "")
                     raise ConfigError(f"{source}: {where}: {e}") from None
@@ -328,6 +332,15 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+
+
+def _complete_history(run_dir: Path) -> History | None:
+    """The run's history if its ``metrics.json`` says it is complete (None if absent, partial or malformed)."""
+    try:
+        history = load_history(run_dir / "metrics.json")
+    except (OSError, ValueError, TypeError):
+        return None
+    return history if history.complete is True else None
 
 
 def _same_config(run_dir: Path, cfg: RunConfig) -> bool | None:
@@ -353,8 +366,7 @@ def run_status(spec: RunSpec) -> str:
     same = _same_config(spec.run_dir, spec.cfg)
     if same is False:
         return "foreign"
-    metrics = _read_json(spec.run_dir / "metrics.json")
-    if same and isinstance(metrics, dict) and metrics.get("complete") is True:
+    if same and _complete_history(spec.run_dir) is not None:
         return "complete"
     return "partial"
 
@@ -434,7 +446,7 @@ def _run_parallel(result: SweepResult, runner: Runner | None,
                     try:
                         spec.status, spec.error, spec.seconds = fut.result()
                     except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory)
-                        spec.status, spec.error = "failed", _one_line(f"worker died: {type(e).__name__}: {e}")
+                        spec.status, spec.error = "failed", one_line(f"worker died: {type(e).__name__}: {e}")
                         logger.error("%s failed: %s", spec.name, spec.error)
                     finished(spec)
         except BaseException:
@@ -466,13 +478,12 @@ def _run_one(spec: RunSpec, runner: Runner | None) -> None:
         (runner or _runner_for(spec.cfg))(spec.cfg, spec.run_dir, resume)
     except Exception as e:  # noqa: BLE001 - one crashing run must not end the sweep
         spec.status = "failed"
-        spec.error = _one_line(f"{type(e).__name__}: {e}") if not isinstance(e, FedTaLoRAError) else _one_line(str(e))
+        spec.error = one_line(f"{type(e).__name__}: {e}") if not isinstance(e, FedTaLoRAError) else one_line(e)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         (spec.run_dir / "error.log").write_text(traceback.format_exc())
         logger.error("%s failed: %s (traceback in %s)", spec.name, spec.error, spec.run_dir / "error.log")
     else:
-        metrics = _read_json(spec.run_dir / "metrics.json")
-        if isinstance(metrics, dict) and metrics.get("complete") is True:
+        if _complete_history(spec.run_dir) is not None:
             spec.status = "complete"
             (spec.run_dir / "error.log").unlink(missing_ok=True)
         else:
@@ -490,10 +501,6 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 # --------------------------------------------------------------------------------------------------
 # Summaries
 # --------------------------------------------------------------------------------------------------
@@ -509,8 +516,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def _floats(metrics: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(m[key]) for m in metrics if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
+def _floats(histories: list[History], key: str) -> list[float]:
+    values = [getattr(h, key) for h in histories]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def _partition_label(cfg: RunConfig) -> str:
@@ -530,15 +538,14 @@ def summarize(runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
     rows = []
     for (_, label), specs in groups.items():
         first = specs[0]
-        metrics = [m for m in (_read_json(s.run_dir / "metrics.json") for s in specs)
-                   if isinstance(m, dict) and m.get("complete") is True]
+        metrics = [h for h in (_complete_history(s.run_dir) for s in specs) if h is not None]
         # Other engines may record less: a missing field leaves its cell empty instead of failing the sweep.
         faa = _floats(metrics, "final_average_accuracy")
         aia = _floats(metrics, "average_incremental_accuracy")
-        up = [m["uplink_bytes_total"] / max(len(m.get("rounds") or []), 1) for m in metrics
-              if isinstance(m.get("uplink_bytes_total"), (int, float))]
-        down = [m["downlink_bytes_total"] / max(len(m.get("rounds") or []), 1) for m in metrics
-                if isinstance(m.get("downlink_bytes_total"), (int, float))]
+        up = [h.uplink_bytes_total / max(len(h.rounds), 1) for h in metrics
+              if isinstance(h.uplink_bytes_total, (int, float))]
+        down = [h.downlink_bytes_total / max(len(h.rounds), 1) for h in metrics
+                if isinstance(h.downlink_bytes_total, (int, float))]
         params = sorted({int(v) for v in _floats(metrics, "trainable_parameters")})
         row = {
             "preset": first.preset_label,
@@ -639,12 +646,6 @@ def summary_markdown(grid: Grid, runs: Sequence[RunSpec], rows: Sequence[dict[st
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _write_outputs(result: SweepResult) -> None:
     grid, runs = result.grid, result.runs
     result.rows = summarize(runs)
@@ -655,7 +656,7 @@ def _write_outputs(result: SweepResult) -> None:
                   "overrides": list(r.setting.overrides), "seed": r.seed, "status": r.status,
                   "error": r.error, "seconds": round(r.seconds, 3), "run_dir": str(r.run_dir)} for r in runs],
     }
-    _atomic_write(grid.sweep_dir / "sweep.json", json.dumps(state, indent=1))
-    _atomic_write(grid.sweep_dir / "summary.csv", summary_csv(result.rows))
-    _atomic_write(grid.sweep_dir / "summary.md", summary_markdown(grid, runs, result.rows))
+    atomic_write_text(grid.sweep_dir / "sweep.json", json.dumps(state, indent=1))
+    atomic_write_text(grid.sweep_dir / "summary.csv", summary_csv(result.rows))
+    atomic_write_text(grid.sweep_dir / "summary.md", summary_markdown(grid, runs, result.rows))
 

@@ -1,0 +1,465 @@
+"""The run directory: its files, written atomically, and their verified reading for resume and loading.
+
+``RUN_DIR/``
+    ``config.yaml`` (the resolved config) and ``partitions.json`` (each client's samples per task), written
+    when the run starts (:func:`open_run_dir`); ``metrics.json`` after every round (:mod:`.history`);
+    ``checkpoints/round-NNNNNN.{safetensors,json}`` after every round; ``final_model.safetensors`` when
+    the run ends.
+
+**Round checkpoints.** ``round-NNNNNN.safetensors`` holds the tensors: ``global/<key>`` the global
+trainable state (LoRA factors, head, whatever the method trains and sends), ``base/<layer>`` the current
+frozen base weight of every adapted layer, ``method/<key>`` optional server-side state of the method (and
+of the classifier, as ``classifier.<key>``). ``round-NNNNNN.json`` holds the small state: position (task,
+round, rounds completed), the communication ledger, the metrics so far, a fingerprint of the config, the
+name, size and SHA-256 of the tensor file. ``NNNNNN`` counts completed rounds. The tensor file is written
+first and the JSON last, each to a temporary file that is fsync'ed and then renamed over the final name
+(and the folder fsync'ed), so a JSON that exists always describes a complete tensor file: a crash at any
+instant leaves either the previous checkpoint or the new one, never a torn one. With
+``output.checkpoints=latest`` older checkpoints are deleted only after the new JSON is in place.
+
+Base weights, not residual sums. The residuals are folded into the base every round in float32;
+re-adding their stored sum to the initial weights would round differently from the sequence of
+in-place additions the uninterrupted run made, and a resumed run would drift by an ulp. Storing
+the adapted layers' base weights themselves (``d_out x d_in`` per layer, the same size as the
+residual sum) makes resume bit-exact. Layers without LoRA never change and are rebuilt from the
+config (pretrained weights or the seed).
+
+Randomness needs no saved state: every generator of round ``r`` of task ``t`` derives from
+``(seed, names, t, r, ...)`` (client sampling, shuffling, augmentation, faults), and the model's own
+draws from the global torch RNG (LoRA dropout, drop-path) are seeded per client and round by the
+loop. The position is the whole RNG state.
+
+**The final model** (``final_model.safetensors``) uses the checkpoints' tensor layout: ``global/<key>``
+every tensor of :meth:`FedModel.parameters_by_key` (LoRA factors and head, and what a method trains beyond
+them, e.g. the whole backbone for full fine-tuning), ``base/<layer>`` the base weight of every adapted
+layer with every residual of the run folded in. Everything else in the backbone never changes during a
+run and is rebuilt from ``config.yaml`` (pretrained weights, or the seeded random init; then
+:meth:`Method.attach`). The file's metadata holds a fingerprint of those rebuilt tensors (their sums),
+checked on loading, so different pretrained weights or a timm version that initialises differently fail
+loudly instead of giving another model.
+
+Only safetensors, JSON and YAML are read: no pickle, nothing executable. Every file is written through
+:func:`atomic_write_bytes`, the project's one atomic write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from .. import __version__
+from ..core.validation import tensor_mismatch
+from ..errors import CheckpointError, ConfigError, ModelError
+from .history import History
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..core.comm import DownlinkLedger
+    from ..methods import Method
+    from ..methods.classifier import Classifier
+    from ..model import FedModel
+    from .build import Experiment, Setup
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+DIRNAME = "checkpoints"
+FINAL_MODEL = "final_model.safetensors"
+FINAL_FORMAT = "fedtalora-final-1"
+FINGERPRINT_RTOL = 1e-5
+_NAME = re.compile(r"^round-(\d{6,})\.json$")
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run after ``completed_rounds`` rounds."""
+
+    completed_rounds: int
+    task: int
+    """Task of the last completed round."""
+    round: int
+    """Round (within its task) of the last completed round."""
+    global_state: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor]
+    """Current base weight of every adapted layer."""
+    ledger: dict[str, Any]
+    metrics: dict[str, Any]
+    elapsed_seconds: float
+    """Wall time spent up to this checkpoint, over all sessions of the run."""
+    method_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per earlier resume of this run (rounds completed when it resumed)."""
+    path: Path | None = None
+    """The JSON file this checkpoint was read from (None before it is written)."""
+
+
+def config_fingerprint(cfg_dict: Mapping[str, Any]) -> str:
+    """SHA-256 of the config without its ``output``, ``engine`` and ``flower`` sections (where a run is
+    written, and whether its clients run in-process or on Flower, do not change what it computes)."""
+    data = {k: v for k, v in cfg_dict.items() if k not in ("output", "engine", "flower")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- atomic files ---------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def _stem(completed_rounds: int) -> str:
+    return f"round-{completed_rounds:06d}"
+
+
+def save(run_dir: Path, ckpt: Checkpoint, cfg_dict: Mapping[str, Any], *, keep: str = "latest") -> Path:
+    """Write ``ckpt`` into ``run_dir/checkpoints`` atomically; returns the JSON path.
+
+    Args:
+        keep: ``latest`` deletes the older checkpoints once this one is complete; ``all`` keeps them.
+    """
+    folder = run_dir / DIRNAME
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = _stem(ckpt.completed_rounds)
+    tensors = {f"global/{k}": v for k, v in ckpt.global_state.items()}
+    tensors.update({f"base/{k}": v for k, v in ckpt.base.items()})
+    tensors.update({f"method/{k}": v for k, v in ckpt.method_state.items()})
+    tensors = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}  # same bytes for same state
+    blob = st_save(tensors, metadata={"format": str(FORMAT), "fedtalora": __version__})
+    tensor_file = folder / f"{stem}.safetensors"
+    atomic_write_bytes(tensor_file, blob)
+    state = {
+        "format": FORMAT,
+        "fedtalora": __version__,
+        "config_sha256": config_fingerprint(cfg_dict),
+        "completed_rounds": ckpt.completed_rounds,
+        "task": ckpt.task,
+        "round": ckpt.round,
+        "tensors": tensor_file.name,
+        "tensors_bytes": len(blob),
+        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+        "ledger": ckpt.ledger,
+        "elapsed_seconds": ckpt.elapsed_seconds,
+        "resumes": ckpt.resumes,
+        "metrics": ckpt.metrics,
+    }
+    json_file = folder / f"{stem}.json"
+    atomic_write_text(json_file, json.dumps(state))
+    if keep == "latest":
+        _prune(folder, ckpt.completed_rounds)
+    return json_file
+
+
+def _prune(folder: Path, current: int) -> None:
+    """Delete every checkpoint but ``current`` (JSON first: a JSON never outlives its tensors)."""
+    for path in sorted(folder.glob("round-*.json")):
+        m = _NAME.match(path.name)
+        if m and int(m.group(1)) != current:
+            path.unlink(missing_ok=True)
+    for path in folder.glob("round-*.safetensors"):
+        if path.name != f"{_stem(current)}.safetensors":
+            path.unlink(missing_ok=True)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def latest_path(run_dir: Path) -> Path | None:
+    """The JSON of the most advanced checkpoint in ``run_dir`` (None if there is none)."""
+    folder = run_dir / DIRNAME
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
+    """Read and verify one checkpoint.
+
+    Raises:
+        CheckpointError: naming the file, if it cannot be read, is corrupted (bad JSON, wrong size
+            or checksum of the tensor file, unreadable safetensors) or belongs to another config.
+    """
+
+    def fail(path: Path, why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} {why}")
+
+    try:
+        state = json.loads(json_path.read_text())
+    except OSError as e:
+        raise fail(json_path, f"cannot be read: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(json_path, f"is corrupted (not valid JSON: {str(e).splitlines()[0]})") from None
+    required = ("format", "config_sha256", "completed_rounds", "task", "round", "tensors", "tensors_bytes",
+                "tensors_sha256", "ledger", "elapsed_seconds", "metrics")
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise fail(json_path, f"is corrupted (missing {', '.join(missing)})")
+    if state["format"] != FORMAT:
+        raise fail(json_path, f"has format {state['format']!r}; this fedtalora reads format {FORMAT}")
+    if state["config_sha256"] != config_fingerprint(cfg_dict):
+        raise fail(json_path, "was written by a different config than the run's config.yaml (edited since, or "
+                   "a fedtalora version with other config fields); it cannot continue this run")
+    tensor_path = json_path.parent / str(state["tensors"])
+    if tensor_path.parent != json_path.parent:
+        raise fail(json_path, f"names a tensor file outside {json_path.parent}")
+    try:
+        blob = tensor_path.read_bytes()
+    except OSError as e:
+        raise fail(tensor_path, f"cannot be read: {e.strerror}") from None
+    if len(blob) != state["tensors_bytes"] or hashlib.sha256(blob).hexdigest() != state["tensors_sha256"]:
+        raise fail(tensor_path, f"is corrupted ({len(blob)} bytes, checksum does not match {json_path.name})")
+    try:
+        tensors = st_load(blob)
+    except SafetensorError as e:
+        raise fail(tensor_path, f"is corrupted ({e})") from None
+    groups: dict[str, dict[str, torch.Tensor]] = {"global": {}, "base": {}, "method": {}}
+    for name, t in tensors.items():
+        prefix, _, key = name.partition("/")
+        if prefix not in groups or not key:
+            raise fail(tensor_path, f"holds an unexpected tensor {name!r}")
+        groups[prefix][key] = t
+    return Checkpoint(
+        completed_rounds=int(state["completed_rounds"]), task=int(state["task"]), round=int(state["round"]),
+        global_state=groups["global"], base=groups["base"], method_state=groups["method"],
+        ledger=state["ledger"], metrics=state["metrics"], elapsed_seconds=float(state["elapsed_seconds"]),
+        resumes=list(state.get("resumes", [])), path=json_path,
+    )
+
+
+def load_latest(run_dir: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint | None:
+    """The most advanced checkpoint of ``run_dir``, verified (None if the run has none yet)."""
+    path = latest_path(run_dir)
+    return None if path is None else load(path, cfg_dict)
+
+
+def check_tensors(ckpt: Checkpoint, what: str, got: Mapping[str, torch.Tensor],
+                  expected: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointError` unless ``got`` has exactly the keys and shapes of ``expected``."""
+    where = ckpt.path if ckpt.path is not None else "checkpoint"
+    reason = tensor_mismatch(got, expected)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {where} does not match the model: {what} {reason}")
+
+
+# --- the final model -----------------------------------------------------------------------------
+
+
+def _frozen_tensors(model: FedModel) -> dict[str, torch.Tensor]:
+    """The backbone tensors a run never changes: all but the stored ones (:func:`final_state`)."""
+    stored = {id(p) for p in model.parameters_by_key().values()}
+    stored |= {id(model.base_weight(p.layer)) for p in model.lora_pairs()}
+    out = {n: p for n, p in model.backbone.named_parameters() if id(p) not in stored}
+    out.update(dict(model.backbone.named_buffers()))
+    return out
+
+
+def fingerprint(model: FedModel) -> dict[str, float]:
+    """Per-tensor float64 sums of the tensors :func:`save_final` does not store."""
+    return {k: float(t.detach().double().sum()) for k, t in sorted(_frozen_tensors(model).items())}
+
+
+def final_state(model: FedModel) -> dict[str, torch.Tensor]:
+    """``global/<key>`` and ``base/<layer>`` tensors of ``model`` (CPU, contiguous copies)."""
+    tensors = {f"global/{k}": p for k, p in model.parameters_by_key().items()}
+    tensors.update({f"base/{p.layer}": model.base_weight(p.layer) for p in model.lora_pairs()})
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_final(model: FedModel, path: Path) -> Path:
+    """Write the model's final state to ``path`` atomically (safetensors); returns ``path``."""
+    meta = {
+        "format": FINAL_FORMAT,
+        "fedtalora": __version__,
+        "num_classes": str(model.head.out_features),
+        "fingerprint": json.dumps(fingerprint(model)),
+    }
+    atomic_write_bytes(path, st_save(final_state(model), metadata=meta))
+    return path
+
+
+def read_final(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a final-model file.
+
+    Raises:
+        ModelError: the file is missing, not safetensors, or not a fedtalora final model.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist (the run did not finish, or an older fedtalora wrote it)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != FINAL_FORMAT:
+        raise ModelError(f"{path} is not a fedtalora final model (format {meta.get('format')!r}, expected {FINAL_FORMAT})")
+    return tensors, meta
+
+
+def load_into(model: FedModel, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: Path) -> None:
+    """Load a final state into a freshly built ``model`` after checking that it is the same model."""
+    params = model.parameters_by_key()
+    bases = {p.layer: model.base_weight(p.layer) for p in model.lora_pairs()}
+    expected = {f"global/{k}": v for k, v in params.items()} | {f"base/{k}": v for k, v in bases.items()}
+    reason = tensor_mismatch(tensors, expected, check_dtype=False)
+    if reason is not None:
+        raise ModelError(f"{source} does not match the model built from the run's config: {reason}")
+    saved = json.loads(meta.get("fingerprint", "{}"))
+    now = fingerprint(model)
+    bad = [k for k in now if k not in saved or not math.isclose(now[k], saved[k], rel_tol=FINGERPRINT_RTOL,
+                                                                  abs_tol=FINGERPRINT_RTOL)]
+    if bad or set(saved) != set(now):
+        raise ModelError(f"{source}: the backbone rebuilt from config.yaml differs from the run's (first: "
+                         f"{(bad or sorted(set(saved) ^ set(now)))[0]}); other pretrained weights or timm version?")
+    with torch.no_grad():
+        for layer, w in bases.items():
+            w.copy_(tensors[f"base/{layer}"])
+        for k, p in params.items():
+            p.copy_(tensors[f"global/{k}"])
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The resolved config of a run directory (``config.yaml``)."""
+    from ..config import resolve
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    return resolve(str(path), [])
+
+
+def load_final(run_dir: Path, device: str | torch.device = "cpu") -> FedModel:
+    """Rebuild a run's final global model from ``config.yaml`` and ``final_model.safetensors``.
+
+    Raises:
+        ConfigError: ``run_dir`` has no readable config.
+        ModelError: no final model, a corrupted one, or a backbone that rebuilds differently.
+    """
+    from .build import build_components
+
+    cfg = run_config(run_dir)
+    path = run_dir / FINAL_MODEL
+    tensors, meta = read_final(path)
+    num_classes = int(meta.get("num_classes", tensors["global/head.weight"].shape[0]))
+    model = build_components(cfg, num_classes).model  # with the tensors the method trains beyond LoRA and head
+    load_into(model, tensors, meta, path)
+    model.eval()
+    return model.to(device)
+
+
+# --- the run directory of a run ---------------------------------------------------------------------
+
+METRICS = "metrics.json"
+
+
+def write_metrics(run_dir: Path, history: History) -> None:
+    """Rewrite ``RUN_DIR/metrics.json`` from the run's history."""
+    atomic_write_text(run_dir / METRICS, history.to_json())
+
+
+def method_state(method: Method, classifier: Classifier) -> dict[str, torch.Tensor]:
+    """The server-side state a resumed run needs: the method's, and the classifier's as ``classifier.<key>``."""
+    state = dict(method.checkpoint_state())
+    state.update({f"classifier.{k}": v for k, v in classifier.checkpoint_state().items()})
+    return state
+
+
+def open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: bool) -> Checkpoint | None:
+    """Write the run's fixed files (fresh run) or verify them and load the latest checkpoint (resume)."""
+    if run_dir is None:
+        return None
+    partitions = exp.partitions_json()
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "partitions.json", json.dumps(partitions))
+        return None
+    ckpt = load_latest(run_dir, cfg.to_dict())
+    part_file = run_dir / "partitions.json"
+    if part_file.is_file():
+        try:
+            saved = json.loads(part_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = None
+        if saved != json.loads(json.dumps(partitions)):
+            raise CheckpointError(f"{part_file} differs from the partitions this config draws now (other data "
+                                  "or another fedtalora version?); the run cannot be resumed exactly")
+    else:
+        atomic_write_text(part_file, json.dumps(partitions))
+    for stale in (run_dir / DIRNAME).glob("*.tmp"):  # torn writes of the crashed session
+        stale.unlink(missing_ok=True)
+    if ckpt is None:
+        logger.warning("%s has no checkpoint yet: starting the run from its first round", run_dir)
+    return ckpt
+
+
+def restore(ckpt: Checkpoint, setup: Setup, initial: dict[str, torch.Tensor],
+            ledger: DownlinkLedger) -> tuple[dict[str, torch.Tensor], History]:
+    """Load a checkpoint into the model, method, classifier and ledger; returns (global state, history so far)."""
+    model, method, classifier = setup.model, setup.method, setup.classifier
+    check_tensors(ckpt, "global state", ckpt.global_state, initial)
+    bases = {p.layer: model.base_weight(p.layer) for p in model.lora_pairs()}
+    check_tensors(ckpt, "base weights", ckpt.base, bases)
+    with torch.no_grad():
+        for layer, w in bases.items():
+            w.copy_(ckpt.base[layer])
+    model.load_trainable(ckpt.global_state)
+    own = {k: v for k, v in ckpt.method_state.items() if not k.startswith("classifier.")}
+    theirs = {k[len("classifier."):]: v for k, v in ckpt.method_state.items() if k.startswith("classifier.")}
+    try:
+        method.load_checkpoint_state(own)
+        classifier.load_checkpoint_state(theirs)
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {e}") from None
+    try:
+        ledger.load_state_dict(ckpt.ledger)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"checkpoint {ckpt.path} has a corrupted or foreign communication ledger") from None
+    try:
+        history = History.from_dict(ckpt.metrics)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {ckpt.path} holds malformed metrics") from None
+    return {k: ckpt.global_state[k] for k in initial}, history  # in the model's key order
