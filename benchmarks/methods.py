@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fedtalora.config import RunConfig, resolve
-from fedtalora.engine import run
+from fedtalora.api import run
 from fedtalora.methods import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -147,7 +147,7 @@ def _lora_cfg(blocks: list[int], rank: int = 8) -> Any:
 def _ours(model: Any, split: Any, targets: np.ndarray, transform: Any, train_cfg: Any, mask: torch.Tensor | None,
           seed: int) -> Callable[[], float]:
     """One client round of :func:`fedtalora.client.local_train` on all of ``split``; returns samples/s."""
-    from fedtalora.client import local_train
+    from fedtalora.fed.client import local_train
     from fedtalora.config import RunConfig
     from fedtalora.methods import METHODS
 
@@ -297,8 +297,8 @@ def setup_text(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[
     from fedtalora.config import ModelConfig, TrainConfig
     from fedtalora.data import Split
     from fedtalora.model import build_model
-    from fedtalora.text_data import TextTransform, tokenize_split
-    from fedtalora.text_model import resolve_source
+    from fedtalora.data.transforms import TextTransform, tokenize_split
+    from fedtalora.model.hf import resolve_source
 
     B, n, C, blocks = args.batch_size, args.samples, 77, [0, 1, 2]
     ours_model = build_model(ModelConfig(backbone="minilm", pretrained=True), _lora_cfg(blocks), C, 0, 0)
@@ -366,7 +366,7 @@ def _vm(field: str) -> int:
 def rss_child(clients: int, image_size: int) -> dict[str, Any]:
     """One run of the engine (digits, 1 task, 1 round, every client sampled), in this process."""
     from fedtalora.config import resolve
-    from fedtalora.engine import prepare, run
+    from fedtalora.api import prepare, run
 
     cfg = resolve("demo", [
         "data.dataset=digits", f"data.image_size={image_size}", "scenario.num_tasks=1",
@@ -420,8 +420,8 @@ MINILM_SUBS = {"attention.self.query": (384, 384), "attention.self.key": (384, 3
 
 
 def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
-    from fedtalora.aggregation import LoraPair, aggregate_lora, normalize_weights
-    from fedtalora.client import local_train
+    from fedtalora.core.aggregation import LoraPair, aggregate_lora, normalize_weights
+    from fedtalora.fed.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
     from fedtalora.data import ImageTransform, Split
     from fedtalora.methods import METHODS
@@ -498,7 +498,7 @@ def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _downlink(shapes: dict[str, tuple[int, int]], K: int, r: int, head: tuple[int, int]) -> dict[str, Any]:
-    from fedtalora.aggregation import residual_nbytes
+    from fedtalora.core.aggregation import residual_nbytes
 
     dense = sum(d_out * d_in * 4 for d_out, d_in in shapes.values())
     state = sum(r * (d_out + d_in) * 4 for d_out, d_in in shapes.values()) + (head[0] + 1) * head[1] * 4
@@ -617,7 +617,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     backward the frozen backbone still needs) / the GPU's bf16 dense peak (``--peak-tflops``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedtalora.client import local_train
+    from fedtalora.fed.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
     from fedtalora.data import ImageTransform, Split
     from fedtalora.methods import METHODS

@@ -293,7 +293,7 @@ def plot_communication(run: RunData, path: Path) -> Path:
                               ("downlink_bytes", "downlink (state + residual catch-up)", "-"),
                               ("residual_bytes_factored", "the round's residual, factored", "--"),
                               ("residual_bytes_dense", "the round's residual, dense", ":")):
-        ys = [r.get(key) or 0 for r in run.rounds]
+        ys = [getattr(r, key) or 0 for r in run.rounds]
         if any(ys):
             ax.plot(xs, ys, linestyle=style, marker="o" if style == "-" else None, markersize=3, label=label)
     ax.set_ylim(bottom=0)

@@ -60,7 +60,7 @@ from ..config import RunConfig, apply_overrides, from_dict, load_preset, parse_o
 from ..errors import ConfigError, FedTaLoRAError, one_line
 from ..fed.build import check_config
 from ..fed.history import History, load_history
-from ..fed.rundir import atomic_write_text
+from ..files import atomic_write_text
 from ..registry import Registry
 
 logger = logging.getLogger(__name__)

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, one_line
+from ..files import atomic_write_text
 from ..seeding import numpy_rng
 from .types import DATASETS, Dataset, Split, stratified_split
 
@@ -485,9 +486,7 @@ def load_imagenet_r(
             split_path.parent.mkdir(parents=True, exist_ok=True)
             doc = {"dataset": "imagenet-r", "seed": seed, "test_fraction": test_fraction,
                    "train": [rel[i] for i in train_idx], "test": [rel[i] for i in test_idx]}
-            tmp = split_path.with_name(split_path.name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=0))
-            tmp.replace(split_path)
+            atomic_write_text(split_path, json.dumps(doc, indent=0))
             logger.info("ImageNet-R split (seed %d) written to %s", seed, split_path)
     train = Split(decode_images([paths[i] for i in train_idx], size, workers=workers), labels[train_idx])
     test = Split(decode_images([paths[i] for i in test_idx], size, workers=workers), labels[test_idx])

@@ -56,7 +56,7 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x.to(device, non_blocking=True)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator,
+def batches(n: int, batch_size: int, generator: torch.Generator,
              lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Shuffled mini-batches of ``range(n)``; with ``lengths``, grouped by length (see
     ``train.group_by_length``): every window of 50 batches is sorted by length, then the batches of all
@@ -67,13 +67,13 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
             yield perm[start:start + batch_size]
         return
     window = 50 * batch_size
-    batches: list[torch.Tensor] = []
+    groups: list[torch.Tensor] = []
     for w in range(0, n, window):
         chunk = perm[w:w + window]
         chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
-        batches.extend(chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size))
-    for i in torch.randperm(len(batches), generator=generator).tolist():
-        yield batches[i]
+        groups.extend(chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size))
+    for i in torch.randperm(len(groups), generator=generator).tolist():
+        yield groups[i]
 
 
 def local_train(
@@ -155,7 +155,7 @@ def train_steps(
     total = torch.zeros((), device=device)
     steps = 0
     for _ in range(cfg.local_epochs):
-        for b in _batches(len(idx), cfg.batch_size, generator, lengths):
+        for b in batches(len(idx), cfg.batch_size, generator, lengths):
             x = transform(to_device(inputs[idx[b]], device), train=True, generator=generator)
             y = to_device(targets[b], device)
             with autocast(device, cfg.precision):

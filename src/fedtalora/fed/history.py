@@ -32,9 +32,9 @@ __all__ = ["TIMING_FIELDS", "History", "RoundRecord", "TaskRecord", "load_histor
 class RoundRecord:
     """One round of one task, as the server saw it."""
 
-    task: int
-    round: int
-    clients: list[int]
+    task: int = 0
+    round: int = 0
+    clients: list[int] = field(default_factory=list)
     """The sampled clients, in the order the server processed their updates."""
     aggregated: list[int] = field(default_factory=list)
     """The clients whose update was aggregated."""
@@ -78,7 +78,7 @@ class RoundRecord:
 class TaskRecord:
     """The evaluation after a task's last round."""
 
-    task: int
+    task: int = 0
     classes: list[int] = field(default_factory=list)
     """The original class ids of the task."""
     accuracy: list[float] = field(default_factory=list)

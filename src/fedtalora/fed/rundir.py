@@ -48,7 +48,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from safetensors.torch import save as st_save
 from .. import __version__
 from ..core.validation import tensor_mismatch
 from ..errors import CheckpointError, ConfigError, ModelError
+from ..files import atomic_write_bytes, atomic_write_text
 from .history import History
 
 if TYPE_CHECKING:
@@ -112,37 +112,6 @@ def config_fingerprint(cfg_dict: Mapping[str, Any]) -> str:
     written, and whether its clients run in-process or on Flower, do not change what it computes)."""
     data = {k: v for k, v in cfg_dict.items() if k not in ("output", "engine", "flower")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# --- atomic files ---------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- writing --------------------------------------------------------------------------------------

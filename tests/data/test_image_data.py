@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fedtalora import image_data
 from fedtalora.data import DATASETS, load_dataset
+from fedtalora.data import images as image_data
 from fedtalora.errors import ConfigError, DataError
 
 

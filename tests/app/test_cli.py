@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fedtalora.cli import main
+from fedtalora.app.cli import main
 from fedtalora.config import from_dict, resolve
 from fedtalora.data import load_digits
 from fedtalora.methods import METHODS
@@ -170,7 +170,7 @@ def test_demo_command_in_process_matches_subprocess(e2e, tiny_overrides, tmp_pat
 
 
 def test_naive_averaging_has_aggregation_error(tiny_overrides) -> None:
-    from fedtalora.engine import run
+    from fedtalora.api import run
 
     m = run(resolve("demo", [*tiny_overrides, "fed.residual=false"])).metrics
     errors = [r["aggregation_error"] for r in m["rounds"]]

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from fedtalora.cli import main
+from fedtalora.api import prepare, run
+from fedtalora.app.cli import main
+from fedtalora.app.export import ADAPTER, BASE, INFO, MERGED, export, load_adapter, load_merged
 from fedtalora.config import resolve
-from fedtalora.engine import prepare, run
 from fedtalora.errors import ModelError
-from fedtalora.export import ADAPTER, BASE, INFO, MERGED, export, load_adapter, load_merged
-from fedtalora.state import FINAL_MODEL, final_state, load_final
+from fedtalora.fed.rundir import FINAL_MODEL, final_state, load_final
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedtalora.aggregation import aggregate_lora, normalize_weights
-from fedtalora.client import local_train
 from fedtalora.config import RunConfig, TrainConfig
+from fedtalora.core.aggregation import aggregate_lora, normalize_weights
 from fedtalora.data import ImageTransform, Split
 from fedtalora.errors import ConfigError
-from fedtalora.methods import METHODS
+from fedtalora.fed.build import build_method
+from fedtalora.fed.client import local_train
 from fedtalora.model import build_timm_backbone
 
 ATOL = 1e-5
@@ -83,7 +83,7 @@ def test_lora_block_out_of_range(make_tiny_model, blocks: list[int]) -> None:
 def test_local_training_leaves_frozen_weights_bit_identical(make_tiny_model) -> None:
     model = make_tiny_model(depth=2, blocks=[0, 1])
     cfg = RunConfig(train=TrainConfig(lr=0.1, head_lr=0.1, local_epochs=2, batch_size=8, device="cpu"))
-    method = METHODS.get("fedtalora")(cfg)
+    method = build_method(cfg)
     keys = method.trainable_keys(model)
     assert set(keys) == set(model.lora_parameters()) | {"head.weight", "head.bias"}
     global_state = model.trainable_state(keys)
@@ -178,10 +178,10 @@ def _reference_outputs(tiny_configs, states, weights, pairs, x) -> torch.Tensor:
 @torch.no_grad()
 def test_residual_aggregation_is_exact_and_naive_is_not(make_tiny_model, tiny_configs) -> None:
     x = _inputs()
-    method_res = METHODS.get("fedtalora")(RunConfig())
+    method_res = build_method(RunConfig())
     cfg_naive = RunConfig()
     cfg_naive.fed.residual = False
-    method_naive = METHODS.get("fedtalora")(cfg_naive)
+    method_naive = build_method(cfg_naive)
 
     model = make_tiny_model(depth=2, blocks=[0, 1], rank=4, alpha=8.0).eval()
     # Sanity: with B = 0 the LoRA model is the plain backbone it was built from (same seed).

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fedtalora.aggregation import (
+from fedtalora.core.aggregation import (
     Aggregate,
     LoraPair,
     aggregate_lora,

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from fedtalora.cli import main
+from fedtalora.api import run
+from fedtalora.app.cli import main
 from fedtalora.config import resolve
-from fedtalora.engine import run
 from fedtalora.errors import ConfigError
-from fedtalora.tracking import CSVTracker, check_tensorboard, git_commit, provenance
+from fedtalora.fed.build import git_commit, provenance
+from fedtalora.fed.tracking import CSVTracker, check_tensorboard
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -69,7 +70,7 @@ def test_environment_is_self_describing(tiny_run) -> None:
     for key in ("fedtalora", "python", "torch", "timm", "peft", "numpy"):
         assert env[key], key
     assert tiny_run["metrics"]["seed"] == 0
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     if (repo / ".git").exists():
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
         assert env["git_commit"] == head.strip()

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedtalora.aggregation import fedavg, normalize_weights
+from fedtalora.api import run
 from fedtalora.config import FaultsConfig, resolve
-from fedtalora.engine import run
-from fedtalora.faults import SCALE, corrupt, draw_fault
-from fedtalora.validation import check_update, screen_updates, update_norm
+from fedtalora.core.aggregation import fedavg, normalize_weights
+from fedtalora.core.validation import check_update, screen_updates, update_norm
+from fedtalora.fed.faults import SCALE, corrupt, draw_fault
 
 
 def _state(seed: int, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
@@ -236,7 +236,7 @@ def test_norm_bound_rejects_scaled_updates_only(tiny_overrides) -> None:
 
 
 def test_tensor_mismatch_can_ignore_dtype() -> None:
-    from fedtalora.validation import tensor_mismatch
+    from fedtalora.core.validation import tensor_mismatch
 
     ref = {"w": torch.zeros(2, 3)}
     assert tensor_mismatch({"w": torch.zeros(2, 3, dtype=torch.float64)}, ref, check_dtype=False) is None

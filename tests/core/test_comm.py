@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedtalora.comm import DownlinkLedger
+from fedtalora.core.comm import DownlinkLedger
 
 # Dense size of each adapted layer's residual. "k" never gets a residual.
 DENSE = {"q": 1000, "v": 500, "k": 800}
@@ -149,9 +149,9 @@ def test_unknown_encoding_raises() -> None:
 def test_one_update_per_round_has_no_residual_to_send(tiny_overrides: list[str]) -> None:
     """With a single aggregated update the exact residual is zero (inner dimension (K-1) r = 0): no residual
     bytes in either encoding, and the downlink is the global state alone."""
-    from fedtalora.aggregation import state_nbytes
+    from fedtalora.api import run
     from fedtalora.config import resolve
-    from fedtalora.engine import run
+    from fedtalora.core.aggregation import state_nbytes
 
     res = run(resolve("demo", [*tiny_overrides, "fed.clients_per_round=1", "scenario.num_tasks=1"]))
     m = res.metrics

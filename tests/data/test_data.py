@@ -318,9 +318,9 @@ def test_subset_dataset_keeps_inputs_with_their_labels(digits: Dataset) -> None:
 
 
 def test_experiment_uses_the_subset_and_bad_values_are_refused(tmp_path: Path) -> None:
-    from fedtalora.cli import main
+    from fedtalora.app.cli import main
     from fedtalora.config import resolve
-    from fedtalora.engine import Experiment
+    from fedtalora.fed.build import Experiment
 
     cfg = resolve("demo", ["data.train_per_class=6", "data.test_per_class=2", "partition.kind=iid"])
     exp = Experiment.build(cfg)

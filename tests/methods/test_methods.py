@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedtalora.aggregation import normalize_weights, weighted_average
+from fedtalora.api import prepare, run
 from fedtalora.config import resolve
-from fedtalora.engine import prepare, run, without_timing
+from fedtalora.core.aggregation import normalize_weights, weighted_average
 from fedtalora.errors import ConfigError
+from fedtalora.fed.build import build_method, check_config
+from fedtalora.fed.history import without_timing
+from fedtalora.fed.rundir import load_final
 from fedtalora.methods import METHODS, Method
 from fedtalora.methods.fedprox import proximal_term
 from fedtalora.methods.finetune import RunningMean
@@ -31,8 +34,6 @@ from fedtalora.methods.pilora import (
 )
 from fedtalora.methods.prompt import PromptPool, select_and_match
 from fedtalora.model import build_model
-from fedtalora.state import load_final
-from test_text import _text_overrides, _write_banking, tiny_bert  # noqa: F401  (tiny_bert is a fixture)
 
 SCHEMA = ("method", "seed", "complete", "accuracy_matrix", "rounds", "tasks", "trainable_parameters",
           "final_average_accuracy", "average_incremental_accuracy", "forgetting", "seen_accuracy",
@@ -84,9 +85,9 @@ def test_every_method_runs_the_loop_and_writes_the_metrics_schema(name: str, run
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_runs_on_a_text_backbone(name: str, tiny_bert, tmp_path) -> None:  # noqa: F811
-    data = _write_banking(tmp_path / "b77")
-    cfg = resolve("demo", [*_text_overrides(tiny_bert, data), f"method={name}"])
+def test_every_method_runs_on_a_text_backbone(name: str, tiny_bert, tmp_path, write_banking, text_overrides) -> None:  # noqa: F811
+    data = write_banking(tmp_path / "b77")
+    cfg = resolve("demo", [*text_overrides(tiny_bert, data), f"method={name}"])
     res = run(cfg, run_dir=tmp_path / "run")
     m = res.metrics
     assert m["complete"] and len(m["rounds"]) == 4 and [len(r) for r in m["accuracy_matrix"]] == [2, 2]
@@ -110,7 +111,7 @@ def test_planned_methods_cannot_run() -> None:
     assert not set(METHODS.planned()) & set(METHODS.names())
     for name in METHODS.planned():
         with pytest.raises(ConfigError, match="planned"):
-            resolve("demo", [f"method={name}"])
+            check_config(resolve("demo", [f"method={name}"]))
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
@@ -123,12 +124,12 @@ def test_planned_methods_cannot_run() -> None:
 ])
 def test_method_options_are_validated_strictly(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        resolve("demo", overrides)
+        check_config(resolve("demo", overrides))
 
 
 def test_method_options_reach_the_method() -> None:
     cfg = resolve("demo", ["method=fedprox", "method_options.mu=0.25"])
-    method = METHODS.get("fedprox")(cfg)
+    method = build_method(cfg)
     assert method.options.mu == 0.25
     assert METHODS.get("pilora").option_names() == ["ortho", "l1", "pl", "temperature", "prototypes"]
 
@@ -200,8 +201,8 @@ def test_fedprox_with_mu_zero_is_exactly_fedtalora(residual: str, tiny_overrides
 
 def test_fedprox_pulls_the_local_model_towards_the_global_one(tiny_overrides) -> None:
     """A larger mu keeps the client's trained tensors closer to the state it received."""
-    from fedtalora.client import local_train
-    from fedtalora.engine import _class_mask
+    from fedtalora.fed.client import local_train
+    from fedtalora.fed.transport import class_mask
 
     drift = {}
     for mu in (0.0, 50.0):
@@ -213,7 +214,7 @@ def test_fedprox_pulls_the_local_model_towards_the_global_one(tiny_overrides) ->
         mask = torch.zeros(exp.scenario.num_classes, dtype=torch.bool)
         mask[:5] = True
         res = local_train(model, method, start, client=0, split=exp.dataset.train, indices=idx,
-                          targets=exp.train_targets[idx], class_mask=_class_mask("task", mask, exp.train_targets[idx]),
+                          targets=exp.train_targets[idx], class_mask=class_mask("task", mask, exp.train_targets[idx]),
                           transform=setup.transform, cfg=setup.cfg.train, generator=torch.Generator().manual_seed(0),
                           device=torch.device("cpu"))
         drift[mu] = float(proximal_term(res.state, start)) ** 0.5
@@ -372,7 +373,7 @@ def test_pilora_prototypes_are_the_weighted_class_means_of_client_features(tiny_
 
 def test_pilora_predicts_the_nearest_prototype(tiny_overrides) -> None:
     cfg = _cfg(tiny_overrides, "method=pilora")
-    method = METHODS.get("pilora")(cfg)
+    method = build_method(cfg)
     model = build_model(cfg.model, cfg.lora, 4, cfg.data.image_size, cfg.seed)
     x = torch.randn(6, 3, 8, 8)
     with torch.no_grad():
@@ -404,7 +405,7 @@ def test_pilora_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path) ->
 
 def test_pilora_checkpoint_state_round_trip(tiny_overrides) -> None:
     cfg = _cfg(tiny_overrides, "method=pilora")
-    a, b = METHODS.get("pilora")(cfg), METHODS.get("pilora")(cfg)
+    a, b = build_method(cfg), build_method(cfg)
     a.previous_A = [{"x": torch.randn(2, 3)}, {"x": torch.randn(2, 3)}]
     b.load_checkpoint_state(a.checkpoint_state())
     assert len(b.previous_A) == 2 and all(torch.equal(b.previous_A[t]["x"], a.previous_A[t]["x"]) for t in range(2))
@@ -490,7 +491,7 @@ def test_prompt_selects_the_best_matching_keys() -> None:
 ])
 def test_prompt_options(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        resolve("demo", overrides)
+        check_config(resolve("demo", overrides))
 
 
 # --- hooks ------------------------------------------------------------------------------------------
@@ -498,7 +499,7 @@ def test_prompt_options(overrides: list[str], match: str) -> None:
 
 def test_base_method_defaults_are_fedtalora(tiny_overrides) -> None:
     cfg = _cfg(tiny_overrides)
-    assert isinstance(METHODS.get("fedtalora")(cfg), Method)
+    assert isinstance(build_method(cfg), Method)
     assert METHODS.get("fedtalora").Options is None
 
 

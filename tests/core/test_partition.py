@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtalora.errors import ConfigError, DataError, PartitionError
-from fedtalora.partition import (
+from fedtalora.core.partition import (
     class_counts,
     partition_dirichlet,
     partition_iid,
@@ -14,6 +13,7 @@ from fedtalora.partition import (
     partition_task,
     skew,
 )
+from fedtalora.errors import ConfigError, DataError, PartitionError
 from fedtalora.seeding import numpy_rng
 
 KINDS = {

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env
-from fedtalora import checkpoint
-from fedtalora.cli import main
+from fedtalora.api import run
+from fedtalora.app.cli import main
 from fedtalora.config import resolve
-from fedtalora.engine import TIMING_FIELDS, run, without_timing
+from fedtalora.fed import rundir
+from fedtalora.fed.history import TIMING_FIELDS, without_timing
 
 # 2 tasks x 3 rounds; 3 of 4 clients per round; LoRA dropout (the model's own randomness) and
 # injected faults on, so that every kind of state a round leaves behind has to survive a resume.
@@ -51,13 +51,13 @@ def reference(overrides, tmp_path_factory) -> dict[str, Any]:
 
 
 def _final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = checkpoint.latest_path(run_dir)
+    path = rundir.latest_path(run_dir)
     assert path is not None and path.name == f"round-{TOTAL:06d}.json"
     return load_file(path.with_suffix(".safetensors"))
 
 
 def _latest_round(run_dir: Path) -> int:
-    path = checkpoint.latest_path(run_dir)
+    path = rundir.latest_path(run_dir)
     return 0 if path is None else int(path.stem.split("-")[1])
 
 
@@ -97,7 +97,7 @@ def test_without_timing_drops_exactly_the_timing_fields(reference) -> None:
     assert "seconds" in m["rounds"][0]  # the input is not modified
 
 
-def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path) -> None:
+def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path, cli_env) -> None:
     """A real process, killed with SIGKILL once the checkpoint of a random round exists (plus a random
     few milliseconds, so the kill lands anywhere in the next round, writes included)."""
     rng = random.Random()
@@ -108,7 +108,7 @@ def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path) -
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
              f"output.dir={tmp_path}", "output.name=killed"],
-            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )
         try:
             deadline = time.monotonic() + 300  # a guard against a hung child, not a timing assertion
@@ -130,7 +130,7 @@ def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path) -
 
     assert main(["resume", str(run_dir), "--quiet"]) == 0, info
     _assert_same_as_reference(run_dir, reference)
-    state = json.loads(checkpoint.latest_path(run_dir).read_text())
+    state = json.loads(rundir.latest_path(run_dir).read_text())
     assert state["resumes"] == [{"completed_rounds": resumed_from}], info
 
 
@@ -167,7 +167,7 @@ def test_torn_writes_are_ignored(overrides, reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
     with pytest.raises(_Crash):
         run(resolve("demo", overrides), run_dir=run_dir, progress=_crash_at(3))
-    folder = run_dir / checkpoint.DIRNAME
+    folder = run_dir / rundir.DIRNAME
     (folder / "round-000004.safetensors").write_bytes(b"half a file")
     (folder / "round-000004.json.tmp").write_text('{"format": 1, "complet')
     (run_dir / "metrics.json.tmp").write_text("{")
@@ -180,12 +180,12 @@ def test_torn_writes_are_ignored(overrides, reference, tmp_path) -> None:
 def test_keep_all_and_none(overrides, reference, tmp_path) -> None:
     every = tmp_path / "all"
     run(resolve("demo", [*overrides, "output.checkpoints=all"]), run_dir=every)
-    names = sorted(p.name for p in (every / checkpoint.DIRNAME).iterdir())
+    names = sorted(p.name for p in (every / rundir.DIRNAME).iterdir())
     assert names == sorted([f"round-{i:06d}.{ext}" for i in range(1, TOTAL + 1) for ext in ("json", "safetensors")])
     # Each one is a valid, verified checkpoint of its round.
     cfg = resolve("demo", [*overrides, "output.checkpoints=all"]).to_dict()
     for i in range(1, TOTAL + 1):
-        ck = checkpoint.load(every / checkpoint.DIRNAME / f"round-{i:06d}.json", cfg)
+        ck = rundir.load(every / rundir.DIRNAME / f"round-{i:06d}.json", cfg)
         assert ck.completed_rounds == i and len(ck.metrics["rounds"]) == i
         assert (ck.task, ck.round) == divmod(i - 1, ROUNDS)
 
@@ -193,7 +193,7 @@ def test_keep_all_and_none(overrides, reference, tmp_path) -> None:
     cfg_none = resolve("demo", [*overrides, "output.checkpoints=none"])
     with pytest.raises(_Crash):
         run(cfg_none, run_dir=none, progress=_crash_at(4))
-    assert not (none / checkpoint.DIRNAME).exists()
+    assert not (none / rundir.DIRNAME).exists()
     run(cfg_none, run_dir=none, resume=True)  # nothing to resume from: starts over, same result
     m = json.loads((none / "metrics.json").read_text())
     assert without_timing(m) == without_timing(reference["metrics"])
@@ -214,7 +214,7 @@ def test_run_with_resume_flag_and_matching_config(overrides, reference, tmp_path
 def test_checkpoint_contents(reference, overrides) -> None:
     """The tensors are the global trainable state and the adapted base weights; the JSON names them."""
     run_dir = reference["run_dir"]
-    ck = checkpoint.load_latest(run_dir, resolve("demo", overrides).to_dict())
+    ck = rundir.load_latest(run_dir, resolve("demo", overrides).to_dict())
     assert ck is not None and ck.completed_rounds == TOTAL and (ck.task, ck.round) == (TASKS - 1, ROUNDS - 1)
     assert len(ck.base) == 8  # 2 blocks x qkv, proj, fc1, fc2
     assert all(".lora_A" in k or ".lora_B" in k or k.startswith("head.") for k in ck.global_state)

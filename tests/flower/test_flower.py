@@ -32,15 +32,15 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-from conftest import TINY_OVERRIDES, cli_env  # noqa: E402
-from fedtalora.aggregation import aggregate_lora, normalize_weights  # noqa: E402
-from fedtalora.checkpoint import config_fingerprint  # noqa: E402
+from fedtalora.api import prepare, run  # noqa: E402
 from fedtalora.config import resolve  # noqa: E402
-from fedtalora.engine import prepare, run  # noqa: E402
+from fedtalora.core.aggregation import aggregate_lora, normalize_weights  # noqa: E402
 from fedtalora.errors import ConfigError  # noqa: E402
+from fedtalora.fed.loop import run_loop  # noqa: E402
+from fedtalora.fed.rundir import config_fingerprint  # noqa: E402
 from fedtalora.flower import protocol as P  # noqa: E402
 from fedtalora.flower.client_app import app as client_app  # noqa: E402
-from fedtalora.flower.transport import GridTransport, short_error  # noqa: E402
+from fedtalora.flower.grid import GridTransport, short_error  # noqa: E402
 
 REL = 1e-5  # float tolerance between engines (the runs below agree bit for bit on one machine)
 AGG_BOUND = 1e-6
@@ -48,8 +48,8 @@ AGG_BOUND = 1e-6
 the engines are held to the same bound rather than to the same noise."""
 
 
-def tiny(*extra: str):  # noqa: ANN201
-    return resolve("demo", [*TINY_OVERRIDES, *extra])
+def tiny(tiny_overrides: list[str], *extra: str):  # noqa: ANN201
+    return resolve("demo", [*tiny_overrides, *extra])
 
 
 def assert_same_numbers(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -113,24 +113,24 @@ def test_malformed_catch_up_is_refused(make_tiny_model) -> None:
         P.apply_catch_up(make_tiny_model(), {"no.such.layer": torch.zeros(2, 2)})
 
 
-def test_engine_key_is_validated_and_methods_needing_server_state_are_refused() -> None:
+def test_engine_key_is_validated_and_methods_needing_server_state_are_refused(tiny_overrides) -> None:
     with pytest.raises(ConfigError, match="engine"):
-        tiny("engine=flower-simulation")
+        tiny(tiny_overrides, "engine=flower-simulation")
     with pytest.raises(ConfigError, match="flower.round_timeout"):
-        tiny("flower.round_timeout=-1")
-    with pytest.raises(ConfigError, match="method='pilora' cannot run with engine=flower-sim.*on_task_start"):
-        prepare(tiny("method=pilora", "engine=flower-sim"))
+        tiny(tiny_overrides, "flower.round_timeout=-1")
+    with pytest.raises(ConfigError, match="method=.pilora. cannot run with engine=flower-sim.*server-side state"):
+        prepare(tiny(tiny_overrides, "method=pilora", "engine=flower-sim"))
     for method in ("fedtalora", "fedlora", "ffa-lora", "fedprox", "head-only", "finetune"):
-        prepare(tiny(f"method={method}", "engine=flower-sim", "model.kwargs={patch_size: 4, depth: 1, embed_dim: 16, "
+        prepare(tiny(tiny_overrides, f"method={method}", "engine=flower-sim", "model.kwargs={patch_size: 4, depth: 1, embed_dim: 16, "
                      "num_heads: 2}", "lora.blocks=[0]"))
 
 
-def test_the_engine_does_not_change_what_a_run_computes() -> None:
+def test_the_engine_does_not_change_what_a_run_computes(tiny_overrides) -> None:
     """A run can be resumed under another engine: the checkpoint fingerprint ignores engine and flower.*."""
-    fps = {config_fingerprint(tiny(f"engine={e}", "flower.round_timeout=5").to_dict())
+    fps = {config_fingerprint(tiny(tiny_overrides, f"engine={e}", "flower.round_timeout=5").to_dict())
            for e in ("inprocess", "flower-sim", "flower")}
     assert len(fps) == 1
-    assert config_fingerprint(tiny("seed=1").to_dict()) not in fps
+    assert config_fingerprint(tiny(tiny_overrides, "seed=1").to_dict()) not in fps
 
 
 def test_short_error_keeps_the_clients_message() -> None:
@@ -141,8 +141,8 @@ def test_short_error_keeps_the_clients_message() -> None:
         "InjectedCrash: injected crash"
 
 
-def test_flower_app_folder(tmp_path: Path, run_cli) -> None:
-    rc, out, err = run_cli(["flower-app", str(tmp_path / "app"), "demo", *TINY_OVERRIDES], cwd=tmp_path)
+def test_flower_app_folder(tmp_path: Path, run_cli, tiny_overrides) -> None:
+    rc, out, err = run_cli(["flower-app", str(tmp_path / "app"), "demo", *tiny_overrides], cwd=tmp_path)
     assert rc == 0, err
     text = (tmp_path / "app" / "pyproject.toml").read_text()
     assert 'serverapp = "fedtalora.flower.server_app:app"' in text
@@ -222,15 +222,15 @@ class InMemoryGrid(Grid):
 
 def run_on_grid(cfg: Any, grid: InMemoryGrid, run_dir: Path | None = None) -> dict[str, Any]:
     transport = GridTransport(grid, engine="flower", run_dir=run_dir)
-    return run(cfg, run_dir, transport=transport).metrics
+    return run_loop(prepare(cfg), run_dir, None, transport).metrics
 
 
-def test_in_memory_grid_matches_inprocess_with_partial_participation_crashes_and_prototypes(tmp_path: Path) -> None:
+def test_in_memory_grid_matches_inprocess_with_partial_participation_crashes_and_prototypes(tmp_path: Path, tiny_overrides) -> None:
     overrides = ["fed.num_clients=4", "fed.clients_per_round=2", "fed.rounds_per_task=3",
                  "faults.client_dropout=0.25", "classifier.kind=prototype", "partition.min_samples=3"]
-    ref = run(tiny(*overrides)).metrics
+    ref = run(tiny(tiny_overrides, *overrides)).metrics
     grid = InMemoryGrid(4)
-    got = run_on_grid(tiny(*overrides, "engine=flower"), grid, tmp_path / "run")
+    got = run_on_grid(tiny(tiny_overrides, *overrides, "engine=flower"), grid, tmp_path / "run")
     assert_same_numbers(ref, got)
     assert got["engine"] == "flower"
     # Injected crashes happened on the clients, were dropped, and are counted.
@@ -258,14 +258,14 @@ def test_in_memory_grid_matches_inprocess_with_partial_participation_crashes_and
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["wire"] == got["wire"]
 
 
-def test_catch_up_is_factored_when_smaller_and_dense_otherwise(tmp_path: Path) -> None:
+def test_catch_up_is_factored_when_smaller_and_dense_otherwise(tmp_path: Path, tiny_overrides) -> None:
     """A client that missed few rounds gets the factors of those rounds; one whose factors would outweigh
     the dense base gets the base. The client's base always equals the server's afterwards."""
     # 6 clients, 2 per round (the residual of one update is zero): most clients miss several rounds.
     overrides = ["fed.num_clients=6", "fed.clients_per_round=2", "fed.rounds_per_task=6", "scenario.num_tasks=1",
                  "partition.min_samples=3", "lora.rank=8"]
     grid = InMemoryGrid(6)
-    cfg = tiny(*overrides, "engine=flower")
+    cfg = tiny(tiny_overrides, *overrides, "engine=flower")
     setup = prepare(cfg)
     transport = GridTransport(grid, engine="flower")
     seen_plans: list[dict[str, Any]] = []
@@ -278,8 +278,8 @@ def test_catch_up_is_factored_when_smaller_and_dense_otherwise(tmp_path: Path) -
         return frm, record
 
     transport._catch_up = spy  # type: ignore[method-assign]
-    metrics = run(setup, transport=transport).metrics
-    assert_same_numbers(run(tiny(*overrides)).metrics, metrics)
+    metrics = run_loop(setup, None, None, transport).metrics
+    assert_same_numbers(run(tiny(tiny_overrides, *overrides)).metrics, metrics)
     # Per layer, the smaller form: the factors of the missed rounds ((d_out + d_in) (K-1) r floats each,
     # K = 2 updates per round) unless they outweigh the dense base (or the client's version is unknown).
     r = setup.cfg.lora.rank
@@ -307,12 +307,12 @@ def test_catch_up_is_factored_when_smaller_and_dense_otherwise(tmp_path: Path) -
                 assert torch.equal(t, setup.model.base_weight(name)), (node, name)
 
 
-def test_a_client_without_its_partition_or_with_another_manifest_stops_the_run_at_the_start(tmp_path: Path) -> None:
-    cfg = tiny("engine=flower", "flower.connect_timeout=5")
+def test_a_client_without_its_partition_or_with_another_manifest_stops_the_run_at_the_start(tmp_path: Path, tiny_overrides) -> None:
+    cfg = tiny(tiny_overrides, "engine=flower", "flower.connect_timeout=5")
     with pytest.raises(Exception, match="partition-id"):
         run_on_grid(cfg, InMemoryGrid(3, {1: {"partition-id": "x"}}))
     other = tmp_path / "other.json"
-    manifest = prepare(tiny("seed=7")).exp.partitions_json()
+    manifest = prepare(tiny(tiny_overrides, "seed=7")).exp.partitions_json()
     other.write_text(json.dumps(manifest))
     grid = InMemoryGrid(3, {2: {"partitions": str(other)}})
     metrics = run_on_grid(cfg, grid)  # hello succeeds; client 2's samples disagree -> it fails every round
@@ -324,11 +324,11 @@ def test_a_client_without_its_partition_or_with_another_manifest_stops_the_run_a
 # --- Flower's simulation runtime (Ray) ------------------------------------------------------------------
 
 
-def test_flower_sim_matches_inprocess(tmp_path: Path) -> None:
+def test_flower_sim_matches_inprocess(tmp_path: Path, tiny_overrides) -> None:
     pytest.importorskip("ray")
-    cfg = tiny()  # 2 tasks x 2 rounds, 3 clients
+    cfg = tiny(tiny_overrides)  # 2 tasks x 2 rounds, 3 clients
     ref = run(cfg).metrics
-    got = run(tiny("engine=flower-sim"), tmp_path / "sim").metrics
+    got = run(tiny(tiny_overrides, "engine=flower-sim"), tmp_path / "sim").metrics
     assert_same_numbers(ref, got)
     assert got["engine"] == "flower-sim"
     saved = json.loads((tmp_path / "sim" / "metrics.json").read_text())
@@ -338,13 +338,13 @@ def test_flower_sim_matches_inprocess(tmp_path: Path) -> None:
         assert r["wire_residual_bytes"] >= len(r["clients"]) * r_prev["residual_bytes_factored"]
 
 
-def test_flower_sim_survives_a_client_crash_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_flower_sim_survives_a_client_crash_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_overrides) -> None:
     pytest.importorskip("ray")
     extra = ["scenario.num_tasks=1", "faults.client_dropout=0.35", "seed=3"]
-    ref = run(tiny(*extra)).metrics
+    ref = run(tiny(tiny_overrides, *extra)).metrics
     assert ref["reliability"]["dropped_clients"] >= 1 and not any(r["skipped"] for r in ref["rounds"])
     with caplog.at_level(logging.WARNING, logger="fedtalora"):
-        got = run(tiny(*extra, "engine=flower-sim"), tmp_path / "sim").metrics
+        got = run(tiny(tiny_overrides, *extra, "engine=flower-sim"), tmp_path / "sim").metrics
     assert got["complete"]
     assert_same_numbers(ref, got)
     crashed = [(r["round"], e["client"]) for r in got["rounds"] for e in r["client_errors"]]
@@ -358,13 +358,13 @@ def test_flower_sim_survives_a_client_crash_mid_round(tmp_path: Path, caplog: py
 # --- a loopback deployment: SuperLink + SuperNodes as subprocesses -------------------------------------
 
 
-def test_loopback_deployment(tmp_path: Path) -> None:
+def test_loopback_deployment(tmp_path: Path, cli_env, tiny_overrides) -> None:
     from fedtalora.flower.deployment import LocalDeployment
 
-    overrides = [o for o in TINY_OVERRIDES if not o.startswith("scenario.num_tasks")]
+    overrides = [o for o in tiny_overrides if not o.startswith("scenario.num_tasks")]
     overrides += ["scenario.num_tasks=1", "fed.rounds_per_task=2", "flower.round_timeout=300",
                   "flower.connect_timeout=120"]
-    dep = LocalDeployment(3, tmp_path / "deployment", env=cli_env())
+    dep = LocalDeployment(3, tmp_path / "deployment", env=cli_env)
     try:
         with dep:
             assert len(dep.alive()) >= 4  # SuperLink, its SuperExec, 3 SuperNodes (+ theirs)

@@ -13,24 +13,26 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TINY_OVERRIDES
-from fedtalora import sweep
-from fedtalora.cli import main
+from fedtalora.app import sweep as sweep
+from fedtalora.app.cli import main
+from fedtalora.app.sweep import load_grid, plan, run_local, run_sweep
 from fedtalora.config import RunConfig
 from fedtalora.errors import ConfigError
-from fedtalora.sweep import load_grid, plan, run_local, run_sweep
-
-# Tiny runs: 2 tasks x 1 round (a few seconds each).
-COMMON = [*(o for o in TINY_OVERRIDES if not o.startswith("partition.")), "fed.rounds_per_task=1"]
 
 
-def write_grid(folder: Path, **grid: Any) -> Path:
+@pytest.fixture(scope="session")
+def common(tiny_overrides) -> list[str]:
+    """Tiny runs: 2 tasks x 1 round (a few seconds each)."""
+    return [*(o for o in tiny_overrides if not o.startswith("partition.")), "fed.rounds_per_task=1"]
+
+
+def write_grid(folder: Path, common: list[str], **grid: Any) -> Path:
     """Two presets next to the grid file (relative paths) and the grid itself."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dir.yaml").write_text("# Dirichlet\nextends: demo\npartition: {kind: dirichlet, beta: 0.5, min_samples: 5}\n")
     (folder / "iid.yaml").write_text("# IID\nextends: demo\npartition: {kind: iid}\n")
     data = {"name": "g", "output": str(folder / "out"), "presets": ["dir.yaml", "iid.yaml"], "seeds": [0, 1],
-            "common": COMMON, **grid}
+            "common": common, **grid}
     path = folder / "grid.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -42,10 +44,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def full_sweep(tmp_path_factory) -> tuple[Path, sweep.SweepResult]:
+def full_sweep(tmp_path_factory, common) -> tuple[Path, sweep.SweepResult]:
     """The 2-preset x 2-seed sweep, run once for the module."""
     folder = tmp_path_factory.mktemp("full")
-    grid = load_grid(str(write_grid(folder)))
+    grid = load_grid(str(write_grid(folder, common)))
     return folder, run_sweep(grid)
 
 
@@ -109,10 +111,10 @@ def test_rerunning_a_complete_sweep_runs_nothing(full_sweep) -> None:
 # Interrupted, then resumed
 
 
-def test_resumed_sweep_repeats_nothing_already_complete(full_sweep, tmp_path: Path) -> None:
-    from fedtalora.engine import run
+def test_resumed_sweep_repeats_nothing_already_complete(full_sweep, tmp_path: Path, common) -> None:
+    from fedtalora.api import run
 
-    grid = load_grid(str(write_grid(tmp_path, seeds=[0, 1], presets=["dir.yaml", "iid.yaml"])))
+    grid = load_grid(str(write_grid(tmp_path, common, seeds=[0, 1], presets=["dir.yaml", "iid.yaml"])))
     grid = dataclasses.replace(grid, seeds=(0,))  # 2 runs: the first completes, the second is interrupted
     started: list[str] = []
 
@@ -175,8 +177,8 @@ def fake_runner(fail: set[str]):
     return runner
 
 
-def test_one_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    grid = load_grid(str(write_grid(tmp_path, seeds=[0, 1, 2])))
+def test_one_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, common) -> None:
+    grid = load_grid(str(write_grid(tmp_path, common, seeds=[0, 1, 2])))
     result = run_sweep(grid, runner=fake_runner({"dir--seed1"}))
     status = {r.name: r.status for r in result.runs}
     assert status.pop("dir--seed1") == "failed" and set(status.values()) == {"complete"}
@@ -197,8 +199,8 @@ def test_one_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> N
     assert calls == ["dir--seed1"]
 
 
-def test_a_run_that_fails_in_the_engine_does_not_stop_the_cli_sweep(tmp_path: Path, capsys) -> None:
-    path = write_grid(tmp_path, presets=["iid.yaml"], seeds=[0],
+def test_a_run_that_fails_in_the_engine_does_not_stop_the_cli_sweep(tmp_path: Path, capsys, common) -> None:
+    path = write_grid(tmp_path, common, presets=["iid.yaml"], seeds=[0],
                       overrides=[{"label": "bad blocks", "set": ["lora.blocks=[0,7]"]}, []])
     rc = main(["sweep", str(path), "--quiet"])
     out, err = capsys.readouterr()
@@ -210,8 +212,8 @@ def test_a_run_that_fails_in_the_engine_does_not_stop_the_cli_sweep(tmp_path: Pa
     assert "| iid | bad blocks | iid | 0/1 (1 failed) |" in out and "sweep directory:" in out
 
 
-def test_a_directory_holding_another_config_is_not_overwritten(tmp_path: Path) -> None:
-    grid = load_grid(str(write_grid(tmp_path, seeds=[0])))
+def test_a_directory_holding_another_config_is_not_overwritten(tmp_path: Path, common) -> None:
+    grid = load_grid(str(write_grid(tmp_path, common, seeds=[0])))
     runs = plan(grid)
     runs[0].run_dir.mkdir(parents=True)
     (runs[0].run_dir / "config.yaml").write_text("seed: 99\n")
@@ -225,8 +227,8 @@ def test_a_directory_holding_another_config_is_not_overwritten(tmp_path: Path) -
 # Grid files
 
 
-def test_run_names_are_deterministic_and_settings_are_labelled(tmp_path: Path) -> None:
-    path = write_grid(tmp_path, overrides=[[], ["fed.residual=false"], {"label": "Rank 2!", "set": ["lora.rank=2"]},
+def test_run_names_are_deterministic_and_settings_are_labelled(tmp_path: Path, common) -> None:
+    path = write_grid(tmp_path, common, overrides=[[], ["fed.residual=false"], {"label": "Rank 2!", "set": ["lora.rank=2"]},
                                            ["lora.targets=[qkv,proj]", "lora.blocks=[0]"]])
     names = [r.name for r in plan(load_grid(str(path)))]
     assert names == [r.name for r in plan(load_grid(str(path)))]
@@ -241,8 +243,8 @@ def test_run_names_are_deterministic_and_settings_are_labelled(tmp_path: Path) -
     assert cfgs["dir--Rank-2--seed0"].lora.rank == 2 and cfgs["dir--seed0"].lora.rank == 4
 
 
-def test_command_line_overrides_apply_to_every_run(tmp_path: Path, capsys) -> None:
-    path = write_grid(tmp_path)
+def test_command_line_overrides_apply_to_every_run(tmp_path: Path, capsys, common) -> None:
+    path = write_grid(tmp_path, common)
     grid = load_grid(str(path), ["train.lr=0.123"])
     assert {r.cfg.train.lr for r in plan(grid)} == {0.123}
     assert main(["sweep", str(path), "--dry-run", "train.lr=0.5"]) == 0
@@ -251,7 +253,7 @@ def test_command_line_overrides_apply_to_every_run(tmp_path: Path, capsys) -> No
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_grids_resolve() -> None:
+def test_shipped_grids_resolve(common) -> None:
     assert {"paper-cifar100", "paper-tiny-imagenet", "paper-imagenet-r", "ablations"} <= set(sweep.grid_names())
     for name in sweep.grid_names():
         runs = plan(load_grid(name))
@@ -310,17 +312,17 @@ def test_load_grid_errors_are_config_errors(tmp_path: Path) -> None:
         load_grid(str(tmp_path / "g.yaml"))
 
 
-def test_a_moved_sweep_directory_stays_complete(full_sweep, tmp_path: Path) -> None:
+def test_a_moved_sweep_directory_stays_complete(full_sweep, tmp_path: Path, common) -> None:
     """Completion is judged from the files (metrics.json + config.yaml up to output.*), not from memory."""
     folder, _ = full_sweep
     shutil.copytree(folder / "out" / "g" / "runs" / "dir--seed0", tmp_path / "out" / "g" / "runs" / "dir--seed0")
-    grid = load_grid(str(write_grid(tmp_path, seeds=[0], presets=["dir.yaml"])))
+    grid = load_grid(str(write_grid(tmp_path, common, seeds=[0], presets=["dir.yaml"])))
     assert sweep.run_status(plan(grid)[0]) == "complete"
     result = run_sweep(grid, runner=fake_runner({"dir--seed0"}))  # would fail if it ran
     assert result.runs[0].status == "skipped"
 
 
-def test_a_runner_with_sparser_metrics_plugs_in(tmp_path: Path) -> None:
+def test_a_runner_with_sparser_metrics_plugs_in(tmp_path: Path, common) -> None:
     """Another engine may record only the accuracies: the summary leaves the other cells empty."""
 
     def sparse(cfg: RunConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
@@ -330,7 +332,7 @@ def test_a_runner_with_sparser_metrics_plugs_in(tmp_path: Path) -> None:
         (run_dir / "metrics.json").write_text(json.dumps(m))
         return m
 
-    grid = load_grid(str(write_grid(tmp_path, seeds=[3])))
+    grid = load_grid(str(write_grid(tmp_path, common, seeds=[3])))
     result = run_sweep(grid, runner=sparse)
     assert [r.status for r in result.runs] == ["complete", "complete"]
     row = read_csv(tmp_path / "out" / "g" / "summary.csv")[0]
@@ -349,10 +351,10 @@ def _without_timing(m: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def test_parallel_workers_give_the_serial_sweeps_results(full_sweep, tmp_path: Path) -> None:
+def test_parallel_workers_give_the_serial_sweeps_results(full_sweep, tmp_path: Path, common) -> None:
     """``workers=2`` runs each run in a spawned process: same statuses, same metrics, one summary."""
     folder, serial = full_sweep
-    grid = load_grid(str(write_grid(tmp_path, common=[*COMMON, "train.threads=1"])))
+    grid = load_grid(str(write_grid(tmp_path, [*common, "train.threads=1"])))
     seen: list[int] = []
     result = run_sweep(grid, workers=2, on_run=lambda spec, i, n: seen.append(i))
     assert [r.status for r in result.runs] == ["complete"] * 4
@@ -368,15 +370,15 @@ def test_parallel_workers_give_the_serial_sweeps_results(full_sweep, tmp_path: P
     assert [r.status for r in again.runs] == ["skipped"] * 4
 
 
-def test_a_crashing_run_in_a_worker_is_recorded(tmp_path: Path) -> None:
-    grid = load_grid(str(write_grid(tmp_path, seeds=[0], overrides=[[], ["data.root=/nonexistent", "data.dataset=cifar100"]])))
+def test_a_crashing_run_in_a_worker_is_recorded(tmp_path: Path, common) -> None:
+    grid = load_grid(str(write_grid(tmp_path, common, seeds=[0], overrides=[[], ["data.root=/nonexistent", "data.dataset=cifar100"]])))
     result = run_sweep(grid, workers=2)
     assert [r.status for r in result.runs] == ["complete", "failed", "complete", "failed"]
     assert all("cifar" in r.error.lower() for r in result.failed)
 
 
-def test_workers_below_one_are_refused(tmp_path: Path, capsys) -> None:
-    path = write_grid(tmp_path)
+def test_workers_below_one_are_refused(tmp_path: Path, capsys, common) -> None:
+    path = write_grid(tmp_path, common)
     with pytest.raises(ConfigError, match="workers"):
         run_sweep(load_grid(str(path)), workers=0)
     assert main(["sweep", str(path), "--workers", "0"]) == 2
@@ -388,7 +390,7 @@ def test_the_study_grids_resolve(tmp_path: Path) -> None:
     """benchmarks/study_reswu.py: every cell of both benchmarks is a valid config; pairs for the gains exist."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_reswu.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "study_reswu.py"
     spec = importlib.util.spec_from_file_location("study_reswu", path)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
@@ -420,7 +422,7 @@ def test_the_study_pairs_gains_by_seed_hand_example() -> None:
     """Residual gain = fedtalora - fedlora and LoRA gain = fedtalora - head-only, per seed, then mean +- std."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_reswu.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "study_reswu.py"
     spec = importlib.util.spec_from_file_location("study_reswu_gains", path)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)

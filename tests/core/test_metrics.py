@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedtalora.metrics import (
+from fedtalora.core.metrics import (
     average_incremental_accuracy,
     final_average_accuracy,
     forgetting,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedtalora.core.prototypes import aggregate_class_sums, class_sums, nearest_prototype, prototype_nbytes
 from fedtalora.errors import AggregationError
-from fedtalora.prototypes import aggregate_class_sums, class_sums, nearest_prototype, prototype_nbytes
 
 
 def test_hand_computed_example() -> None:
@@ -69,21 +69,21 @@ def test_prototype_classifier_run_predicts_by_exact_class_means(tmp_path, tiny_o
     features under the final model, and its predictions are the nearest of them."""
     import numpy as np
 
+    from fedtalora.api import prepare, run
     from fedtalora.config import resolve
-    from fedtalora.engine import prepare, run
 
     cfg = resolve("demo", [*tiny_overrides, "classifier.kind=prototype"])
     setup = prepare(cfg)
     result = run(setup, tmp_path / "run")
     m = result.metrics
     assert m["complete"] and len(m["accuracy_matrix"]) == 2
-    method, model, exp = setup.method, result.model, setup.exp
-    protos = method.prototypes
+    classifier, model, exp = setup.classifier, result.model, setup.exp
+    protos = classifier.prototypes
     assert protos is not None and not torch.isnan(protos).any()
     # the last task's prototypes equal the class means of all its clients' features now
     last = exp.scenario.tasks[-1]
     idx = np.concatenate(exp.partitions[last.index])
-    from fedtalora.client import extract_features
+    from fedtalora.fed.client import extract_features
 
     feats = extract_features(model, exp.dataset.train, idx, transform=setup.transform, batch_size=64,
                              device=setup.device)

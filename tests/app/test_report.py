@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from fedtalora.cli import main  # noqa: E402
-from fedtalora.compare import COLUMNS, COMPARE_PX, compare, find_runs  # noqa: E402
+from fedtalora.api import run  # noqa: E402
+from fedtalora.app.cli import main  # noqa: E402
+from fedtalora.app.compare import COLUMNS, COMPARE_PX, compare, find_runs  # noqa: E402
+from fedtalora.app.report import PLOT_PX, PLOTS, fmt, load_run, write_report  # noqa: E402
 from fedtalora.config import resolve  # noqa: E402
-from fedtalora.engine import run  # noqa: E402
-from fedtalora.report import PLOT_PX, PLOTS, fmt, load_run, write_report  # noqa: E402
 
 
 def _png_size(path: Path) -> tuple[int, int]:

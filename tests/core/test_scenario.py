@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedtalora.core.scenario import Scenario, Task, make_scenario
 from fedtalora.errors import ConfigError, DataError
-from fedtalora.scenario import Scenario, Task, make_scenario
 from fedtalora.seeding import numpy_rng
 
 

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtalora.client import make_optimizer, predict, to_device, train_steps
 from fedtalora.config import RunConfig, TrainConfig, from_dict
 from fedtalora.data import ImageTransform, Split
+from fedtalora.fed.build import build_method, method_context
+from fedtalora.fed.client import make_optimizer, predict, to_device, train_steps
 from fedtalora.methods import METHODS, Method
 
 META = torch.device("meta")
@@ -58,7 +59,7 @@ def test_image_inner_loop_reads_nothing_back(method_name: str, optimizer: str, m
     # Prepare
     cfg = from_dict({"method": method_name, "train": {"optimizer": optimizer, "batch_size": 8,
                                                                 "local_epochs": 2}})
-    method = METHODS.get(method_name)(cfg)
+    method = build_method(cfg)
     model = make_tiny_model()
     method.attach(model)
     inputs, targets = _image_batch()
@@ -85,7 +86,7 @@ def test_a_read_back_in_the_loop_is_caught(make_tiny_model) -> None:
     cfg = RunConfig()
     inputs, targets = _image_batch()
     with pytest.raises(RuntimeError, match="meta"):
-        _run_on_meta(make_tiny_model(), Syncing(cfg), inputs, targets, ImageTransform(8, (0.5,) * 3, (0.25,) * 3),
+        _run_on_meta(make_tiny_model(), Syncing(None, method_context(cfg)), inputs, targets, ImageTransform(8, (0.5,) * 3, (0.25,) * 3),
                      TrainConfig(batch_size=8, local_epochs=1))
 
 
@@ -109,8 +110,8 @@ def test_text_inner_loop_reads_nothing_back(tiny_bert_dir: Path) -> None:
     """Text batches (grouped by length, trimmed on the host from CPU lengths) need no read-back either."""
     # Prepare
     from fedtalora.config import LoraConfig, ModelConfig
+    from fedtalora.data.transforms import TextTransform, tokenize_split
     from fedtalora.model import build_model
-    from fedtalora.text_data import TextTransform, tokenize_split
 
     model = build_model(ModelConfig(backbone=f"hf:{tiny_bert_dir}", pretrained=True, kwargs={}),
                         LoraConfig(rank=2, blocks=[0, 1]), 10, 8, 0)
@@ -121,7 +122,7 @@ def test_text_inner_loop_reads_nothing_back(tiny_bert_dir: Path) -> None:
     cfg = from_dict({"train": {"batch_size": 8, "local_epochs": 2, "group_by_length": True}})
 
     # Execute
-    total, steps = _run_on_meta(model, METHODS.get("fedtalora")(cfg), split.inputs,
+    total, steps = _run_on_meta(model, build_method(cfg), split.inputs,
                                 torch.as_tensor(split.labels), TextTransform(), cfg.train,
                                 lengths=split.inputs.lengths)
 
@@ -170,8 +171,8 @@ def test_encoder_mask_from_the_host_matches_transformers(tiny_bert_dir: Path, le
     """With ``padded`` known on the host the encoder gives what transformers gives from the 2D mask."""
     # Prepare
     from fedtalora.config import LoraConfig, ModelConfig
+    from fedtalora.data.transforms import TextTransform, Tokens
     from fedtalora.model import build_model
-    from fedtalora.text_data import TextTransform, Tokens
 
     model = build_model(ModelConfig(backbone=f"hf:{tiny_bert_dir}", pretrained=True, kwargs={}),
                         LoraConfig(rank=2, blocks=[0, 1]), 10, 8, 0).eval()

@@ -14,68 +14,14 @@ from fedtalora.config import LoraConfig, ModelConfig
 from fedtalora.data import load_dataset
 from fedtalora.errors import ConfigError, DataError
 
-WORDS = ("card", "arrive", "lost", "stolen", "pin", "change", "top", "up", "fee", "refund", "exchange", "rate",
-         "cash", "atm", "transfer", "pending", "my", "the", "is", "where", "how", "do", "i", "a", "why")
-# 6 intents, each with its own keywords, so a tiny model can learn something.
-INTENTS = {
-    "card_arrival": ("card", "arrive", "where"),
-    "lost_card": ("lost", "stolen", "card"),
-    "change_pin": ("change", "pin", "how"),
-    "top_up": ("top", "up", "how"),
-    "refund": ("refund", "fee", "why"),
-    "exchange_rate": ("exchange", "rate", "cash"),
-}
-
-
-def _sentences(intent: str, n: int, rng: np.random.Generator) -> list[str]:
-    keys = INTENTS[intent]
-    filler = ("my", "the", "is", "do", "i", "a")
-    out = []
-    for _ in range(n):
-        words = list(rng.choice(keys, size=3)) + list(rng.choice(filler, size=int(rng.integers(1, 6))))
-        rng.shuffle(words)
-        out.append(" ".join(words))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with a tiny random BERT config, tokenizer and weights (loadable by AutoModel)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
-    tok.save_pretrained(str(root))
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(str(root))
-    return root
-
-
-def _write_banking(root: Path, per_class: tuple[int, int] = (12, 4), seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train.csv", per_class[0]), ("test.csv", per_class[1])):
-        with (root / name).open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "category"])
-            for intent in INTENTS:
-                for s in _sentences(intent, n, rng):
-                    w.writerow([s, intent])
-    return root
-
-
 # --- datasets -------------------------------------------------------------------------------------
 
 
-def test_banking77_layout(tmp_path: Path) -> None:
-    root = _write_banking(tmp_path / "b77")
+def test_banking77_layout(tmp_path: Path, write_banking, text_corpus) -> None:
+    root = write_banking(tmp_path / "b77")
     ds = load_dataset("banking77", root, seed=0)
     assert ds.modality == "text"
-    assert ds.class_names == sorted(INTENTS)
+    assert ds.class_names == sorted(text_corpus.intents)
     assert len(ds.train) == 6 * 12 and len(ds.test) == 6 * 4
     assert np.bincount(ds.train.labels).tolist() == [12] * 6
     # stable mapping across runs and seeds
@@ -88,12 +34,12 @@ def test_banking77_layout(tmp_path: Path) -> None:
     assert ds.class_names[ds.train.labels[0]] == first["category"]
 
 
-def test_clinc150_layout(tmp_path: Path) -> None:
+def test_clinc150_layout(tmp_path: Path, text_corpus) -> None:
     rng = np.random.default_rng(1)
     data = {
-        "train": [[s, i] for i in INTENTS for s in _sentences(i, 5, rng)],
-        "val": [[s, i] for i in INTENTS for s in _sentences(i, 2, rng)],
-        "test": [[s, i] for i in INTENTS for s in _sentences(i, 3, rng)],
+        "train": [[s, i] for i in text_corpus.intents for s in text_corpus.sentences(i, 5, rng)],
+        "val": [[s, i] for i in text_corpus.intents for s in text_corpus.sentences(i, 2, rng)],
+        "test": [[s, i] for i in text_corpus.intents for s in text_corpus.sentences(i, 3, rng)],
         "oos_train": [["what is love", "oos"]], "oos_val": [], "oos_test": [["hello", "oos"]],
     }
     (tmp_path / "data_full.json").write_text(json.dumps(data))
@@ -104,14 +50,14 @@ def test_clinc150_layout(tmp_path: Path) -> None:
     assert len(with_val.train) == 42
 
 
-def test_text_csv_single_file_split_is_seeded(tmp_path: Path) -> None:
+def test_text_csv_single_file_split_is_seeded(tmp_path: Path, text_corpus) -> None:
     rng = np.random.default_rng(2)
     path = tmp_path / "all.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["utterance", "intent"])
-        for intent in INTENTS:
-            for s in _sentences(intent, 10, rng):
+        for intent in text_corpus.intents:
+            for s in text_corpus.sentences(intent, 10, rng):
                 w.writerow([s, intent])
     a = load_dataset("text-csv", path, seed=3, text_column="utterance", label_column="intent")
     b = load_dataset("text-csv", path, seed=3, text_column="utterance", label_column="intent")
@@ -123,22 +69,22 @@ def test_text_csv_single_file_split_is_seeded(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing", "no-column", "empty-label", "bad-json", "not-pairs", "unseen-test"])
-def test_malformed_text_files(tmp_path: Path, case: str) -> None:
+def test_malformed_text_files(tmp_path: Path, case: str, write_banking) -> None:
     root = tmp_path / "d"
     name = "banking77"
     if case == "missing":
         root.mkdir()
         match = "download train.csv and test.csv"
     elif case == "no-column":
-        _write_banking(root)
+        write_banking(root)
         (root / "train.csv").write_text("text,label\nhello,a\n")
         match = "no column 'category'"
     elif case == "empty-label":
-        _write_banking(root)
+        write_banking(root)
         (root / "test.csv").write_text("text,category\nhello,\n")
         match = "test.csv:2: missing"
     elif case == "unseen-test":
-        _write_banking(root)
+        write_banking(root)
         (root / "test.csv").write_text("text,category\nhello,brand_new\n")
         match = "not in the training data: brand_new"
     elif case == "bad-json":
@@ -165,7 +111,7 @@ def test_tokens_index_and_trim(tiny_bert: Path) -> None:
     from transformers import AutoTokenizer
 
     from fedtalora.data import Split
-    from fedtalora.text_data import TextTransform, tokenize_split
+    from fedtalora.data.transforms import TextTransform, tokenize_split
 
     tok = AutoTokenizer.from_pretrained(str(tiny_bert))
     split = tokenize_split(Split(["card", "where is my card my card", "pin"], np.array([0, 1, 2])), tok, 6)
@@ -246,21 +192,9 @@ def test_bad_text_backbones(backbone: str, match: str) -> None:
 # --- end to end ------------------------------------------------------------------------------------
 
 
-def _text_overrides(bert: Path, data: Path) -> list[str]:
-    return [
-        "data.dataset=banking77", f"data.root={data}", "data.max_length=16",
-        "scenario.num_tasks=2", "fed.num_clients=3", "fed.clients_per_round=3", "fed.rounds_per_task=2",
-        "partition.kind=dirichlet", "partition.beta=0.5", "partition.min_samples=2",
-        "train.local_epochs=1", "train.batch_size=8", "train.device=cpu", "train.optimizer=adamw",
-        "train.lr=0.001", "train.head_lr=0.01",
-        f"model.backbone=hf:{bert}", "model.pretrained=true", "model.kwargs={}",
-        "lora.rank=2", "lora.blocks=[0,1]",
-    ]
-
-
-def test_text_run_end_to_end_through_cli(tiny_bert: Path, tmp_path: Path, run_cli) -> None:
-    data = _write_banking(tmp_path / "b77")
-    rc, out, err = run_cli(["run", "demo", *_text_overrides(tiny_bert, data), f"output.dir={tmp_path}",
+def test_text_run_end_to_end_through_cli(tiny_bert: Path, tmp_path: Path, run_cli, write_banking, text_overrides) -> None:
+    data = write_banking(tmp_path / "b77")
+    rc, out, err = run_cli(["run", "demo", *text_overrides(tiny_bert, data), f"output.dir={tmp_path}",
                             "output.name=text", "--quiet"])
     assert rc == 0, err
     metrics = json.loads((tmp_path / "text" / "metrics.json").read_text())
@@ -280,12 +214,12 @@ def test_image_data_with_text_model_is_a_config_error(tiny_bert: Path, tmp_path:
 
 
 def test_group_by_length_batches_cover_every_sample_once() -> None:
-    from fedtalora.client import _batches
+    from fedtalora.fed.client import batches
     from fedtalora.seeding import torch_generator
 
     lengths = torch.randint(1, 60, (1000,), generator=torch.Generator().manual_seed(0))
-    plain = list(_batches(1000, 8, torch_generator(0, "x")))
-    grouped = list(_batches(1000, 8, torch_generator(0, "x"), lengths))
+    plain = list(batches(1000, 8, torch_generator(0, "x")))
+    grouped = list(batches(1000, 8, torch_generator(0, "x"), lengths))
     assert sorted(torch.cat(grouped).tolist()) == list(range(1000))
     assert all(len(b) <= 8 for b in grouped)
 
@@ -293,5 +227,5 @@ def test_group_by_length_batches_cover_every_sample_once() -> None:
         return sum(int(lengths[b].max()) * len(b) for b in batches)
 
     assert padded(grouped) < 0.75 * padded(plain)  # far less padding
-    again = list(_batches(1000, 8, torch_generator(0, "x"), lengths))
+    again = list(batches(1000, 8, torch_generator(0, "x"), lengths))
     assert all(torch.equal(a, b) for a, b in zip(grouped, again, strict=True))

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import cli_env
-from fedtalora.cli import _Progress
+from fedtalora.app.progress import ProgressBars
 
 BAR = "━"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-ROUND_LINE = re.compile(r"INFO fedtalora\.engine: \[task (\d)/2 \| round (\d)/2\] loss=")
+ROUND_LINE = re.compile(r"INFO fedtalora\.fed\.loop: \[task (\d)/2 \| round (\d)/2\] loss=")
 
 
 def test_not_a_terminal_gives_plain_log_lines_and_no_bar(run_cli, tiny_overrides, tmp_path) -> None:
@@ -36,10 +35,10 @@ def test_not_a_terminal_gives_plain_log_lines_and_no_bar(run_cli, tiny_overrides
     assert "final average accuracy (F_AA)" in out
 
 
-def _run_in_pty(args: list[str], cwd: Path, limit: float = 300.0) -> tuple[int, str]:
+def _run_in_pty(args: list[str], cwd: Path, cli_env: dict[str, str], limit: float = 300.0) -> tuple[int, str]:
     """Run the CLI with stdin/stdout/stderr on a pseudo-terminal; returns (exit code, all output)."""
     master, slave = pty.openpty()
-    env = {**cli_env(), "TERM": "xterm", "COLUMNS": "160"}
+    env = {**cli_env, "TERM": "xterm", "COLUMNS": "160"}
     proc = subprocess.Popen([sys.executable, "-m", "fedtalora", *args], cwd=cwd, env=env,
                             stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
@@ -67,8 +66,9 @@ def _run_in_pty(args: list[str], cwd: Path, limit: float = 300.0) -> tuple[int, 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal test needs Linux")
-def test_terminal_shows_bars_with_eta_accuracy_and_loss(tiny_overrides, tmp_path) -> None:
-    rc, text = _run_in_pty(["run", "demo", *tiny_overrides, f"output.dir={tmp_path}", "output.name=tty"], tmp_path)
+def test_terminal_shows_bars_with_eta_accuracy_and_loss(tiny_overrides, tmp_path, cli_env) -> None:
+    rc, text = _run_in_pty(["run", "demo", *tiny_overrides, f"output.dir={tmp_path}", "output.name=tty"], tmp_path,
+                           cli_env)
     plain = ANSI.sub("", text)
     assert rc == 0, plain[-2000:]
     assert BAR in plain
@@ -79,9 +79,9 @@ def test_terminal_shows_bars_with_eta_accuracy_and_loss(tiny_overrides, tmp_path
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal test needs Linux")
-def test_quiet_draws_nothing_even_on_a_terminal(tiny_overrides, tmp_path) -> None:
+def test_quiet_draws_nothing_even_on_a_terminal(tiny_overrides, tmp_path, cli_env) -> None:
     rc, text = _run_in_pty(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}", "output.name=q"],
-                           tmp_path)
+                           tmp_path, cli_env)
     plain = ANSI.sub("", text)
     assert rc == 0, plain[-2000:]
     assert BAR not in plain and "INFO" not in plain and "eta" not in plain
@@ -97,7 +97,7 @@ def _console() -> tuple[Console, io.StringIO]:
 def test_progress_bars_follow_the_events() -> None:
     """Events of a resumed run (2 of 4 rounds done), a dropped client and a skipped round."""
     console, buf = _console()
-    with _Progress(enabled=True, console=console) as progress:
+    with ProgressBars(enabled=True, console=console) as progress:
         progress({"event": "start", "num_tasks": 2, "rounds_per_task": 2, "clients_per_round": 2,
                   "completed_rounds": 2})
         progress({"event": "client", "task": 1, "round": 0, "client": 0, "loss": 0.75})
@@ -117,7 +117,7 @@ def test_progress_bars_follow_the_events() -> None:
 
 def test_progress_tasks_bar_advances_by_round() -> None:
     console, _ = _console()
-    with _Progress(enabled=True, console=console) as progress:
+    with ProgressBars(enabled=True, console=console) as progress:
         progress({"event": "start", "num_tasks": 3, "rounds_per_task": 4, "clients_per_round": 1})
         progress({"event": "round", "task": 0, "round": 0, "train_loss": 1.0, "aggregation_error": 0.0})
         assert progress._bar.tasks[0].completed == pytest.approx(0.25)
@@ -126,7 +126,7 @@ def test_progress_tasks_bar_advances_by_round() -> None:
 
 
 def test_disabled_progress_draws_nothing(capsys) -> None:
-    with _Progress(enabled=False) as progress:
+    with ProgressBars(enabled=False) as progress:
         progress({"event": "start", "num_tasks": 1, "rounds_per_task": 1, "clients_per_round": 1})
         progress({"event": "task", "task": 0, "accuracy": [1.0], "seen_accuracy": 1.0})
     captured = capsys.readouterr()
