@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedtalora.api import run
-from fedtalora.fed.build import torch_threads
 from fedtalora.config import resolve
 from fedtalora.errors import ConfigError
+from fedtalora.fed.build import torch_threads
 
 
 def test_demo_preset_runs_on_one_thread() -> None:
