@@ -172,12 +172,34 @@ class TrainConfig:
     threads: int = 0
     """CPU threads of torch's intra-op parallelism (``torch.set_num_threads``); 0: torch's default (one per
     core, or ``OMP_NUM_THREADS``). Small models on a shared machine run far faster with 1."""
+    parallel_clients: int = 1
+    """``engine=inprocess``: how many of a round's sampled clients train together, as one batched
+    forward/backward through the shared frozen backbone with per-client LoRA factors and heads
+    (:mod:`fedtalora.fed.parallel`); 1: one after another. Same seeds, same samples, same results to float
+    tolerance. Methods that cannot batch (``Method.trains_clients_together`` false) and models that draw
+    random numbers in training (``lora.dropout`` > 0) train one after another. Memory grows with it."""
+    feature_cache: Literal["off", "device", "host"] = "off"
+    """Compute the activations of the frozen layers below the first adapted block (the whole backbone for
+    ``head-only``) once per sample and reuse them across epochs, rounds, tasks and evaluations
+    (:mod:`fedtalora.fed.cache`): kept on the training ``device`` or in (pinned) ``host`` memory. Images
+    keep both flips. Results equal the uncached run (bit for bit on images; text to float rounding)."""
+    feature_cache_mb: int = 2048
+    """Memory limit of ``feature_cache`` in MiB; a split whose activations would exceed it runs uncached."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """``torch.compile`` the backbone with this mode (``off``: eager). Pays off on a GPU for long runs; the
+    first steps and every new input shape compile."""
+    fused_attention: bool = True
+    """Fused scaled-dot-product attention (timm ``fused_attn``, transformers ``attn_implementation=sdpa``;
+    flash/memory-efficient kernels on a GPU); false: the eager attention (for comparisons)."""
 
     def validate(self) -> None:
         _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
         _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0: torch's default)")
+        _check(self.parallel_clients >= 1, "train.parallel_clients", self.parallel_clients,
+               "an integer >= 1 (1: clients one after another)")
+        _check(self.feature_cache_mb >= 1, "train.feature_cache_mb", self.feature_cache_mb, "an integer >= 1 (MiB)")
         _check(self.lr >= 0, "train.lr", self.lr, "a number >= 0")
         _check(self.head_lr >= 0, "train.head_lr", self.head_lr, "a number >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")

@@ -79,7 +79,8 @@ class ImageTransform:
         return x.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else x
 
     def __call__(
-        self, images_uint8: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
+        self, images_uint8: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
+        variants: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Preprocess a batch.
 
@@ -88,6 +89,7 @@ class ImageTransform:
             train: Apply random horizontal flips.
             generator: Source of the flip draws (on any device; the draws are moved to the batch's
                 device). ``None`` uses torch's default generator, which is not reproducible.
+            variants: ``(B,)`` given augmentation (1: flip) instead of drawing one (see :meth:`draw_variants`).
 
         Returns:
             ``float32`` tensor of shape ``(B, 3, image_size, image_size)`` on the input's device.
@@ -99,14 +101,26 @@ class ImageTransform:
         device = images_uint8.device
         x = images_uint8.to(torch.float32).div_(255.0)
         x = self._resize(x)
-        if train and x.shape[0] > 0:
-            draw_device = generator.device if generator is not None else device
-            flip = torch.rand(x.shape[0], generator=generator, device=draw_device)
+        if variants is None and train and x.shape[0] > 0:
+            variants = self.draw_variants(x.shape[0], generator, device)
+        if variants is not None:
+            flip = variants.bool()
             if flip.device != device:  # host draws for a GPU batch: an asynchronous copy, no wait for the GPU
                 flip = (flip.pin_memory() if device.type == "cuda" else flip).to(device, non_blocking=True)
-            x = torch.where((flip < 0.5)[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         mean, std = self._stats(device)
         return (x - mean) / std
+
+    variants = 2
+    """The augmentation is discrete: variant 0 is the image, variant 1 its horizontal flip (what a cache of
+    transformed inputs must hold per sample, :mod:`fedtalora.fed.cache`)."""
+
+    def draw_variants(self, n: int, generator: torch.Generator | None,
+                      device: torch.device | None = None) -> torch.Tensor:
+        """The training augmentation of ``n`` images, drawn from ``generator`` exactly as :meth:`__call__`
+        draws it: int64 ``(n,)`` variants (1: flipped), on the generator's device."""
+        draw_device = generator.device if generator is not None else device
+        return (torch.rand(n, generator=generator, device=draw_device) < 0.5).long()
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``mean`` and ``std`` as ``(1, 3, 1, 1)`` tensors on ``device``, made once per device (a tensor
@@ -178,9 +192,17 @@ class TextTransform:
     ``input_ids``, ``attention_mask`` and ``padded`` (a Python bool: whether any sequence is shorter than
     the batch, known on the host from the CPU lengths, so the encoder need not ask the device)."""
 
+    variants = 1
+    """No augmentation: one variant per sample."""
+
+    def draw_variants(self, n: int, generator: torch.Generator | None,
+                      device: torch.device | None = None) -> torch.Tensor:
+        """No augmentation (draws nothing): zeros."""
+        return torch.zeros(n, dtype=torch.long)
+
     def __call__(self, batch: Tokens, *, train: bool = False,
-                 generator: torch.Generator | None = None) -> dict[str, Any]:
-        del train, generator  # no augmentation for text
+                 generator: torch.Generator | None = None, variants: torch.Tensor | None = None) -> dict[str, Any]:
+        del train, generator, variants  # no augmentation for text
         padded = bool(len(batch) and int(batch.lengths.min()) < batch.input_ids.shape[1])
         return {"input_ids": batch.input_ids.long(), "attention_mask": batch.attention_mask.long(), "padded": padded}
 

@@ -33,7 +33,9 @@ from ..methods import METHODS, Method
 from ..methods.base import MethodContext
 from ..methods.classifier import CLASSIFIERS, Classifier
 from ..model import FedModel, build_model
+from ..model.prefix import compile_backbone, set_fused_attention
 from ..seeding import numpy_rng
+from .cache import FeatureCache
 
 __all__ = ["Components", "Experiment", "Setup", "build_classifier", "build_components", "build_method", "check_config",
            "check_engine",
@@ -107,6 +109,8 @@ def build_components(cfg: RunConfig, num_classes: int, device: torch.device | st
     classifier = build_classifier(cfg)
     model = build_model(cfg.model, cfg.lora, num_classes, cfg.data.image_size, cfg.seed)
     method.attach(model)  # what the method trains beyond LoRA and head
+    set_fused_attention(model.backbone, cfg.train.fused_attention)
+    compile_backbone(model.backbone, cfg.train.compile)  # lazy: compiles at the first forward pass
     return Components(model.to(device), method, classifier)
 
 
@@ -240,6 +244,8 @@ class Setup:
     transform: Callable[..., Any]
     """Batch preprocessing: :class:`~fedtalora.data.ImageTransform` or :class:`~fedtalora.data.TextTransform`."""
     device: torch.device
+    cache: FeatureCache | None = None
+    """Cached activations of the frozen layers (``train.feature_cache``; None: off)."""
 
 
 def prepare(cfg: RunConfig) -> Setup:
@@ -250,7 +256,9 @@ def prepare(cfg: RunConfig) -> Setup:
     exp = Experiment.build(cfg)
     parts = build_components(cfg, exp.scenario.num_classes, device)
     transform = input_transform(cfg, exp.dataset, parts.model)
-    return Setup(cfg, exp, parts.model, parts.method, parts.classifier, transform, device)
+    cache = None if cfg.train.feature_cache == "off" else FeatureCache(parts.model, parts.method, transform,
+                                                                       cfg.train, device)
+    return Setup(cfg, exp, parts.model, parts.method, parts.classifier, transform, device, cache)
 
 
 @contextlib.contextmanager

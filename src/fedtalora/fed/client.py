@@ -37,6 +37,21 @@ class ClientResult:
     steps: int
 
 
+@dataclass
+class ClientJob:
+    """One client's local round, as the engine hands it to the trainer (serial or parallel)."""
+
+    client: int
+    indices: np.ndarray
+    """Positions of the client's samples of the task in the training split."""
+    targets: np.ndarray
+    """Their head-output labels."""
+    class_mask: torch.Tensor | None
+    """Bool ``(num_classes,)``: logits where it is False are excluded from the loss (None: all take part)."""
+    generator: torch.Generator
+    """CPU generator of the client's shuffling and augmentation (derived from ``(seed, task, round, client)``)."""
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
     """bf16 autocast of the forward pass on ``device`` (``precision="bf16"``), else nothing."""
     if precision == "bf16":

@@ -40,6 +40,7 @@ from ..core.validation import check_update
 from ..seeding import numpy_rng
 from . import rundir
 from .build import Setup, environment
+from .cache import cached_inputs
 from .client import accuracy_per_task, predict
 from .faults import corrupt, draw_fault
 from .history import History, RoundRecord, TaskRecord
@@ -252,7 +253,8 @@ class _Loop:
         s, t = self.s, task.index
         exp, cfg, model = s.exp, s.cfg, s.model
         seen = np.flatnonzero(exp.test_task <= t)
-        preds = predict(model, exp.dataset.test, seen, num_seen=exp.scenario.seen_classes(t), transform=s.transform,
+        test, transform = cached_inputs(s.cache, "test", exp.dataset.test, s.transform, seen, train=False)
+        preds = predict(model, test, seen, num_seen=exp.scenario.seen_classes(t), transform=transform,
                         batch_size=cfg.train.eval_batch_size, device=s.device, precision=cfg.train.precision,
                         scores=lambda x: s.classifier.scores(model, s.method, x))
         row = accuracy_per_task(preds, exp.test_targets[seen], exp.test_task[seen], t + 1)

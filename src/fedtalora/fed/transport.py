@@ -21,6 +21,7 @@ seeds, model randomness and the loss mask are identical wherever a client runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,10 @@ import torch
 
 from ..methods import Method, TaskData
 from ..seeding import seeded_torch, torch_generator
-from .client import ClientResult, extract_features, local_train
+from .cache import cached_inputs
+from .client import ClientJob, ClientResult, extract_features, local_train
 from .faults import Fault
+from .parallel import train_together, why_serial
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -42,7 +45,10 @@ if TYPE_CHECKING:
     from .build import Setup
     from .history import History
 
-__all__ = ["ClientOutcome", "InProcessTransport", "RoundJob", "Transport", "class_mask", "client_round", "task_mask"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClientOutcome", "InProcessTransport", "RoundJob", "Transport", "class_mask", "client_job", "client_round",
+           "parallel_group", "task_mask"]
 
 
 @dataclass
@@ -129,14 +135,33 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
         indices: the client's samples of the task (positions in ``split``).
         targets: their head-output labels.
     """
-    t, r, k = task.index, round_, client
-    mask = class_mask(cfg.train.logit_mask, task_mask(num_classes, task), targets)
-    with seeded_torch(cfg.seed, "model-rng", t, r, k, device=device):  # LoRA dropout, drop-path
+    job = client_job(cfg, task, round_, client, num_classes, indices, targets)
+    with seeded_torch(cfg.seed, "model-rng", task.index, round_, client, device=device):  # LoRA dropout, drop-path
         return local_train(
-            model, method, global_state, client=k, split=split, indices=indices, targets=targets,
-            class_mask=mask, transform=transform, cfg=cfg.train,
-            generator=torch_generator(cfg.seed, "local", t, r, k), device=device,
+            model, method, global_state, client=client, split=split, indices=indices, targets=targets,
+            class_mask=job.class_mask, transform=transform, cfg=cfg.train, generator=job.generator, device=device,
         )
+
+
+def client_job(cfg: RunConfig, task: Task, round_: int, client: int, num_classes: int, indices: np.ndarray,
+               targets: np.ndarray) -> ClientJob:
+    """Client ``client``'s round ``round_`` of ``task``: its samples, its loss mask (``train.logit_mask``) and its
+    generator, derived from ``(seed, task, round, client)`` -- the same for the serial and the parallel path."""
+    mask = class_mask(cfg.train.logit_mask, task_mask(num_classes, task), targets)
+    return ClientJob(client, indices, targets, mask, torch_generator(cfg.seed, "local", task.index, round_, client))
+
+
+def parallel_group(setup: Setup) -> int:
+    """How many clients train together (``train.parallel_clients``): 1 when the method or model cannot
+    (:func:`fedtalora.fed.parallel.why_serial`, logged)."""
+    n = setup.cfg.train.parallel_clients
+    if n <= 1:
+        return 1
+    why = why_serial(setup.model, setup.method, setup.method.trainable_keys(setup.model))
+    if why is not None:
+        logger.warning("train.parallel_clients=%d: clients train one after another: %s", n, why)
+        return 1
+    return n
 
 
 def client_features(model: FedModel, split: Split, indices: np.ndarray, targets: np.ndarray, *,
@@ -152,7 +177,9 @@ def client_features(model: FedModel, split: Split, indices: np.ndarray, targets:
 
 
 class InProcessTransport(Transport):
-    """Clients train one after another on the server's own model (``engine=inprocess``).
+    """Clients train one after another on the server's own model (``engine=inprocess``), or ``G`` at a time
+    (``train.parallel_clients``, :mod:`fedtalora.fed.parallel`); with ``train.feature_cache`` from cached
+    frozen activations (:mod:`fedtalora.fed.cache`).
 
     A client holds no copy of the model: the global state is loaded into the shared model before its
     round (:func:`~fedtalora.fed.client.local_train`), so each update is produced, screened and buffered
@@ -163,9 +190,11 @@ class InProcessTransport(Transport):
 
     def __init__(self) -> None:
         self.setup: Setup | None = None
+        self.group = 1
 
     def open(self, setup: Setup, *, resumed: bool) -> None:
         self.setup = setup
+        self.group = parallel_group(setup)
 
     def _setup(self) -> Setup:
         if self.setup is None:
@@ -175,16 +204,35 @@ class InProcessTransport(Transport):
     def train(self, job: RoundJob) -> Iterator[ClientOutcome]:
         s = self._setup()
         exp = s.exp
+        live = [k for k in job.clients if not (job.faults.get(k) is not None and job.faults[k].dropped)]
+        done: dict[int, ClientResult] = {}
         for k in job.clients:
-            fault = job.faults.get(k)
-            if fault is not None and fault.dropped:  # received the model, returns nothing
+            if k not in live:  # received the model, returns nothing
                 yield ClientOutcome(k, None, "injected fault")
                 continue
+            if self.group > 1:  # train k and the next live clients together, hand out their results in order
+                if k not in done:
+                    done.update(self._train_group(job, live[live.index(k):live.index(k) + self.group]))
+                yield ClientOutcome(k, done.pop(k))
+                continue
             idx = exp.partitions[job.task.index][k]
+            split, transform = cached_inputs(s.cache, "train", exp.dataset.train, s.transform, idx, train=True)
             yield ClientOutcome(k, client_round(
                 s.model, s.method, job.global_state, cfg=s.cfg, task=job.task, round_=job.round, client=k,
-                num_classes=exp.scenario.num_classes, split=exp.dataset.train, indices=idx,
-                targets=exp.train_targets[idx], transform=s.transform, device=s.device))
+                num_classes=exp.scenario.num_classes, split=split, indices=idx,
+                targets=exp.train_targets[idx], transform=transform, device=s.device))
+
+    def _train_group(self, job: RoundJob, clients: list[int]) -> dict[int, ClientResult]:
+        s = self._setup()
+        exp, t = s.exp, job.task.index
+        jobs = [client_job(s.cfg, job.task, job.round, k, exp.scenario.num_classes, exp.partitions[t][k],
+                           exp.train_targets[exp.partitions[t][k]]) for k in clients]
+        split, transform = cached_inputs(s.cache, "train", exp.dataset.train, s.transform,
+                                         np.concatenate([j.indices for j in jobs]), train=True)
+        with seeded_torch(s.cfg.seed, "model-rng", t, job.round, clients[0], device=s.device):
+            results = train_together(s.model, s.method, job.global_state, jobs, split=split, transform=transform,
+                                     cfg=s.cfg.train, device=s.device)
+        return {res.client: res for res in results}
 
     def task_data(self, t: int, clients: list[int]) -> TaskData:
         s = self._setup()
@@ -192,7 +240,8 @@ class InProcessTransport(Transport):
 
         def features(k: int) -> tuple[torch.Tensor, torch.Tensor]:
             idx = exp.partitions[t][k]
-            return client_features(s.model, exp.dataset.train, idx, exp.train_targets[idx], transform=s.transform,
+            split, transform = cached_inputs(s.cache, "train", exp.dataset.train, s.transform, idx, train=False)
+            return client_features(s.model, split, idx, exp.train_targets[idx], transform=transform,
                                    cfg=s.cfg, device=s.device)
 
         return TaskData(clients=clients, features=features)

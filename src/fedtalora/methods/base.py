@@ -20,7 +20,8 @@ A method is built from its options (the config's ``method_options`` mapping, par
 method's :attr:`Method.Options` dataclass by :meth:`Method.parse_options`) and a :class:`MethodContext`:
 the few run settings a method may read (the ``train`` section, the root seed, ``fed.residual``,
 ``data.max_length``), never the whole run config. What a method can do that the engines must know about is
-said by explicit class flags (:attr:`Method.predicts_with_head`, :attr:`Method.needs_server_state`), not
+said by explicit class flags (:attr:`Method.predicts_with_head`, :attr:`Method.needs_server_state`,
+:attr:`Method.trains_clients_together`, :attr:`Method.forward_through_model`), not
 detected by comparing its functions with the base class's.
 
 How the global model *predicts* is not a method hook but a separate component, the classifier
@@ -116,6 +117,17 @@ class Method:
     """The method's predictions are the argmax of the linear head on the backbone's features (false when
     :meth:`forward` computes logits otherwise: prompts, prototypes). A model exported as a timm classifier
     reproduces only such methods."""
+    trains_clients_together: ClassVar[bool] = False
+    """Several clients' local rounds may run as one batched pass (``train.parallel_clients``,
+    :mod:`fedtalora.fed.parallel`): the method trains LoRA factors and head tensors only, :meth:`forward` computes
+    through the model's own modules (``model(x)``, ``model.features(x)``; the parallel engine swaps in
+    per-client LoRA and head modules), :meth:`loss` reads trainable tensors only through
+    ``model.parameters_by_key()`` (it receives a per-client view), and :meth:`on_local_start` depends only on
+    the global state (it runs once per group of clients). Off unless a method says so."""
+    forward_through_model: ClassVar[bool] = False
+    """:meth:`forward` reaches the input only through ``model(x)`` / ``model.features(x)``, so the input may be
+    cached activations of the frozen layers below the first adapted block (``train.feature_cache``,
+    :mod:`fedtalora.fed.cache`). Off unless a method says so."""
     needs_server_state: ClassVar[bool] = False
     """Its clients need state the global trainable state and the base residuals do not carry (the model
     changed at a task start, server-side method state in the loss). Engines whose clients only receive

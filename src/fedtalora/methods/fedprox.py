@@ -52,6 +52,7 @@ class FedProx(FedTaLoRA):
     name = "fedprox"
     summary = "fedtalora + proximal term mu/2 ||w - w_global||^2 (options: mu)"
     Options = FedProxOptions
+    trains_clients_together = True  # the proximal term reads model.parameters_by_key(): one client's view in parallel
 
     def __init__(self, options: Any, ctx: MethodContext) -> None:
         super().__init__(options, ctx)

@@ -22,3 +22,5 @@ class FedTaLoRA(Method):
 
     name = "fedtalora"
     summary = "shared task-agnostic LoRA + head, exact residual aggregation (fed.residual)"
+    trains_clients_together = True  # LoRA + head through model(x), the loss reads model.parameters_by_key()
+    forward_through_model = True  # the input reaches only model(x) / model.features(x)

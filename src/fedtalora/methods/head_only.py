@@ -27,6 +27,8 @@ class HeadOnly(Method):
 
     name = "head-only"
     summary = "frozen backbone, only the linear head trained and averaged"
+    trains_clients_together = True  # LoRA + head through model(x), the loss reads model.parameters_by_key()
+    forward_through_model = True  # the input reaches only model(x) / model.features(x)
 
     def trainable_keys(self, model: FedModel) -> list[str]:
         return list(model.head_parameters())

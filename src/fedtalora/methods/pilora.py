@@ -148,6 +148,7 @@ class PILoRA(Method):
     name = "pilora"
     summary = ("PILoRA (ECCV 2024): LoRA per task + orthogonality, prototype classifier "
                "(options: ortho, l1, pl, temperature, prototypes)")
+    forward_through_model = True  # the input reaches only model(x) / model.features(x)
     Options = PILoRAOptions
     predicts_with_head = False  # nearest prototype (its head rows hold the prototypes)
     needs_server_state = True  # the task-start merge and the previous tasks' A (orthogonality) live on the server

@@ -26,6 +26,7 @@ from ..config import LoraConfig
 from ..core.aggregation import LoraPair
 from ..errors import ConfigError, ModelError
 from ..seeding import seeded_torch
+from .prefix import Activations, resume
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +110,16 @@ class FedModel(nn.Module):
         }
         self._extra: dict[str, nn.Parameter] = {}
 
-    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits over all classes of the scenario (``x``: images, or token ids for text backbones)."""
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor] | Activations) -> torch.Tensor:
+        """Logits over all classes of the scenario (``x``: images, or token ids for text backbones, or cached
+        activations of the frozen layers, :class:`~fedtalora.model.prefix.Activations`)."""
+        return self.head(self.features(x))
 
-    def features(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        """The backbone's pooled features (the head's input)."""
+    def features(self, x: torch.Tensor | dict[str, torch.Tensor] | Activations) -> torch.Tensor:
+        """The backbone's pooled features (the head's input); from cached activations, only the layers above
+        their split point run (:func:`fedtalora.model.prefix.resume`)."""
+        if isinstance(x, Activations):
+            return resume(self.backbone, self.spec.blocks_path, x)
         return self.backbone(x)
 
     # --- trainable state ----------------------------------------------------------------------
