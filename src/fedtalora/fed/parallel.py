@@ -52,7 +52,8 @@ from ..model import ADAPTER, FedModel
 from ..model.prefix import Activations, stochastic_modules
 from .client import ClientJob, ClientResult, Transform, autocast, batches, make_optimizer, to_device
 
-__all__ = ["ClientView", "GroupedLinear", "combine_batches", "grouped_modules", "train_together", "why_serial"]
+__all__ = ["ClientView", "GroupedLinear", "combine_batches", "grouped_modules", "train_steps_together", "train_together",
+           "why_serial"]
 
 
 def why_serial(model: FedModel, method: Method, keys: Sequence[str]) -> str | None:
@@ -227,6 +228,22 @@ def train_together(model: FedModel, method: Method, global_state: dict[str, torc
     Raises:
         ValueError: the method or model cannot train clients together (:func:`why_serial`).
     """
+    states, totals, steps = train_steps_together(model, method, global_state, jobs, split=split,
+                                                 transform=transform, cfg=cfg, device=device)
+    return [ClientResult(client=job.client, state={k: v.to("cpu") for k, v in state.items()},
+                         num_samples=len(job.indices), loss=float(total) / max(n, 1), steps=n)  # the read-backs
+            for job, state, total, n in zip(jobs, states, totals, steps, strict=True)]
+
+
+def train_steps_together(model: FedModel, method: Method, global_state: dict[str, torch.Tensor],
+                         jobs: Sequence[ClientJob], *, split: Split, transform: Transform, cfg: TrainConfig,
+                         device: torch.device) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], list[int]]:
+    """The loop of :func:`train_together`; nothing in it reads a value back from ``device``.
+
+    Returns:
+        per job: its trained tensors (copies on ``device``), the sum of its step losses (0-d, on ``device``)
+        and its number of steps.
+    """
     keys = list(global_state)
     why = why_serial(model, method, keys)
     if why is not None:
@@ -249,11 +266,11 @@ def train_together(model: FedModel, method: Method, global_state: dict[str, torc
     for job in jobs:
         idx = torch.as_tensor(job.indices, dtype=torch.long)
         lengths = None if all_lengths is None else all_lengths[idx]
-        st = _Stream(job, idx, torch.as_tensor(job.targets, dtype=torch.long), lengths,
-                     batches(len(idx), cfg.batch_size, job.generator, lengths), total=torch.zeros((), device=device))
-        streams.append(st)
+        streams.append(_Stream(job, idx, torch.as_tensor(job.targets, dtype=torch.long), lengths,
+                               batches(len(idx), cfg.batch_size, job.generator, lengths),
+                               total=torch.zeros((), device=device)))
     drop = [None if j.class_mask is None else ~j.class_mask.to(device) for j in jobs]
-    results: list[ClientResult | None] = [None] * G
+    states: list[dict[str, torch.Tensor]] = [{} for _ in jobs]
 
     def advance(st: _Stream) -> torch.Tensor | None:
         """The client's next batch (its next epoch's first when an epoch ends), None when it is done."""
@@ -266,11 +283,8 @@ def train_together(model: FedModel, method: Method, global_state: dict[str, torc
                     return None
                 st.it = batches(len(st.idx), cfg.batch_size, st.job.generator, st.lengths)
 
-    def finish(g: int) -> None:
-        st = streams[g]
-        state = {k: stacked[k][g].detach().to("cpu", copy=True) for k in keys}
-        results[g] = ClientResult(client=st.job.client, state=state, num_samples=len(st.idx),
-                                  loss=float(st.total) / max(st.steps, 1), steps=st.steps)  # one read-back
+    def finish(g: int) -> None:  # before the next step moves the client's slice again
+        states[g] = {k: stacked[k][g].detach().clone() for k in keys}
 
     model.train()
     for g, st in enumerate(streams):
@@ -293,7 +307,7 @@ def train_together(model: FedModel, method: Method, global_state: dict[str, torc
             if len(active) == G:
                 tensors = stacked
             else:
-                sel = torch.as_tensor(active, dtype=torch.long).to(device, non_blocking=True)
+                sel = to_device(torch.as_tensor(active, dtype=torch.long), device)
                 tensors = {k: v.index_select(0, sel) for k, v in stacked.items()}
             with grouped_modules(model, tensors), autocast(device, cfg.precision):
                 logits = method.forward(model, x)
@@ -304,20 +318,22 @@ def train_together(model: FedModel, method: Method, global_state: dict[str, torc
                 if drop[g] is not None:
                     lg = lg.masked_fill(drop[g], float("-inf"))
                 lk = method.loss(lg, ys[i], model=ClientView(model, stacked, g, shared))  # type: ignore[arg-type]
-                streams[g].total += lk.detach()
-                streams[g].steps += 1
+                st = streams[g]
+                assert st.total is not None
+                st.total += lk.detach()
+                st.steps += 1
                 loss = lk if loss is None else loss + lk
-            opt.zero_grad(set_to_none=True)
             assert loss is not None
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for g in active:
                 st = streams[g]
                 st.pending = advance(st)
                 if st.pending is None:
-                    finish(g)  # before the next step moves its slice again
+                    finish(g)
     finally:
         wanted = set(keys)
         for k, p in params.items():
             p.requires_grad_(k in wanted)  # as local_train leaves the model
-    return [r for r in results if r is not None]
+    return states, [st.total for st in streams], [st.steps for st in streams]  # type: ignore[misc]
