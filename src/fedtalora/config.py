@@ -182,7 +182,7 @@ class TrainConfig:
     """Compute the activations of the frozen layers below the first adapted block (the whole backbone for
     ``head-only``) once per sample and reuse them across epochs, rounds, tasks and evaluations
     (:mod:`fedtalora.fed.cache`): kept on the training ``device`` or in (pinned) ``host`` memory. Images
-    keep both flips. Results equal the uncached run (bit for bit on images; text to float rounding)."""
+    keep both flips. Results equal the uncached run to float rounding (GEMMs of other batch sizes)."""
     feature_cache_mb: int = 2048
     """Memory limit of ``feature_cache`` in MiB; a split whose activations would exceed it runs uncached."""
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"

@@ -29,9 +29,11 @@ activations at a *cut point* once per sample and feeds them to the rest of the m
   the run is then as fast as without the cache, never wrong. Text hidden states are stored padded to the
   split's longest sequence.
 
-Results equal the uncached run: on images bit for bit (per-sample computations do not depend on the rest of
-the batch on the CPU); on text to float rounding, because an unpadded batch runs attention without a mask and
-a padded one with it (``~1e-6``). The engine asks the cache for its inputs through :func:`cached_inputs`.
+Results equal the uncached run to float rounding. The activations of a sample are computed in other batches
+than on the uncached path (fill batches of ``train.eval_batch_size``), and a GEMM kernel may round differently
+for a different number of rows (on the CPU here: a batch of one image differs from larger ones by ~1e-6; the
+tiny runs of the tests are bit for bit identical); text also differs by whether a batch is padded (attention
+with or without a mask, ~1e-6). The engine asks the cache for its inputs through :func:`cached_inputs`.
 """
 
 from __future__ import annotations
