@@ -10,6 +10,8 @@ from everything measured so far, kept in ``benchmarks/results/perf.json``)::
     python benchmarks/perf.py demo       # (e) `fedtalora demo` wall time                              goal <= 120 s
     python benchmarks/perf.py profile    # cProfile of the client loop (image and text): where time goes
     python benchmarks/perf.py gpu        # ViT-B/16 LoRA images/s and MFU on a GPU (bf16)          goal >= 0.35
+    python benchmarks/perf.py parallel   # clients/s, clients trained together / one after another (CPU)
+    python benchmarks/perf.py cache      # head-only Banking77 run, uncached / cached frozen features  goal >= 10
     python benchmarks/perf.py all
 
 Timings on a shared machine are noisy: every timed pair is measured interleaved (A B, B A, ...) with
@@ -48,10 +50,12 @@ STORE = RESULTS / "perf.json"
 REPORT = RESULTS / "perf.md"
 BANKING = HERE.parent.parent / "shared" / "data" / "banking77"
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
+TINY_VIT = {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 GOALS = {
     "train_image": (">=", 0.95), "train_text": (">=", 0.95), "rss": ("<=", 1.25), "agg": ("<=", 0.02),
     "downlink_vit_b": ("<=", 0.2), "downlink_minilm": ("<=", 0.2), "demo": ("<=", 120.0), "gpu": (">=", 0.35),
+    "cache_headonly_head": (">=", 10.0), "cache_headonly_prototype": (">=", 10.0),
 }
 
 
@@ -149,9 +153,9 @@ def _ours(model: Any, split: Any, targets: np.ndarray, transform: Any, train_cfg
     """One client round of :func:`fedtalora.client.local_train` on all of ``split``; returns samples/s."""
     from fedtalora.fed.client import local_train
     from fedtalora.config import RunConfig
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
 
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())
     keys = method.trainable_keys(model)
     state = model.trainable_state(keys)
     idx = np.arange(len(targets))
@@ -424,7 +428,7 @@ def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
     from fedtalora.fed.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
     from fedtalora.data import ImageTransform, Split
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
     from fedtalora.model import build_model
 
     K, r, C = args.clients, 8, 100
@@ -459,7 +463,7 @@ def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
     # One client's local round, from the measured time per training image of ViT-B/16 at 224 px.
     model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs={}),
                         _lora_cfg([0, 1, 2, 3]), C, 224, 0)
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())
     state = model.trainable_state(method.trainable_keys(model))
     n = args.vit_b_batch * args.vit_b_steps
     images = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
@@ -602,8 +606,30 @@ def bench_profile(args: argparse.Namespace) -> dict[str, Any]:
         out[kind] = {"profiled_seconds": total, "in_torch_builtins_s": torch_ops,
                      "outside_torch_builtins_share": 1 - torch_ops / total, "top": s.getvalue()[-4000:]}
         print(json.dumps({"measurement": f"profile_{kind}", **{k: v for k, v in out[kind].items() if k != "top"}}))
+    for kind, group in (("serial", 1), ("parallel", 10)):  # 10 tiny-ViT clients, one after another / together
+        c = _parallel_case("image", 10, 32, 16, torch.device("cpu"))
+        fn = (lambda c=c: _serial_round(c, torch.device("cpu"))) if group == 1 else \
+            (lambda c=c: _parallel_round(c, 10, torch.device("cpu")))
+        fn()
+        out[f"tiny_vit_10_clients_{kind}"] = _profile(fn)
     return emit("profile", {"what": "cProfile of one client round: share of time outside torch's builtin ops "
-                                    "(Python overhead of the loop, peft, timm, optimizer)", **out})
+                                    "(Python overhead of the loop, peft, timm, optimizer); and of 10 tiny-ViT "
+                                    "clients one after another / trained together", **out})
+
+
+def _profile(fn: Callable[[], Any]) -> dict[str, Any]:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    s = io.StringIO()
+    stats = pstats.Stats(prof, stream=s)
+    total = stats.total_tt  # type: ignore[attr-defined]
+    torch_ops = sum(tt for (file, _, fn_), (_, _, tt, _, _) in stats.stats.items()  # type: ignore[attr-defined]
+                    if file == "~" and ("torch" in fn_ or "_EngineBase" in fn_ or "_VariableFunctions" in fn_))
+    stats.sort_stats("tottime").print_stats(12)
+    return {"profiled_seconds": total, "in_torch_builtins_s": torch_ops,
+            "outside_torch_builtins_share": 1 - torch_ops / total, "top": s.getvalue()[-3500:]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,56 +637,235 @@ def bench_profile(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _parallel_case(kind: str, clients: int, per_client: int, batch: int, device: torch.device,
+                   precision: str = "fp32", vit_b: bool = False) -> dict[str, Any]:
+    """Model, method, data and client jobs of one client-parallel measurement (``kind``: image or text)."""
+    from fedtalora.config import ModelConfig, RunConfig, TrainConfig
+    from fedtalora.data import ImageTransform, Split
+    from fedtalora.data.transforms import TextTransform, tokenize_split
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import ClientJob
+    from fedtalora.model import build_model
+    from fedtalora.seeding import torch_generator
+
+    n = clients * per_client
+    g = torch.Generator().manual_seed(0)
+    if kind == "image":
+        if vit_b:
+            S, mcfg, lora = 224, ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs={}), \
+                _lora_cfg([0, 1, 2, 3])
+        else:  # the tests' tiny ViT
+            S, mcfg, lora = 8, ModelConfig(backbone="vit_tiny_patch16_224", pretrained=False, kwargs=TINY_VIT), \
+                _lora_cfg([0, 1], rank=4)
+        model = build_model(mcfg, lora, 10, S, 0)
+        labels = torch.randint(0, 10, (n,), generator=g).numpy()
+        split = Split(torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, generator=g), labels)
+        transform: Any = ImageTransform(S, model.spec.mean, model.spec.std)
+        what = "ViT-B/16 224 px, LoRA r8 blocks 0-3" if vit_b else "tiny ViT (2 blocks, width 32, 8 px), LoRA r4"
+    else:
+        model = build_model(ModelConfig(backbone="minilm", pretrained=True), _lora_cfg([0, 1, 2]), 77, 0, 0)
+        texts, labels = _banking_texts(n)
+        split = tokenize_split(Split(texts, labels), model.backbone.tokenizer, 64)
+        transform = TextTransform()
+        what = "MiniLM-L6 (Banking77 sentences), LoRA r8 layers 0-2"
+    model.to(device)
+    method = build_method(RunConfig())
+    cfg = TrainConfig(local_epochs=1, batch_size=batch, optimizer="sgd", lr=0.01, head_lr=0.01, logit_mask="none",
+                      precision=precision)
+    state = model.trainable_state(method.trainable_keys(model))
+
+    def jobs() -> list[Any]:
+        return [ClientJob(k, np.arange(k * per_client, (k + 1) * per_client),
+                          labels[k * per_client:(k + 1) * per_client], None, torch_generator(0, "local", 0, 0, k))
+                for k in range(clients)]
+
+    return {"model": model, "method": method, "cfg": cfg, "state": state, "split": split, "transform": transform,
+            "jobs": jobs, "what": f"{what}, {clients} clients x {per_client} samples, batch {batch}, 1 epoch, SGD"}
+
+
+def _serial_round(c: dict[str, Any], device: torch.device) -> list[Any]:
+    from fedtalora.fed.client import local_train
+
+    return [local_train(c["model"], c["method"], c["state"], client=j.client, split=c["split"], indices=j.indices,
+                        targets=j.targets, class_mask=None, transform=c["transform"], cfg=c["cfg"],
+                        generator=j.generator, device=device) for j in c["jobs"]()]
+
+
+def _parallel_round(c: dict[str, Any], group: int, device: torch.device) -> list[Any]:
+    from fedtalora.fed.parallel import train_together
+
+    jobs, out = c["jobs"](), []
+    for i in range(0, len(jobs), group):
+        out += train_together(c["model"], c["method"], c["state"], jobs[i:i + group], split=c["split"],
+                              transform=c["transform"], cfg=c["cfg"], device=device)
+    return out
+
+
+def _max_rel_diff(a: list[Any], b: list[Any]) -> float:
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        for k in x.state:
+            scale = float(y.state[k].abs().max()) or 1.0
+            worst = max(worst, float((x.state[k] - y.state[k]).abs().max()) / scale)
+    return worst
+
+
+def bench_parallel(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Clients/s of one round's local training, clients trained together (``train.parallel_clients``) / one
+    after another, on the CPU: the tiny ViT and MiniLM, 10 and 100 clients."""
+    device = torch.device("cpu")
+    cases = [("image", 10, 10, 32), ("image", 100, 100, 32)]
+    if has_minilm():
+        cases += [("text", 10, 10, 16), ("text", 100, args.parallel_text_group, 16)]
+    recs = []
+    for kind, clients, group, per_client in cases:
+        c = _parallel_case(kind, clients, per_client, 16, device)
+        check = _max_rel_diff(_parallel_round(c, group, device), _serial_round(c, device))  # also the warm-up
+        got = interleaved({"serial": lambda c=c: clients / _timed(lambda: _serial_round(c, device)),
+                           "parallel": lambda c=c, g=group: clients / _timed(lambda: _parallel_round(c, g, device))},
+                          args.parallel_repeats)
+        ratios = [p / q for p, q in zip(got["parallel"], got["serial"], strict=True)]
+        name = f"parallel_{'vit' if kind == 'image' else 'minilm'}_{clients}"
+        recs.append(emit(name, {
+            "value": statistics.median(got["parallel"]) / statistics.median(got["serial"]),
+            "what": f"clients/s, {group} clients trained together / one after another: {c['what']} (CPU, 1 thread)",
+            "serial_clients_per_s": got["serial"], "parallel_clients_per_s": got["parallel"],
+            "paired_ratios": ratios, "group": group, "repeats": args.parallel_repeats,
+            "max_relative_state_difference": check,
+        }))
+    return recs
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """Whole runs of the Banking77 preset with MiniLM: ``head-only`` (linear head, and the prototype classifier)
+    with ``train.feature_cache=device`` / without, in one process, interleaved."""
+    if not has_minilm() or not (BANKING / "train.csv").exists():
+        print(json.dumps({"measurement": "cache", "skipped": "needs MiniLM and the Banking77 CSVs"}))
+        return None
+    from fedtalora.api import prepare, run
+    from fedtalora.config import resolve
+    from fedtalora.fed.history import without_timing
+
+    recs = []
+    for classifier in args.cache_classifiers.split(","):
+        over = ["data.dataset=banking77", f"data.root={BANKING}", "model.backbone=minilm", "method=head-only",
+                f"classifier.kind={classifier}", "train.device=cpu", f"train.threads={args.threads}",
+                f"data.train_per_class={args.cache_train_per_class}",
+                f"data.test_per_class={args.cache_test_per_class}"]
+        metrics: dict[str, Any] = {}
+
+        def once(cache: str, over: list[str] = over, metrics: dict[str, Any] = metrics) -> float:
+            setup = prepare(resolve("banking77", [*over, f"train.feature_cache={cache}"]))
+            t0 = time.perf_counter()
+            res = run(setup)
+            wall = time.perf_counter() - t0
+            metrics[cache] = (res.metrics, None if setup.cache is None else dict(setup.cache.stats))
+            return wall
+
+        got = interleaved({"off": lambda: once("off"), "device": lambda: once("device")}, args.cache_repeats)
+        (m_off, _), (m_on, stats) = metrics["off"], metrics["device"]
+        a, b = without_timing(m_on), without_timing(m_off)
+        losses = [(x["train_loss"], y["train_loss"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+        recs.append(emit(f"cache_headonly_{classifier}", {
+            "value": statistics.median(got["off"]) / statistics.median(got["device"]),
+            "what": f"run wall seconds, uncached / cached frozen features: banking77 preset, MiniLM, method=head-only, "
+                    f"classifier={classifier}, {args.cache_train_per_class} train / {args.cache_test_per_class} test "
+                    "sentences per class (7 tasks x 3 rounds x 10 clients x 2 local epochs), CPU",
+            "uncached_s": got["off"], "cached_s": got["device"], "repeats": args.cache_repeats,
+            "same_accuracy_matrix": a["accuracy_matrix"] == b["accuracy_matrix"],
+            "final_average_accuracy": [m_on["final_average_accuracy"], m_off["final_average_accuracy"]],
+            "max_train_loss_relative_difference": max(abs(x - y) / max(abs(y), 1e-12) for x, y in losses),
+            "cache_stats": stats,
+            "bound": "the uncached run passes every training sample through the backbone rounds x epochs = 6 times "
+                     "and every test sample once per later evaluation (4 times on average over 7 tasks); the cached "
+                     "run once each: (6 N_train + 4 N_test) / (N_train + N_test) backbone passes",
+        }))
+    return recs
+
+
 def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     """Images/s of the client step for ViT-B/16 at 224 px (LoRA r8 blocks 0-3, bf16 autocast) on a GPU, and
     MFU = executed FLOPs per second (counted by ``torch.utils.flop_counter`` on one step: forward plus the
-    backward the frozen backbone still needs) / the GPU's bf16 dense peak (``--peak-tflops``)."""
+    backward the frozen backbone still needs) / the GPU's bf16 dense peak (``--peak-tflops``); with
+    ``train.compile`` (``--gpu-compile``) and, side by side, 10 clients of ``--gpu-client-images`` images trained
+    together / one after another. ``--allow-cpu`` runs the same code on a tiny ViT on the CPU and records nothing."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedtalora.fed.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
     from fedtalora.data import ImageTransform, Split
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
     from fedtalora.model import build_model
+    from fedtalora.model.prefix import compile_backbone
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         print(json.dumps({"measurement": "gpu", "skipped": "no CUDA device (use --allow-cpu to try the code on CPU)"}))
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    S, B = (224, args.gpu_batch) if device.type == "cuda" else (32, 2)
-    kwargs = {} if device.type == "cuda" else {"depth": 2}
-    model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs=kwargs),
-                        _lora_cfg([0, 1] if kwargs else [0, 1, 2, 3]), 100, S, 0).to(device)
-    method = METHODS.get("fedtalora")(RunConfig())
-    state = model.trainable_state(method.trainable_keys(model))
+    on_gpu = device.type == "cuda"
+    S, B = (224, args.gpu_batch) if on_gpu else (32, 2)
+    kwargs = {} if on_gpu else {"depth": 2}
+    method = build_method(RunConfig())
     n = B * args.gpu_steps
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g).numpy()
-    split, transform = Split(images, labels), ImageTransform(S, model.spec.mean, model.spec.std)
     cfg = TrainConfig(local_epochs=1, batch_size=B, optimizer="sgd", precision="bf16")
 
-    def round_(m: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        local_train(model, method, state, client=0, split=split, indices=np.arange(m), targets=labels[:m],
-                    class_mask=None, transform=transform, cfg=cfg, generator=torch.Generator().manual_seed(0),
-                    device=device)  # ends with the state read back: synchronised
-        return m / (time.perf_counter() - t0)
+    def measure(compile_mode: str) -> tuple[float, float]:
+        model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs=kwargs),
+                            _lora_cfg([0, 1] if kwargs else [0, 1, 2, 3]), 100, S, 0).to(device)
+        compile_backbone(model.backbone, compile_mode, **({} if on_gpu else {"backend": "aot_eager"}))
+        state = model.trainable_state(method.trainable_keys(model))
+        split, transform = Split(images, labels), ImageTransform(S, model.spec.mean, model.spec.std)
 
-    with FlopCounterMode(display=False) as counter:
-        round_(B)  # one step, counted (also the warm-up)
-    flops_per_image = counter.get_total_flops() / B
-    round_(B)
-    speed = statistics.median(round_(n) for _ in range(args.repeats))
-    mfu = speed * flops_per_image / (args.peak_tflops * 1e12)
-    return emit("gpu", {
-        "value": mfu, "what": f"ViT-B/16 {S}px LoRA r8 client step, bf16 autocast, batch {B}: model-FLOP utilisation "
-                              f"against {args.peak_tflops:g} TFLOPS",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (code check only)",
+        def round_(m: int) -> float:
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            local_train(model, method, state, client=0, split=split, indices=np.arange(m), targets=labels[:m],
+                        class_mask=None, transform=transform, cfg=cfg, generator=torch.Generator().manual_seed(0),
+                        device=device)  # ends with the state read back: synchronised
+            return m / (time.perf_counter() - t0)
+
+        round_(B)  # warm-up (compiles)
+        with FlopCounterMode(display=False) as counter:
+            round_(B)
+        flops = counter.get_total_flops() / B
+        return statistics.median(round_(n) for _ in range(args.repeats)), flops
+
+    speed, flops_per_image = measure("off")
+    rec: dict[str, Any] = {
+        "value": speed * flops_per_image / (args.peak_tflops * 1e12),
+        "what": f"ViT-B/16 {S}px LoRA r8 client step, bf16 autocast, fused attention, batch {B}: model-FLOP "
+                f"utilisation against {args.peak_tflops:g} TFLOPS",
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu (code check only)",
         "images_per_s": speed, "flops_per_image": flops_per_image, "steps_per_round": args.gpu_steps,
-    })
+    }
+    if args.gpu_compile != "off":
+        cspeed, _ = measure(args.gpu_compile)
+        rec["compiled"] = {"mode": args.gpu_compile, "images_per_s": cspeed,
+                           "mfu": cspeed * flops_per_image / (args.peak_tflops * 1e12)}
+    if args.gpu_client_images:
+        per = args.gpu_client_images if on_gpu else 4
+        c = _parallel_case("image", 10, per, B, device, precision="bf16", vit_b=on_gpu)
+        _parallel_round(c, 10, device)
+        _serial_round(c, device)
+        got = interleaved({"serial": lambda: 10 / _timed(lambda: _serial_round(c, device)),
+                           "parallel": lambda: 10 / _timed(lambda: _parallel_round(c, 10, device))}, args.repeats)
+        rec["parallel_10_clients"] = {"images_per_client": per, "serial_clients_per_s": got["serial"],
+                                      "parallel_clients_per_s": got["parallel"],
+                                      "ratio": statistics.median(got["parallel"]) / statistics.median(got["serial"])}
+    if not on_gpu:
+        print(json.dumps({"measurement": "gpu", "code_check_only": True, **rec}))
+        return rec
+    return emit("gpu", rec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -669,7 +874,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["train", "train-image", "train-text", "rss", "rss-child", "agg", "downlink",
-                                       "demo", "profile", "gpu", "all"])
+                                       "demo", "profile", "gpu", "parallel", "cache", "all"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -687,6 +892,15 @@ def main() -> None:
     p.add_argument("--gpu-steps", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=989.4, help="bf16 dense peak (H100/H200 SXM: 989.4)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run the code on the CPU with a tiny ViT")
+    p.add_argument("--gpu-compile", default="default", help="gpu: also measure train.compile with this mode (off: no)")
+    p.add_argument("--gpu-client-images", type=int, default=500,
+                   help="gpu: images per client of the 10-client parallel/serial comparison (0: skip)")
+    p.add_argument("--parallel-repeats", type=int, default=3)
+    p.add_argument("--parallel-text-group", type=int, default=10, help="parallel: MiniLM clients trained together")
+    p.add_argument("--cache-repeats", type=int, default=1)
+    p.add_argument("--cache-classifiers", default="head,prototype")
+    p.add_argument("--cache-train-per-class", type=int, default=40)
+    p.add_argument("--cache-test-per-class", type=int, default=20)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.command == "rss-child":
@@ -694,8 +908,9 @@ def main() -> None:
         return
     todo = {"train": [bench_train_image, bench_train_text], "train-image": [bench_train_image],
             "train-text": [bench_train_text], "rss": [bench_rss], "agg": [bench_agg], "downlink": [bench_downlink],
-            "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu]}
-    todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo") for f in todo[k]]
+            "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu], "parallel": [bench_parallel],
+            "cache": [bench_cache]}
+    todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo", "parallel", "cache") for f in todo[k]]
     for fn in todo[args.command]:
         fn(args)
 
