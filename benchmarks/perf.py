@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 STORE = RESULTS / "perf.json"
 REPORT = RESULTS / "perf.md"
-BANKING = HERE.parent.parent / "shared" / "data" / "banking77"
+BANKING = Path(os.environ.get("BANKING77_ROOT", HERE.parent.parent / "shared" / "data" / "banking77"))
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
 TINY_VIT = {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
@@ -768,16 +768,16 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
             metrics[cache] = (res.metrics, None if setup.cache is None else dict(setup.cache.stats))
             return wall
 
-        got = interleaved({"off": lambda: once("off"), "device": lambda: once("device")}, args.cache_repeats)
-        (m_off, _), (m_on, stats) = metrics["off"], metrics["device"]
+        got = interleaved({"none": lambda: once("none"), "device": lambda: once("device")}, args.cache_repeats)
+        (m_off, _), (m_on, stats) = metrics["none"], metrics["device"]
         a, b = without_timing(m_on), without_timing(m_off)
         losses = [(x["train_loss"], y["train_loss"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)]
         recs.append(emit(f"cache_headonly_{classifier}", {
-            "value": statistics.median(got["off"]) / statistics.median(got["device"]),
+            "value": statistics.median(got["none"]) / statistics.median(got["device"]),
             "what": f"run wall seconds, uncached / cached frozen features: banking77 preset, MiniLM, method=head-only, "
                     f"classifier={classifier}, {args.cache_train_per_class} train / {args.cache_test_per_class} test "
                     "sentences per class (7 tasks x 3 rounds x 10 clients x 2 local epochs), CPU",
-            "uncached_s": got["off"], "cached_s": got["device"], "repeats": args.cache_repeats,
+            "uncached_s": got["none"], "cached_s": got["device"], "repeats": args.cache_repeats,
             "same_accuracy_matrix": a["accuracy_matrix"] == b["accuracy_matrix"],
             "final_average_accuracy": [m_on["final_average_accuracy"], m_off["final_average_accuracy"]],
             "max_train_loss_relative_difference": max(abs(x - y) / max(abs(y), 1e-12) for x, y in losses),
@@ -840,7 +840,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
         flops = counter.get_total_flops() / B
         return statistics.median(round_(n) for _ in range(args.repeats)), flops
 
-    speed, flops_per_image = measure("off")
+    speed, flops_per_image = measure("none")
     rec: dict[str, Any] = {
         "value": speed * flops_per_image / (args.peak_tflops * 1e12),
         "what": f"ViT-B/16 {S}px LoRA r8 client step, bf16 autocast, fused attention, batch {B}: model-FLOP "
@@ -848,7 +848,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
         "device": torch.cuda.get_device_name() if on_gpu else "cpu (code check only)",
         "images_per_s": speed, "flops_per_image": flops_per_image, "steps_per_round": args.gpu_steps,
     }
-    if args.gpu_compile != "off":
+    if args.gpu_compile != "none":
         cspeed, _ = measure(args.gpu_compile)
         rec["compiled"] = {"mode": args.gpu_compile, "images_per_s": cspeed,
                            "mfu": cspeed * flops_per_image / (args.peak_tflops * 1e12)}
@@ -892,7 +892,7 @@ def main() -> None:
     p.add_argument("--gpu-steps", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=989.4, help="bf16 dense peak (H100/H200 SXM: 989.4)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run the code on the CPU with a tiny ViT")
-    p.add_argument("--gpu-compile", default="default", help="gpu: also measure train.compile with this mode (off: no)")
+    p.add_argument("--gpu-compile", default="default", help="gpu: also measure train.compile with this mode (none: no)")
     p.add_argument("--gpu-client-images", type=int, default=500,
                    help="gpu: images per client of the 10-client parallel/serial comparison (0: skip)")
     p.add_argument("--parallel-repeats", type=int, default=3)

@@ -278,3 +278,19 @@ def test_round_trip_through_yaml(tiny_overrides: list[str]) -> None:
         assert back == cfg
         assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
         assert back.to_yaml() == text
+
+
+def test_the_speed_keys_parse_from_overrides_and_are_validated() -> None:
+    """``train.parallel_clients``, ``feature_cache``, ``feature_cache_mb``, ``compile``, ``fused_attention`` (issue 20):
+    the words a user types on the command line (``none``, not YAML's ``off`` = false) and their ranges."""
+    cfg = resolve("demo", ["train.parallel_clients=4", "train.feature_cache=host", "train.feature_cache_mb=512",
+                           "train.compile=none", "train.fused_attention=false"])
+    t = cfg.train
+    assert (t.parallel_clients, t.feature_cache, t.feature_cache_mb, t.compile, t.fused_attention) == (
+        4, "host", 512, "none", False)
+    assert resolve("demo", []).train.feature_cache == "none" and resolve("demo", []).train.parallel_clients == 1
+    for bad, key in (("train.parallel_clients=0", "train.parallel_clients"), ("train.feature_cache_mb=0",
+                     "train.feature_cache_mb"), ("train.feature_cache=yes", "train.feature_cache"),
+                     ("train.compile=fast", "train.compile")):
+        with pytest.raises(ConfigError, match=key):
+            resolve("demo", [bad])

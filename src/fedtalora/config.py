@@ -178,15 +178,15 @@ class TrainConfig:
     (:mod:`fedtalora.fed.parallel`); 1: one after another. Same seeds, same samples, same results to float
     tolerance. Methods that cannot batch (``Method.trains_clients_together`` false) and models that draw
     random numbers in training (``lora.dropout`` > 0) train one after another. Memory grows with it."""
-    feature_cache: Literal["off", "device", "host"] = "off"
+    feature_cache: Literal["none", "device", "host"] = "none"
     """Compute the activations of the frozen layers below the first adapted block (the whole backbone for
     ``head-only``) once per sample and reuse them across epochs, rounds, tasks and evaluations
     (:mod:`fedtalora.fed.cache`): kept on the training ``device`` or in (pinned) ``host`` memory. Images
     keep both flips. Results equal the uncached run to float rounding (GEMMs of other batch sizes)."""
     feature_cache_mb: int = 2048
     """Memory limit of ``feature_cache`` in MiB; a split whose activations would exceed it runs uncached."""
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
-    """``torch.compile`` the backbone with this mode (``off``: eager). Pays off on a GPU for long runs; the
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    """``torch.compile`` the backbone with this mode (``none``: eager). Pays off on a GPU for long runs; the
     first steps and every new input shape compile."""
     fused_attention: bool = True
     """Fused scaled-dot-product attention (timm ``fused_attn``, transformers ``attn_implementation=sdpa``;

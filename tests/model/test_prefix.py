@@ -134,7 +134,7 @@ def test_compile_keeps_names_and_results(make_tiny_model) -> None:
     with torch.no_grad():
         want = model(x)
     names = [n for n, _ in model.named_parameters()]
-    compile_backbone(model.backbone, "off")
+    compile_backbone(model.backbone, "none")
     assert model.backbone._compiled_call_impl is None
     compile_backbone(model.backbone, "default", backend="aot_eager")
     with torch.no_grad():

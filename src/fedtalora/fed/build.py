@@ -256,7 +256,7 @@ def prepare(cfg: RunConfig) -> Setup:
     exp = Experiment.build(cfg)
     parts = build_components(cfg, exp.scenario.num_classes, device)
     transform = input_transform(cfg, exp.dataset, parts.model)
-    cache = None if cfg.train.feature_cache == "off" else FeatureCache(parts.model, parts.method, transform,
+    cache = None if cfg.train.feature_cache == "none" else FeatureCache(parts.model, parts.method, transform,
                                                                        cfg.train, device)
     return Setup(cfg, exp, parts.model, parts.method, parts.classifier, transform, device, cache)
 

@@ -206,8 +206,8 @@ def set_fused_attention(backbone: nn.Module, fused: bool) -> int:
 def compile_backbone(backbone: nn.Module, mode: str, **kwargs: Any) -> None:
     """``torch.compile`` the backbone in place (:meth:`torch.nn.Module.compile`: parameter names and
     state-dict keys stay as they are) with ``mode`` (``default``, ``reduce-overhead``, ``max-autotune``);
-    ``off``: nothing. Text batches change length from batch to batch: their shapes are compiled dynamic."""
-    if mode == "off":
+    ``none``: nothing. Text batches change length from batch to batch: their shapes are compiled dynamic."""
+    if mode == "none":
         return
     if isinstance(backbone, HFEncoder):
         kwargs.setdefault("dynamic", True)
