@@ -89,7 +89,7 @@ def test_a_cached_text_run_matches_the_uncached_one(tiny_bert, write_banking, te
 
 
 def _fresh_cache(model: Any, method: Any, **train: Any) -> FeatureCache:
-    return FeatureCache(model, method, TRANSFORM, TrainConfig(feature_cache="device", eval_batch_size=4, **train),
+    return FeatureCache(model, method, TRANSFORM, TrainConfig(feature_cache="device", batch_size=4, **train),
                         torch.device("cpu"))
 
 

@@ -30,7 +30,7 @@ activations at a *cut point* once per sample and feeds them to the rest of the m
   split's longest sequence.
 
 Results equal the uncached run to float rounding. The activations of a sample are computed in other batches
-than on the uncached path (fill batches of ``train.eval_batch_size``), and a GEMM kernel may round differently
+than on the uncached path (fill batches of ``train.batch_size``), and a GEMM kernel may round differently
 for a different number of rows (on the CPU here: a batch of one image differs from larger ones by ~1e-6; the
 tiny runs of the tests are bit for bit identical); text also differs by whether a batch is padded (attention
 with or without a mask, ~1e-6). The engine asks the cache for its inputs through :func:`cached_inputs`.
@@ -158,8 +158,9 @@ class FeatureCache:
 
     Args:
         transform: the raw batch transform of the run (:func:`fedtalora.fed.build.input_transform`).
-        cfg: ``train.feature_cache`` (where), ``feature_cache_mb`` (limit), ``eval_batch_size`` (fill batches),
-            ``precision`` (the fill runs under the same autocast as training).
+        cfg: ``train.feature_cache`` (where), ``feature_cache_mb`` (limit), ``batch_size`` (fill batches, sorted by
+            length for text: on the CPU, MiniLM runs 282 sentences/s in sorted batches of 32 and 162/s in batches
+            of 256), ``precision`` (the fill runs under the same autocast as training).
     """
 
     def __init__(self, model: FedModel, method: Method, transform: Any, cfg: TrainConfig,
@@ -169,7 +170,7 @@ class FeatureCache:
         self.where = device if cfg.feature_cache == "device" else torch.device("cpu")
         self.pin = cfg.feature_cache == "host" and device.type == "cuda"
         self.budget = cfg.feature_cache_mb * 2**20
-        self.batch_size, self.precision = cfg.eval_batch_size, cfg.precision
+        self.batch_size, self.precision = cfg.batch_size, cfg.precision
         self.stores: dict[str, _Store] = {}
         self.fingerprint: tuple[Any, ...] | None = None
         self.stats = {"computed": 0, "batches": 0, "invalidations": 0}
