@@ -221,12 +221,14 @@ class FeatureCache:
     @torch.no_grad()
     def _fill(self, name: str, store: _Store, indices: np.ndarray, variants: range) -> bool:
         model, backbone = self.model, self.model.backbone
+        wanted = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        missing = {v: torch.unique(wanted[~store.have[v, wanted]]) for v in variants}
+        if not any(len(idx) for idx in missing.values()):
+            return True
         was_training = model.training
         model.eval()
         try:
-            for v in variants:
-                idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-                idx = torch.unique(idx[~store.have[v, idx]])
+            for v, idx in missing.items():
                 if store.lengths is not None and len(idx):
                     idx = idx[torch.argsort(store.lengths[idx], stable=True)]
                 for start in range(0, len(idx), self.batch_size):
