@@ -276,3 +276,28 @@ def test_a_text_run_with_parallel_clients_equals_the_serial_run(tiny_bert, write
     together = run(resolve("demo", [*base, "train.parallel_clients=3"])).metrics
 
     _assert_close(without_timing(together), without_timing(serial), 1e-6)
+
+
+def test_bf16_clients_trained_together_stay_close_to_the_serial_path(make_tiny_model) -> None:
+    """The bf16 autocast path (grouped ``bmm`` in bf16 instead of per-client ``linear``) runs and agrees to bf16
+    precision."""
+    cfg = from_dict({"train": {"optimizer": "adamw", "batch_size": 8, "local_epochs": 1, "precision": "bf16"}})
+    method = build_method(cfg)
+    model = make_tiny_model()
+    g = torch.Generator().manual_seed(3)
+    n = sum(SIZES)
+    split = Split(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 5, (n,), generator=g).numpy())
+    transform = ImageTransform(8, (0.5,) * 3, (0.25,) * 3)
+    state = model.trainable_state(method.trainable_keys(model))
+    jobs = _jobs(SIZES, split.labels, "task", 10)
+    together = train_together(model, method, state, jobs, split=split, transform=transform, cfg=cfg.train,
+                              device=torch.device("cpu"))
+    serial = [local_train(model, method, state, client=j.client, split=split, indices=j.indices, targets=j.targets,
+                          class_mask=j.class_mask, transform=transform, cfg=cfg.train, generator=j.generator,
+                          device=torch.device("cpu")) for j in _jobs(SIZES, split.labels, "task", 10)]
+    for p, s in zip(together, serial, strict=True):
+        assert p.loss == pytest.approx(s.loss, rel=0.05)
+        for k in s.state:
+            assert torch.isfinite(p.state[k]).all()
+            assert float((p.state[k] - s.state[k]).abs().max()) <= 0.05 * (float(s.state[k].abs().max()) or 1.0)

@@ -143,3 +143,18 @@ def test_compile_keeps_names_and_results(make_tiny_model) -> None:
     assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == list(
         make_tiny_model().state_dict())
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_run_config_reaches_attention_and_compile(tiny_overrides) -> None:
+    """``train.fused_attention`` and ``train.compile`` are applied where every engine builds its model
+    (:func:`fedtalora.fed.build.build_components`); compiling is lazy, so building stays cheap."""
+    from fedtalora.config import resolve
+    from fedtalora.fed.build import build_components
+
+    plain = build_components(resolve("demo", list(tiny_overrides)), 10).model
+    assert all(m.fused_attn for m in plain.backbone.modules() if hasattr(m, "fused_attn"))
+    assert plain.backbone._compiled_call_impl is None
+    cfg = resolve("demo", [*tiny_overrides, "train.fused_attention=false", "train.compile=max-autotune"])
+    model = build_components(cfg, 10).model
+    assert not any(m.fused_attn for m in model.backbone.modules() if hasattr(m, "fused_attn"))
+    assert model.backbone._compiled_call_impl is not None
