@@ -24,7 +24,8 @@ from fedtalora.data import ImageTransform, Split, TextTransform, tokenize_split
 from fedtalora.fed.build import build_method
 from fedtalora.fed.client import ClientJob, local_train
 from fedtalora.fed.history import without_timing
-from fedtalora.fed.parallel import (GroupedLinear, combine_batches, grouped_modules, train_steps_together,
+from fedtalora.fed.parallel import (GroupedLinear, combine_batches, grouped_modules, length_buckets,
+                                    train_steps_together,
                                     train_together, why_serial)
 from fedtalora.fed.transport import class_mask, parallel_group, task_mask
 from fedtalora.model import build_model
@@ -301,3 +302,14 @@ def test_bf16_clients_trained_together_stay_close_to_the_serial_path(make_tiny_m
         for k in s.state:
             assert torch.isfinite(p.state[k]).all()
             assert float((p.state[k] - s.state[k]).abs().max()) <= 0.05 * (float(s.state[k].abs().max()) or 1.0)
+
+
+def test_text_clients_are_padded_together_only_with_similar_lengths() -> None:
+    def text(rows: int, length: int) -> dict[str, Any]:
+        return {"input_ids": torch.ones(rows, length, dtype=torch.long), "attention_mask": torch.ones(rows, length),
+                "padded": False}
+
+    # lengths 10, 40, 11, 12, 41 (4 rows each): {10, 11, 12} and {40, 41}, each padded by less than 25 %
+    assert length_buckets([text(4, 10), text(4, 40), text(4, 11), text(4, 12), text(4, 41)]) == [[0, 2, 3], [1, 4]]
+    assert length_buckets([text(4, 10), text(4, 40)], slack=10.0) == [[0, 1]]
+    assert length_buckets([torch.zeros(4, 3, 2, 2), torch.zeros(1, 3, 2, 2)]) == [[0, 1]]  # images: one pass

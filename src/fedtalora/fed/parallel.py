@@ -52,8 +52,8 @@ from ..model import ADAPTER, FedModel
 from ..model.prefix import Activations, stochastic_modules
 from .client import ClientJob, ClientResult, Transform, autocast, batches, make_optimizer, to_device
 
-__all__ = ["ClientView", "GroupedLinear", "combine_batches", "grouped_modules", "train_steps_together", "train_together",
-           "why_serial"]
+__all__ = ["ClientView", "GroupedLinear", "combine_batches", "grouped_modules", "length_buckets", "train_steps_together",
+           "train_together", "why_serial"]
 
 
 def why_serial(model: FedModel, method: Method, keys: Sequence[str]) -> str | None:
@@ -202,6 +202,41 @@ def combine_batches(xs: list[Any]) -> tuple[Any, int]:
     raise TypeError(f"cannot batch inputs of type {type(first).__name__} across clients")
 
 
+def _shape(x: Any) -> tuple[int, int] | None:
+    """``(rows, sequence length)`` of a transformed text batch; None for inputs without sequences."""
+    if isinstance(x, dict):
+        return tuple(x["input_ids"].shape[:2])  # type: ignore[return-value]
+    if isinstance(x, Activations) and x.mask is not None:
+        return tuple(x.hidden.shape[:2])  # type: ignore[return-value]
+    return None
+
+
+def length_buckets(xs: list[Any], slack: float = 1.25) -> list[list[int]]:
+    """Positions of ``xs`` split into parts that are padded together: by increasing sequence length, a part grows
+    while its padded size (parts x most rows x longest sequence) stays within ``slack`` times its real size.
+    Inputs without sequences (images) form one part. Padding text of many clients to the longest of them would otherwise
+    multiply the work (10 clients x 16 Banking77 sentences: the longest of 160 against the longest of 16)."""
+    found = [_shape(x) for x in xs]
+    if any(shape is None for shape in found):
+        return [list(range(len(xs)))]
+    shapes: list[tuple[int, int]] = found  # type: ignore[assignment]
+    order = sorted(range(len(xs)), key=lambda i: (shapes[i][1], i))
+    parts: list[list[int]] = []
+    real = 0
+    for i in order:
+        rows, length = shapes[i]
+        if parts:
+            part = parts[-1]
+            grown = (len(part) + 1) * max(rows, *(shapes[k][0] for k in part)) * length  # ``length`` is the longest
+            if grown <= slack * (real + rows * length):
+                part.append(i)
+                real += rows * length
+                continue
+        parts.append([i])
+        real = rows * length
+    return [sorted(part) for part in parts]
+
+
 # --- the trainer ---------------------------------------------------------------------------------------
 
 
@@ -303,29 +338,31 @@ def train_steps_together(model: FedModel, method: Method, global_state: dict[str
                 xs.append(transform(to_device(split.inputs[st.idx[b]], device), train=True,
                                     generator=st.job.generator))
                 ys.append(to_device(st.targets[b], device))
-            x, rows = combine_batches(xs)
-            if len(active) == G:
-                tensors = stacked
-            else:
-                sel = to_device(torch.as_tensor(active, dtype=torch.long), device)
-                tensors = {k: v.index_select(0, sel) for k, v in stacked.items()}
-            with grouped_modules(model, tensors), autocast(device, cfg.precision):
-                logits = method.forward(model, x)
-            logits = logits.float().reshape(len(active), rows, -1)
-            loss = None
-            for i, g in enumerate(active):
-                lg = logits[i, :len(ys[i])]
-                if drop[g] is not None:
-                    lg = lg.masked_fill(drop[g], float("-inf"))
-                lk = method.loss(lg, ys[i], model=ClientView(model, stacked, g, shared))  # type: ignore[arg-type]
-                st = streams[g]
-                assert st.total is not None
-                st.total += lk.detach()
-                st.steps += 1
-                loss = lk if loss is None else loss + lk
-            assert loss is not None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for part in length_buckets(xs):  # text: clients of similar lengths together, one pass each
+                slots = [active[i] for i in part]
+                x, rows = combine_batches([xs[i] for i in part])
+                if len(slots) == G:
+                    tensors = stacked
+                else:
+                    sel = to_device(torch.as_tensor(slots, dtype=torch.long), device)
+                    tensors = {k: v.index_select(0, sel) for k, v in stacked.items()}
+                with grouped_modules(model, tensors), autocast(device, cfg.precision):
+                    logits = method.forward(model, x)
+                logits = logits.float().reshape(len(slots), rows, -1)
+                loss = None
+                for j, (i, g) in enumerate(zip(part, slots, strict=True)):
+                    lg = logits[j, :len(ys[i])]
+                    if drop[g] is not None:
+                        lg = lg.masked_fill(drop[g], float("-inf"))
+                    lk = method.loss(lg, ys[i], model=ClientView(model, stacked, g, shared))  # type: ignore[arg-type]
+                    st = streams[g]
+                    assert st.total is not None
+                    st.total += lk.detach()
+                    st.steps += 1
+                    loss = lk if loss is None else loss + lk
+                assert loss is not None
+                loss.backward()  # the clients' gradients land in their own slices (accumulated over the parts)
             opt.step()
             for g in active:
                 st = streams[g]
