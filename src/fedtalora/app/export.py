@@ -5,7 +5,8 @@
 ``model.safetensors``
     one merged weight file: the state dict of ``timm.create_model(backbone, num_classes=C, **timm_kwargs)``
     with, in every adapted layer, ``W = W_base + s B A`` (base with all residuals folded in, plus the
-    LoRA product) and the trained linear head as timm's ``head``.
+    LoRA product; the exact ``W0 + D + s B A`` rounded once when the model keeps the exact base) and the
+    trained linear head as timm's ``head``.
 ``base_model.safetensors`` and ``adapter/``
     the same timm classifier with the residual-merged base weights (no LoRA), and a peft adapter folder
     (LoRA factors; the head as ``modules_to_save``) that ``PeftModel.from_pretrained`` loads on it.
@@ -74,7 +75,8 @@ def timm_state_dicts(model: FedModel) -> tuple[dict[str, torch.Tensor], dict[str
     Keys are those of ``timm.create_model(backbone, num_classes=C)``: peft's wrapper keys are unwrapped
     (``blocks.0.attn.qkv.base_layer.weight`` -> ``blocks.0.attn.qkv.weight``), LoRA factors dropped, and
     the head added as ``head.*``. ``merged`` differs from ``base`` only in the adapted layers' weights,
-    which hold ``W_base + s B A``.
+    which hold ``W_base + s B A`` (:meth:`FedModel.exact_weight`: with the exact base, ``W0 + D + s B A``
+    in float64 rounded once to float32).
     """
     layers = {p.layer.removeprefix("backbone."): p.layer for p in model.lora_pairs()}
     base: dict[str, torch.Tensor] = {}
@@ -89,7 +91,7 @@ def timm_state_dicts(model: FedModel) -> tuple[dict[str, torch.Tensor], dict[str
         base[key] = t
         merged[key] = t
     for short, full in layers.items():
-        merged[f"{short}.weight"] = model.effective_weight(full)
+        merged[f"{short}.weight"] = model.exact_weight(full).to(torch.float32)  # float64, rounded once
     for k, t in model.head.state_dict().items():
         base[f"head.{k}"] = t
         merged[f"head.{k}"] = t
