@@ -321,8 +321,9 @@ def aggregate_lora(
         residual: compute ``W_res`` (ResWU); without it the residuals dict is empty.
         exact: the residual in float64 against the rounded averages (:func:`exact_residual`, for a model with
             the exact base, :mod:`fedtalora.core.exact`), and its factors as :class:`ResidualFactors` (the live
-            clients' factors: ``residual_ranks`` is ``K' r``). ``errors`` are still computed from the factors
-            before the residual is applied; the model's real error is :func:`fedtalora.core.exact.round_error`.
+            clients' factors: ``residual_ranks`` is ``K' r``; a round with one live client has no residual, as
+            it is exactly zero). ``errors`` are still computed from the factors before the residual is applied;
+            the model's real error is :func:`fedtalora.core.exact.round_error`.
     """
     check_updates(updates)
     if len(updates) != weights.numel():
@@ -343,7 +344,7 @@ def aggregate_lora(
         Bbar, Abar = state[pair.b_key], state[pair.a_key]
         res = None
         ranks[pair.layer] = residual_rank(weights, Bbar.shape[1])
-        if residual and exact:
+        if residual and exact and ranks[pair.layer]:  # (one live client: Bbar Abar = B_1 A_1 exactly, R = 0)
             f = exact_factors(Bs, As, weights)
             if not all(torch.equal(x, y) for x, y in zip(f.averages(), (Bbar, Abar), strict=True)):
                 raise AggregationError(f"{pair.layer}: the residual's factors do not reproduce the averaged factors")
@@ -351,7 +352,7 @@ def aggregate_lora(
             residuals[pair.layer] = res
             factors[pair.layer] = f
             ranks[pair.layer] = f.B.shape[1]
-        elif residual:
+        elif residual and not exact:
             L, R = residual_factors(Bs, As, weights, Bbar, Abar)
             res = (L @ R).mul_(pair.scaling)
             residuals[pair.layer] = res

@@ -49,7 +49,20 @@ class RoundRecord:
     train_loss: float | None = None
     """Sample-weighted mean of the aggregated clients' training losses (None in a skipped round)."""
     aggregation_error: float | None = None
-    """Fraction of the clients' averaged update that aggregation lost, largest over adapted layers."""
+    """Fraction of the clients' averaged update that the round lost, largest over adapted layers:
+    ``||E_new - (E_old + sum_k p_k dE_k)|| / ||sum_k p_k dE_k||`` with ``E`` the effective weight each layer
+    computes with, as the model holds it after the round (in float64, :func:`fedtalora.core.exact.round_error`;
+    0.0 for methods that aggregate no LoRA factors). With tiny updates one float32 rounding of the weight is a
+    large fraction of the update: read :attr:`aggregation_error_rounding` beside it."""
+    aggregation_error_rounding: float | None = None
+    """The same error in units of one float32 rounding of the weight, ``u ||W||`` (``u = 2**-24``), largest
+    over layers: <= 2 is float32 resolution and nothing more (None: no LoRA factors aggregated)."""
+    aggregation_error_accumulated: float | None = None
+    """Distance of the model from the exact chain of weighted averages since the start of the run, relative to
+    the accumulated update ``||E*_t - E*_0||``, largest over layers (only for methods that change the base, which
+    keep it exactly: :func:`fedtalora.core.exact.accumulated_error`; else None)."""
+    aggregation_error_accumulated_rounding: float | None = None
+    """:attr:`aggregation_error_accumulated` in units of ``u ||W||`` (<= 1: one float32 rounding)."""
     naive_aggregation_loss: float | None = None
     """What averaging the LoRA factors alone would have lost this round (largest over layers)."""
     uplink_bytes: int = 0
@@ -100,8 +113,9 @@ class TaskRecord:
 
 _SUMMARY = ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "seen_accuracy")
 _TOTALS = ("uplink_bytes_total", "downlink_bytes_total", "downlink_bytes_dense_total", "residual_bytes_dense_total",
-           "residual_bytes_factored_total", "max_aggregation_error", "naive_aggregation_loss_mean",
-           "naive_aggregation_loss_max", "reliability")
+           "residual_bytes_factored_total", "max_aggregation_error", "max_aggregation_error_rounding",
+           "max_aggregation_error_accumulated", "max_aggregation_error_accumulated_rounding",
+           "naive_aggregation_loss_mean", "naive_aggregation_loss_max", "reliability")
 
 
 @dataclass
@@ -133,6 +147,12 @@ class History:
     residual_bytes_dense_total: int | None = None
     residual_bytes_factored_total: int | None = None
     max_aggregation_error: float | None = None
+    max_aggregation_error_rounding: float | None = None
+    """Largest :attr:`RoundRecord.aggregation_error_rounding` (None when no round measured it)."""
+    max_aggregation_error_accumulated: float | None = None
+    """Largest :attr:`RoundRecord.aggregation_error_accumulated` (None without the exact base)."""
+    max_aggregation_error_accumulated_rounding: float | None = None
+    """Largest :attr:`RoundRecord.aggregation_error_accumulated_rounding` (None without the exact base)."""
     naive_aggregation_loss_mean: float | None = None
     naive_aggregation_loss_max: float | None = None
     reliability: dict[str, int] | None = None
@@ -163,6 +183,11 @@ class History:
         self.residual_bytes_factored_total = sum(r.residual_bytes_factored for r in rounds)
         self.max_aggregation_error = max((r.aggregation_error for r in rounds if r.aggregation_error is not None),
                                          default=0.0)
+        for total, key in (("max_aggregation_error_rounding", "aggregation_error_rounding"),
+                           ("max_aggregation_error_accumulated", "aggregation_error_accumulated"),
+                           ("max_aggregation_error_accumulated_rounding", "aggregation_error_accumulated_rounding")):
+            values = [getattr(r, key) for r in rounds if getattr(r, key) is not None]
+            setattr(self, total, max(values) if values else None)
         naive = [r.naive_aggregation_loss for r in rounds if r.naive_aggregation_loss is not None]
         self.naive_aggregation_loss_mean = float(np.mean(naive)) if naive else None
         self.naive_aggregation_loss_max = max(naive) if naive else None

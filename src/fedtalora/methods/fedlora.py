@@ -30,6 +30,7 @@ class FedLoRA(Method):
 
     name = "fedlora"
     summary = "shared LoRA + head, naive FedAvg of A and B (FedIT-style, no residual)"
+    folds_residual = False  # naive FedAvg: fed.residual is ignored
 
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:
