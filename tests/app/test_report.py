@@ -170,6 +170,7 @@ def test_compare_groups_settings_and_plots(sweep, tmp_path) -> None:
     # Naive averaging loses part of the update; ResWU is exact to float precision.
     assert groups["fed.residual=false"].stat("max_aggregation_error")[0] > 1e-3
     assert on.stat("max_aggregation_error")[0] < 1e-5
+    assert on.stat("max_aggregation_error_rounding")[0] <= 2  # float32 resolution
 
 
 def test_compare_cli_several_paths(sweep, tmp_path, capsys) -> None:

@@ -107,6 +107,27 @@ def test_round_error_hand_example() -> None:
     assert e.relative == 0.125 and e.in_rounding == pytest.approx(0.25 / (U * 1.25))
 
 
+def test_round_error_reads_exactly_zero_for_one_client_and_splits_off_the_naive_loss() -> None:
+    """One live client: the model loads its factors unchanged, so the error is exactly 0 (not float64 noise);
+    the naive loss is the error without the base's change, relative to the same update."""
+    g = torch_generator(0, "exact-one-client")
+    Bo, Ao = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    B1, A1 = Bo + 0.1 * torch.randn(6, 2, generator=g), Ao + 0.1 * torch.randn(2, 5, generator=g)
+    b = torch.randn(6, 5, generator=g)
+    w = normalize_weights([7, 0])  # the second client brings nothing
+    e = round_error(b, b, (Bo, Ao), (B1, A1), [B1, Bo], [A1, Ao], w, 2.0)
+    assert e.error_norm == 0.0 and e.naive == 0.0 and e.update_norm > 0
+    # Hand example of the naive part: 1x1, s = 1, start B A = 0; clients (1, 1), (3, 1) with p = 1/2:
+    # averages (2, 1) lose nothing; clients (1, 1), (3, 3): update 0.5 + 4.5 = 5, averages 2 * 2 = 4, naive
+    # loss 1 / 5; a residual of exactly 1 in the base removes it.
+    one = torch.ones(1, 1)
+    kw = dict(Bs=[one, 3 * one], As=[one, 3 * one], weights=torch.tensor([0.5, 0.5], dtype=F64), scaling=1.0)
+    e = round_error(one, 2 * one, (0 * one, one), (2 * one, 2 * one), **kw)
+    assert e.naive == 0.2 and e.error_norm == 0.0 and e.update_norm == 5.0
+    e = round_error(one, one, (0 * one, one), (2 * one, 2 * one), **kw)
+    assert e.naive == 0.2 and e.relative == 0.2
+
+
 def test_accumulated_error_hand_example() -> None:
     # W0 = 1, D = 0.5 (exact base 1.5) but the model holds 1.25; LoRA went from 0 to B A = 1 (s = 2).
     one = torch.ones(1, 1)

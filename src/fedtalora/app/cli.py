@@ -281,6 +281,15 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _exactness(relative: float | None, rounding: float | None, of: str) -> str:
+    """An error of the global model as the summary shows it: relative, and in float32 roundings of the weight
+    (``u ||W||``, ``u = 2**-24``; up to 2 is float32 resolution and nothing more)."""
+    if relative is None:
+        return "n/a"
+    text = f"{relative:.2e} of {of}"
+    return text if rounding is None else f"{text} = {rounding:.2g} float32 roundings of the weight"
+
+
 def _print_summary(h: History, run_dir: Path) -> None:
     n = max(len(h.rounds), 1)
     pre = "pretrained" if h.pretrained else "NOT pretrained: random initialisation"
@@ -289,7 +298,12 @@ def _print_summary(h: History, run_dir: Path) -> None:
         ("final average accuracy (F_AA)", f"{h.final_average_accuracy:.4f}"),
         ("average incremental accuracy (AIA)", f"{h.average_incremental_accuracy:.4f}"),
         ("forgetting", "n/a (one task)" if h.forgetting is None else f"{h.forgetting:.4f}"),
-        ("max aggregation error", f"{h.max_aggregation_error:.2e}"),
+        ("max aggregation error", _exactness(h.max_aggregation_error, h.max_aggregation_error_rounding,
+                                             "the update")),
+        *([("max error since the start", _exactness(h.max_aggregation_error_accumulated,
+                                                    h.max_aggregation_error_accumulated_rounding,
+                                                    "the accumulated update"))]
+          if h.max_aggregation_error_accumulated is not None else []),
         *([("naive averaging would lose (mean / max)",
             f"{h.naive_aggregation_loss_mean:.2e} / {h.naive_aggregation_loss_max:.2e}")]
           if h.naive_aggregation_loss_mean is not None else []),

@@ -198,6 +198,9 @@ class ExactnessError:
     update_norm: float
     weight_norm: float
     """``||b||_F`` of the float32 base weight after the round."""
+    naive: float | None = None
+    """Per round only: the same error without the round's change of the base, relative to the same update:
+    what averaging the LoRA factors alone loses (:func:`round_error`)."""
 
 
 def _ratio(num: float, den: float) -> float:
@@ -206,10 +209,12 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def _error(err: torch.Tensor, update: torch.Tensor, b: torch.Tensor) -> ExactnessError:
+def _error(err: torch.Tensor, update: torch.Tensor, b: torch.Tensor, naive: torch.Tensor | None = None,
+           ) -> ExactnessError:
     e, d, w = (float(torch.linalg.matrix_norm(t)) for t in (err, update, b))
     return ExactnessError(relative=_ratio(e, d), in_rounding=_ratio(e, U * w), error_norm=e, update_norm=d,
-                          weight_norm=w)
+                          weight_norm=w,
+                          naive=None if naive is None else _ratio(float(torch.linalg.matrix_norm(naive)), d))
 
 
 def round_error(
@@ -225,10 +230,19 @@ def round_error(
         Bs, As, weights, scaling: the clients' factors, their weights ``p_k`` and the LoRA scaling.
 
     In float64, from the clients' factors directly (not from
-    :func:`~fedtalora.core.aggregation.exact_residual`):
-    ``E_new - E_old = (b_new - b_old) + s (B_n A_n - B_o A_o)`` with ``b_new - b_old`` a difference of float32
-    values (exact), and ``sum_k p_k dE_k = s (sum_k p_k B_k A_k - (sum_k p_k) B_o A_o)``; their difference
-    is one GEMM added onto ``b_new - b_old``. Units: the update and ``U ||b_new||``.
+    :func:`~fedtalora.core.aggregation.exact_residual`), in difference form so that no large product
+    cancels: with ``Abar = sum_k p_k A_k`` (float64) and ``P = sum_k p_k``,
+
+        sum_k p_k dE_k   = s [ sum_k p_k (B_k - B_o) A_k + B_o (Abar - P A_o) ]
+        E_new - E_old - sum_k p_k dE_k
+                         = (b_new - b_old) - s [ sum_k p_k (B_k - B_n) A_k + B_n (Abar - P A_n)
+                                                 + (P - 1) (B_n A_n - B_o A_o) ]
+
+    (expand ``B_k A_k - B A = (B_k - B) A_k + B (A_k - A)``). Differences of float32 values and
+    ``b_new - b_old`` are exact in float64, so the float64 noise is relative to the update, not to the weight,
+    and an error that is exactly zero (one client, whose factors the model loads unchanged) reads 0. Each side
+    is one GEMM. Units: the update and ``U ||b_new||``. The GEMM alone (the error without ``b_new - b_old``) is
+    what naive averaging of the factors loses, relative to the same update (:attr:`ExactnessError.naive`).
     """
     if len(Bs) != weights.numel() or len(As) != weights.numel():
         raise AggregationError(f"{len(Bs)} B and {len(As)} A factors but {weights.numel()} weights")
@@ -239,19 +253,20 @@ def round_error(
 
     p = weights.to(F64).tolist()
     sp = sum(p)
-    (Bo, Ao), (Bn, An) = lora_old, lora_new
-    Bo64, Ao64 = f64(Bo), f64(Ao)
-    clients_B = [f64(B) * pk for B, pk in zip(Bs, p, strict=True)]
-    clients_A = [f64(A) for A in As]
-    # update = s ([p_k B_k ..., -sum(p) B_o] @ [A_k ...; A_o])
-    update = torch.cat([x * scaling for x in clients_B] + [Bo64 * (-sp * scaling)], dim=1) @ torch.cat(
-        [*clients_A, Ao64], dim=0)
-    # error = (b_new - b_old) + s ([B_n, -p_k B_k ..., (sum(p) - 1) B_o] @ [A_n; A_k ...; A_o])
+    (Bo, Ao), (Bn, An) = (f64(t) for t in lora_old), (f64(t) for t in lora_new)
+    Bk, Ak = [f64(B) for B in Bs], [f64(A) for A in As]
+    Abar = torch.zeros_like(Ao)
+    for pk, A in zip(p, Ak, strict=True):
+        Abar.add_(A, alpha=pk)
+    update = torch.cat([(B - Bo).mul_(pk) for B, pk in zip(Bk, p, strict=True)] + [Bo], dim=1) @ torch.cat(
+        [*Ak, Abar - Ao * sp], dim=0)
+    update.mul_(scaling)
     b_new = f64(base_new)
-    err = torch.addmm(b_new - f64(base_old),
-                      torch.cat([f64(Bn)] + [-x for x in clients_B] + [Bo64 * (sp - 1.0)], dim=1),
-                      torch.cat([f64(An), *clients_A, Ao64], dim=0), alpha=scaling)
-    return _error(err, update, b_new)
+    naive = torch.cat([(B - Bn).mul_(pk) for B, pk in zip(Bk, p, strict=True)]
+                      + [Bn, Bn * (sp - 1.0), Bo * (1.0 - sp)], dim=1) @ torch.cat([*Ak, Abar - An * sp, An, Ao], dim=0)
+    naive.mul_(-scaling)
+    err = naive + (b_new - f64(base_old))
+    return _error(err, update, b_new, naive)
 
 
 def accumulated_error(
@@ -271,9 +286,10 @@ def accumulated_error(
 
     b = f64(base)
     err = torch.sub(b, f64(w0)).sub_(acc)  # (b - W0) is exact in float64
-    (B, A), (B0, A0) = lora, lora_start
-    update = torch.addmm(acc.to(F64), torch.cat([f64(B), -f64(B0)], dim=1),
-                         torch.cat([f64(A), f64(A0)], dim=0), alpha=scaling)
+    (B, A), (B0, A0) = (f64(t) for t in lora), (f64(t) for t in lora_start)
+    # s (B A - B0 A0) = s [(B - B0) A + B0 (A - A0)]: differences of float32 values are exact
+    update = torch.addmm(acc.to(F64), torch.cat([B - B0, B0], dim=1), torch.cat([A, A - A0], dim=0),
+                         alpha=scaling)
     return _error(err, update, b)
 
 
@@ -299,6 +315,13 @@ def max_error(errors: Mapping[str, ExactnessError]) -> tuple[float | None, float
     if not errors:
         return None, None
     return max(e.relative for e in errors.values()), max(e.in_rounding for e in errors.values())
+
+
+def max_naive(errors: Mapping[str, ExactnessError]) -> float | None:
+    """The largest :attr:`ExactnessError.naive` over layers (None without it): the round record's
+    ``naive_aggregation_loss``."""
+    values = [e.naive for e in errors.values() if e.naive is not None]
+    return max(values) if values else None
 
 
 def within_resolution(err: ExactnessError, *, roundings: float = 2.0, rel: float = 1e-5) -> bool:

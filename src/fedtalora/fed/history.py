@@ -58,13 +58,17 @@ class RoundRecord:
     """The same error in units of one float32 rounding of the weight, ``u ||W||`` (``u = 2**-24``), largest
     over layers: <= 2 is float32 resolution and nothing more (None: no LoRA factors aggregated)."""
     aggregation_error_accumulated: float | None = None
-    """Distance of the model from the exact chain of weighted averages since the start of the run, relative to
-    the accumulated update ``||E*_t - E*_0||``, largest over layers (only for methods that change the base, which
-    keep it exactly: :func:`fedtalora.core.exact.accumulated_error`; else None)."""
+    """Distance of the model from the exact chain since the start of the run (with the residual: of the
+    weighted averages of the clients' models; for a method that merges into the base, of what it merged),
+    relative to the accumulated update ``||E*_t - E*_0||``, largest over layers. Only for methods that change
+    the base, which keep it exactly (:func:`fedtalora.core.exact.accumulated_error`); else None."""
     aggregation_error_accumulated_rounding: float | None = None
     """:attr:`aggregation_error_accumulated` in units of ``u ||W||`` (<= 1: one float32 rounding)."""
     naive_aggregation_loss: float | None = None
-    """What averaging the LoRA factors alone would have lost this round (largest over layers)."""
+    """What averaging the LoRA factors alone would have lost this round, largest over layers: the error of
+    :attr:`aggregation_error` without the round's change of the base (the residual), relative to the same
+    update (equal to it without the residual). Files written before the truthful metrics hold it relative to
+    the clients' averaged LoRA product ``s sum_k p_k B_k A_k`` instead."""
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     downlink_bytes_dense: int = 0

@@ -36,7 +36,7 @@ import torch
 
 from ..core.aggregation import Aggregate, LoraPair, normalize_weights, state_nbytes
 from ..core.comm import DownlinkLedger, dense_catch_up_nbytes, factored_nbytes
-from ..core.exact import max_error, round_errors
+from ..core.exact import max_error, max_naive, round_errors
 from ..core.scenario import Task
 from ..core.validation import check_update
 from ..seeding import numpy_rng
@@ -228,11 +228,12 @@ class _Loop:
         weight against the clients' averaged change, from the global state the clients started from
         (``self.global_state``, not yet replaced) and their updates (a factor a method does not send, e.g.
         ffa-lora's frozen A, is the model's). Since the start (:meth:`FedModel.accumulated_errors`): only with
-        the exact base. Largest over layers, relative and in units of one float32 rounding of the weight.
+        the exact base. Largest over layers, relative and in units of one float32 rounding of the weight; and
+        what naive averaging of the factors loses, relative to the same update.
         """
         out: dict[str, float | None] = dict.fromkeys(
             ("aggregation_error", "aggregation_error_rounding", "aggregation_error_accumulated",
-             "aggregation_error_accumulated_rounding"))
+             "aggregation_error_accumulated_rounding", "naive_aggregation_loss"))
         if not pairs:
             return out
         model = self.s.model
@@ -247,6 +248,7 @@ class _Loop:
         errors = round_errors(pairs, base_old, base_new, full(self.global_state), state_new,
                               [full(u) for u in updates], weights)
         out["aggregation_error"], out["aggregation_error_rounding"] = max_error(errors)
+        out["naive_aggregation_loss"] = max_naive(errors)
         accumulated = model.accumulated_errors()
         if accumulated:
             out["aggregation_error_accumulated"], out["aggregation_error_accumulated_rounding"] = max_error(accumulated)
@@ -275,7 +277,9 @@ class _Loop:
             aggregation_error_rounding=rnd.exactness.get("aggregation_error_rounding"),
             aggregation_error_accumulated=rnd.exactness.get("aggregation_error_accumulated"),
             aggregation_error_accumulated_rounding=rnd.exactness.get("aggregation_error_accumulated_rounding"),
-            naive_aggregation_loss=None if agg is None else agg.max_naive_error,
+            naive_aggregation_loss=None if agg is None else (
+                rnd.exactness["naive_aggregation_loss"] if rnd.exactness["aggregation_error"] is not None
+                else agg.max_naive_error),
             uplink_bytes=rnd.uplink, downlink_bytes=rnd.downlink, downlink_bytes_dense=rnd.downlink_dense,
             residual_bytes_dense=sum(self.dense[layer] for layer, n in rnd.factored.items() if n),  # 0: no residual
             residual_bytes_factored=sum(rnd.factored.values()),
