@@ -53,6 +53,63 @@ def test_final_model_written_and_reloads_bit_exact(tiny_run) -> None:
     assert torch.equal(_logits(model, tiny_run["x"]), _logits(reloaded, tiny_run["x"]))
 
 
+def test_final_model_restores_the_exact_base(tiny_run, tmp_path) -> None:
+    """The final model carries the float64 accumulator D (format 2): a reloaded run holds the same W0 + D, so
+    export writes the exact weights; a corrupted D is refused; a final model of format 1 (no D) still loads,
+    with D = b - W0."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run_dir, model = tiny_run["run_dir"], tiny_run["model"]
+    reloaded = load_final(run_dir)
+    layers = [p.layer for p in model.lora_pairs()]
+    assert reloaded.exact_base is not None and set(reloaded.exact_base.acc) == set(layers)
+    for layer in layers:
+        assert torch.equal(reloaded.exact_base.acc[layer], model.exact_base.acc[layer])
+        assert torch.equal(reloaded.exact_base.w0[layer], model.exact_base.w0[layer])
+        assert torch.equal(reloaded.exact_weight(layer), model.exact_weight(layer))
+    tensors = load_file(str(run_dir / FINAL_MODEL))
+    with safe_open(str(run_dir / FINAL_MODEL), framework="pt") as f:
+        meta = dict(f.metadata())
+    assert meta["format"] == "fedtalora-final-2"
+    assert {k for k in tensors if k.startswith("exact/")} == {f"exact/{layer}" for layer in layers}
+
+    def rewrite(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+        other = tmp_path / name
+        shutil.copytree(run_dir, other)
+        save_file(tensors, str(other / FINAL_MODEL), metadata=meta)
+        return other
+
+    bad = dict(tensors)
+    bad[f"exact/{layers[0]}"] = bad[f"exact/{layers[0]}"] + 1e-3
+    with pytest.raises(ModelError, match="does not round to its stored base weight"):
+        load_final(rewrite("bad", bad, meta))
+    v1 = {k: v for k, v in tensors.items() if not k.startswith("exact/")}
+    old = load_final(rewrite("v1", v1, {**meta, "format": "fedtalora-final-1"}))
+    for layer in layers:
+        assert torch.equal(old.base_weight(layer), model.base_weight(layer))
+        assert torch.equal(old.exact_base.acc[layer],
+                           model.base_weight(layer).double() - model.exact_base.w0[layer].double())
+
+
+def test_export_writes_the_exact_merged_weights(tiny_run, tmp_path) -> None:
+    """``model.safetensors`` holds, per adapted layer, W0 + D + s B A computed in float64 from the reloaded
+    run and rounded once to float32 (not the float32 base plus a float32 LoRA product)."""
+    from safetensors.torch import load_file
+
+    model = tiny_run["model"]
+    out = export(tiny_run["run_dir"], tmp_path / "exact").out
+    merged = load_file(str(out / MERGED))
+    params = model.lora_parameters()
+    for p in model.lora_pairs():
+        w0, d = model.exact_base.w0[p.layer].double(), model.exact_base.acc[p.layer]
+        exact = w0 + d + p.scaling * (params[p.b_key].detach().double() @ params[p.a_key].detach().double())
+        got = merged[f"{p.layer.removeprefix('backbone.')}.weight"]
+        assert got.dtype == torch.float32
+        assert ((got.double() - exact).abs() <= 2.0 ** -24 * exact.abs() + 1e-300).all(), p.layer  # one rounding
+        assert torch.equal(got, exact.float()), p.layer
+
+
 def test_export_both_forms_predict_like_the_final_model(tiny_run, tmp_path) -> None:
     model, x = tiny_run["model"], tiny_run["x"]
     res = export(tiny_run["run_dir"], tmp_path / "out")
