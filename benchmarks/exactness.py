@@ -209,11 +209,14 @@ def vit_b_shapes() -> tuple[dict[str, tuple[int, int]], int]:
     return shapes, sum(p.numel() for p in net.parameters())
 
 
-def bench_cost(args: argparse.Namespace) -> None:
+def measure_cost(clients: int = 10, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
+    """The accumulator's memory and the server's seconds per round, today's fold vs the exact base, on the 16
+    adapted layers of ViT-B/16 blocks 0-3 with ``clients`` clients at r = 8 (``benchmarks/perf.py exact``
+    reports the same measurement). Returns ``{"memory": {...}, "time": {...}}``."""
     shapes, backbone_params = vit_b_shapes()
     n = sum(a * b for a, b in shapes.values())
-    K, r, C = args.clients, 8, 100
-    dev = torch.device(args.device)
+    K, r, C = clients, 8, 100
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     W0 = {layer: (torch.randn(*shape, generator=g) * 0.02).to(dev) for layer, shape in shapes.items()}
     exact = ExactBase(W0)
@@ -250,9 +253,7 @@ def bench_cost(args: argparse.Namespace) -> None:
         "factored_catch_up_exact_bytes": sum(exact_factors_nbytes(a, b, r, K) for a, b in shapes.values()),
         "vit_b_model_fp32_bytes": 4 * backbone_params,
     }
-    if dev.type == "cpu":
-        emit("cost/memory", {"layers": len(shapes), "shapes": {k: list(v) for k, v in shapes.items()},
-                             **memory})
+    memory = {"layers": len(shapes), "shapes": {k: list(v) for k, v in shapes.items()}, **memory}
 
     def today() -> dict[str, float]:
         t0 = clock()
@@ -267,9 +268,10 @@ def bench_cost(args: argparse.Namespace) -> None:
     model_base = {layer: w.clone() for layer, w in W0.items()}  # the model's float32 weights
 
     def exact_round() -> dict[str, float]:
-        base_old = {layer: w.clone() for layer, w in model_base.items()}  # the loop's snapshot (4 B/weight)
         t0 = clock()
         agg = aggregate_lora(updates, weights, pairs, residual=True, exact=True)
+        t_snap = clock()
+        base_old = {layer: w.clone() for layer, w in model_base.items()}  # the loop's snapshot (4 B/weight)
         t1 = clock()
         exact.add(agg.residuals)  # FedModel.add_to_base with the exact base:
         for layer in shapes:
@@ -281,21 +283,28 @@ def bench_cost(args: argparse.Namespace) -> None:
             accumulated_error(base_new[p.layer], exact.w0[p.layer], exact.acc[p.layer],
                               (agg.state[p.b_key], agg.state[p.a_key]), (state[p.b_key], state[p.a_key]), p.scaling)
         t3 = clock()
-        return {"aggregate": t1 - t0, "apply": t2 - t1, "metrics": t3 - t2, "total": t3 - t0}
+        return {"aggregate": t_snap - t0, "apply": t2 - t1, "metrics": t3 - t2 + t1 - t_snap, "total": t3 - t0}
 
     today(), exact_round()  # warm-up
     runs: dict[str, list[dict[str, float]]] = {"today": [], "exact": []}
-    for i in range(args.repeats):  # interleaved: A B, B A, ...
+    for i in range(repeats):  # interleaved: A B, B A, ...
         order = (("today", today), ("exact", exact_round)) if i % 2 == 0 else (("exact", exact_round), ("today", today))
         for name, fn in order:
             runs[name].append(fn())
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
-    emit("cost/time" if dev.type == "cpu" else f"cost/time-{dev.type}", {
-                       "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "clients": K, "rank": r, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                       "today": med["today"], "exact": med["exact"],
-                       "ratio_total": med["exact"]["total"] / med["today"]["total"],
-                       "ratio_without_metrics": (med["exact"]["total"] - med["exact"]["metrics"]) / med["today"]["total"],
-                       "runs": runs})
+    timing = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "clients": K, "rank": r,
+              "repeats": repeats, "threads": torch.get_num_threads(), "today": med["today"], "exact": med["exact"],
+              "ratio_total": med["exact"]["total"] / med["today"]["total"],
+              "ratio_without_metrics": (med["exact"]["total"] - med["exact"]["metrics"]) / med["today"]["total"],
+              "runs": runs}
+    return {"memory": memory, "time": timing}
+
+
+def bench_cost(args: argparse.Namespace) -> None:
+    cost = measure_cost(args.clients, args.repeats, args.device)
+    if args.device == "cpu":
+        emit("cost/memory", cost["memory"])
+    emit("cost/time" if args.device == "cpu" else f"cost/time-{torch.device(args.device).type}", cost["time"])
     report()
 
 
