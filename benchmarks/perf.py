@@ -99,14 +99,18 @@ NOTES = """\
   client loop's device readiness is tested on the CPU (`tests/test_device_sync.py`: the inner loop reads
   nothing back from the device; batches go up from pinned memory asynchronously).
 - **Downlink bound.** The exact residual is `sum_{k != j} p_k (B_k - B_j)(A_k - Abar)`: rank (K-1) r, so per
-  layer the factored/dense ratio is `(K-1) r (d_out + d_in) / (d_out d_in)`. With the exact base
-  (`docs/exactness.md`) a round travels as the K live clients' own factors and weights (`K r` columns, so
-  that every replica recomputes the float64 residual bit for bit): `K r (d_out + d_in)` floats + K doubles,
-  a factor K/(K-1) more (0.139 instead of 0.125 for ViT-B, 10 clients; the `downlink_*` rows). At ViT-B width (768; MLP 3072)
+  layer the factored/dense ratio is `(K-1) r (d_out + d_in) / (d_out d_in)`. At ViT-B width (768; MLP 3072)
   with 10 clients and r = 8 it is 0.117-0.188 per layer (0.125 overall). At MiniLM width (384; MLP 1536) it
   is 0.375 for the 384x384 layers and 0.234 for the MLP, 0.28 overall: 0.2 needs K <= 5 clients per round
   for the square layers (K <= 8 for the MLP). No exact encoding does much better: a generic rank-rho matrix
-  has rho (d_out + d_in - rho) degrees of freedom, 0.34 of 384x384 at rho = 72.
+  has rho (d_out + d_in - rho) degrees of freedom, 0.34 of 384x384 at rho = 72. With the exact base
+  (`docs/exactness.md`, the `downlink_*` rows' values) a round travels as the K live clients' own factors and
+  weights, so that every replica recomputes the float64 residual bit for bit: `K r (d_out + d_in)` floats
+  and K doubles, a factor K/(K-1) more (ViT-B 0.139, MiniLM 0.31; the (K-1) r figures stay in each record).
+- **Exact base** (`exact_base` row): the cost measurement of `benchmarks/exactness.py` (one implementation,
+  `exactness.measure_cost`): server seconds per round with the float64 accumulator and the truthful errors,
+  over today's float32 fold, side by side; the accumulator's memory in the record. CPU timings under a load
+  average of 8-11 on 2 cores varied by 2x between runs: read the ratio, not the seconds.
 - **Timing noise.** Other jobs shared the 2 cores during every run (load average in each record); ratios
   are medians of interleaved repetitions, and differences of a few percent are within the noise.
 """
@@ -151,11 +155,11 @@ def _lora_cfg(blocks: list[int], rank: int = 8) -> Any:
 def _ours(model: Any, split: Any, targets: np.ndarray, transform: Any, train_cfg: Any, mask: torch.Tensor | None,
           seed: int) -> Callable[[], float]:
     """One client round of :func:`fedtalora.client.local_train` on all of ``split``; returns samples/s."""
-    from fedtalora.fed.client import local_train
     from fedtalora.config import RunConfig
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import local_train
 
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())  # the methods take (options, context) since the restructure
     keys = method.trainable_keys(model)
     state = model.trainable_state(keys)
     idx = np.arange(len(targets))
@@ -300,8 +304,8 @@ def setup_text(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[
 
     from fedtalora.config import ModelConfig, TrainConfig
     from fedtalora.data import Split
-    from fedtalora.model import build_model
     from fedtalora.data.transforms import TextTransform, tokenize_split
+    from fedtalora.model import build_model
     from fedtalora.model.hf import resolve_source
 
     B, n, C, blocks = args.batch_size, args.samples, 77, [0, 1, 2]
@@ -369,8 +373,8 @@ def _vm(field: str) -> int:
 
 def rss_child(clients: int, image_size: int) -> dict[str, Any]:
     """One run of the engine (digits, 1 task, 1 round, every client sampled), in this process."""
-    from fedtalora.config import resolve
     from fedtalora.api import prepare, run
+    from fedtalora.config import resolve
 
     cfg = resolve("demo", [
         "data.dataset=digits", f"data.image_size={image_size}", "scenario.num_tasks=1",
@@ -424,11 +428,11 @@ MINILM_SUBS = {"attention.self.query": (384, 384), "attention.self.key": (384, 3
 
 
 def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
-    from fedtalora.core.aggregation import LoraPair, aggregate_lora, normalize_weights
-    from fedtalora.fed.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
+    from fedtalora.core.aggregation import LoraPair, aggregate_lora, normalize_weights
     from fedtalora.data import ImageTransform, Split
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import local_train
     from fedtalora.model import build_model
 
     K, r, C = args.clients, 8, 100
@@ -463,7 +467,7 @@ def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
     # One client's local round, from the measured time per training image of ViT-B/16 at 224 px.
     model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs={}),
                         _lora_cfg([0, 1, 2, 3]), C, 224, 0)
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())  # the methods take (options, context) since the restructure
     state = model.trainable_state(method.trainable_keys(model))
     n = args.vit_b_batch * args.vit_b_steps
     images = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
@@ -657,10 +661,10 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     backward the frozen backbone still needs) / the GPU's bf16 dense peak (``--peak-tflops``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedtalora.fed.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
     from fedtalora.data import ImageTransform, Split
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import local_train
     from fedtalora.model import build_model
 
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -671,7 +675,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     kwargs = {} if device.type == "cuda" else {"depth": 2}
     model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs=kwargs),
                         _lora_cfg([0, 1] if kwargs else [0, 1, 2, 3]), 100, S, 0).to(device)
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())  # the methods take (options, context) since the restructure
     state = model.trainable_state(method.trainable_keys(model))
     n = B * args.gpu_steps
     g = torch.Generator().manual_seed(0)

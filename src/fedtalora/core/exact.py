@@ -209,12 +209,16 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def _error(err: torch.Tensor, update: torch.Tensor, b: torch.Tensor, naive: torch.Tensor | None = None,
+def _norm(t: torch.Tensor) -> float:
+    """Frobenius norm, accumulated in float64 (a float32 input is not copied first)."""
+    return float(torch.linalg.vector_norm(t, dtype=F64))
+
+
+def _error(err: torch.Tensor, update: torch.Tensor, b: torch.Tensor, naive_norm: float | None = None,
            ) -> ExactnessError:
-    e, d, w = (float(torch.linalg.matrix_norm(t)) for t in (err, update, b))
+    e, d, w = _norm(err), _norm(update), _norm(b)
     return ExactnessError(relative=_ratio(e, d), in_rounding=_ratio(e, U * w), error_norm=e, update_norm=d,
-                          weight_norm=w,
-                          naive=None if naive is None else _ratio(float(torch.linalg.matrix_norm(naive)), d))
+                          weight_norm=w, naive=None if naive_norm is None else _ratio(naive_norm, d))
 
 
 def round_error(
@@ -261,12 +265,13 @@ def round_error(
     update = torch.cat([(B - Bo).mul_(pk) for B, pk in zip(Bk, p, strict=True)] + [Bo], dim=1) @ torch.cat(
         [*Ak, Abar - Ao * sp], dim=0)
     update.mul_(scaling)
-    b_new = f64(base_new)
     naive = torch.cat([(B - Bn).mul_(pk) for B, pk in zip(Bk, p, strict=True)]
                       + [Bn, Bn * (sp - 1.0), Bo * (1.0 - sp)], dim=1) @ torch.cat([*Ak, Abar - An * sp, An, Ao], dim=0)
-    naive.mul_(-scaling)
-    err = naive + (b_new - f64(base_old))
-    return _error(err, update, b_new, naive)
+    naive_norm = abs(scaling) * _norm(naive)
+    base_new = base_new.detach()
+    err = f64(base_new).sub_(base_old.detach().to(dev))  # b_new - b_old: exact in float64 (promoted in the kernel)
+    err.add_(naive, alpha=-scaling)
+    return _error(err, update, base_new, naive_norm)
 
 
 def accumulated_error(
@@ -284,8 +289,8 @@ def accumulated_error(
     def f64(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=dev, dtype=F64)
 
-    b = f64(base)
-    err = torch.sub(b, f64(w0)).sub_(acc)  # (b - W0) is exact in float64
+    b = base.detach()
+    err = f64(b).sub_(w0.detach().to(dev)).sub_(acc)  # (b - W0) is exact in float64
     (B, A), (B0, A0) = (f64(t) for t in lora), (f64(t) for t in lora_start)
     # s (B A - B0 A0) = s [(B - B0) A + B0 (A - A0)]: differences of float32 values are exact
     update = torch.addmm(acc.to(F64), torch.cat([B - B0, B0], dim=1), torch.cat([A, A - A0], dim=0),
