@@ -290,7 +290,7 @@ def _relative_errors(ax: Any, run: RunData, *, xlabel: bool = True) -> None:
     floor = min((e for _, e in pos), default=1e-8) / 10
     if pos:
         ax.plot([x for x, _ in pos], [e for _, e in pos], marker="o", markersize=3, linewidth=1,
-                label="max over layers of relative error")
+                label="per round (of its update)")
     naive = [(i + 1, r.naive_aggregation_loss) for i, r in enumerate(run.rounds)]
     naive = [(x, e) for x, e in naive if e is not None and e > 0]
     if naive and any(not math.isclose(e, dict(pos).get(x, 0.0), rel_tol=1e-6) for x, e in naive):  # the residual is on
