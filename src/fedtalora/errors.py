@@ -34,3 +34,7 @@ class AggregationError(FedTaLoRAError, ValueError):
 
 class CheckpointError(FedTaLoRAError):
     """A run directory or checkpoint cannot be resumed: missing, corrupted, or from another config."""
+
+
+class OutputError(FedTaLoRAError):
+    """A file or folder cannot be written (missing or unwritable folder, a directory in the way, disk full)."""
