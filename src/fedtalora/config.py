@@ -532,7 +532,7 @@ def read_yaml(text: str | bytes, source: str) -> dict[str, Any]:
 def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The nested dict of a preset (by shipped name or path), with ``extends`` resolved."""
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+    if name_or_path.endswith((".yaml", ".yml")) or safeio.is_file(path):
         text: str | bytes = safeio.read_bytes(path, what=f"config file {safeio.short(name_or_path)}",
                                               max_bytes=safeio.MAX_YAML_BYTES, error=ConfigError)
         source = str(path)
@@ -545,15 +545,15 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
         text = (resources.files("fedtalora") / "presets" / f"{name_or_path}.yaml").read_bytes()
         source = f"preset {name_or_path!r}"
     data = read_yaml(text, source)
-    me = str(path.resolve()) if path.is_file() else name_or_path
+    me = str(path.resolve()) if safeio.is_file(path) else name_or_path
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
         raise ConfigError(f"{source}: 'extends' must be a preset name or path, got {safeio.short(parent)}")
-    if not Path(parent).is_absolute() and path.is_file() and (path.parent / parent).is_file():
+    if not Path(parent).is_absolute() and safeio.is_file(path) and safeio.is_file(path.parent / parent):
         parent = str(path.parent / parent)
-    parent_id = str(Path(parent).resolve()) if Path(parent).is_file() else parent
+    parent_id = str(Path(parent).resolve()) if safeio.is_file(parent) else parent
     if parent_id in _seen + (me,):
         raise ConfigError(f"{source}: 'extends' forms a cycle through {safeio.short(parent)}")
     return deep_merge(load_preset(parent, _seen + (me,)), data)

@@ -18,7 +18,6 @@ matplotlib is an optional dependency: ``pip install fedtalora[report]``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,27 +134,27 @@ def load_run(run_dir: Path) -> RunData:
     Raises:
         ReportError: one line naming the directory, when metrics.json is missing or not valid JSON.
     """
-    import yaml
+    from . import safeio
+    from .errors import FedTaLoRAError
+    from .schema import check_metrics
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory")
-    if not path.is_file():
+    if not path.exists():
         raise ReportError(f"{run_dir} is not a run directory (no metrics.json)")
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path} cannot be read: {' '.join(str(e).split())}") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("rounds", []), list):
-        raise ReportError(f"{path} is not a fedtalora metrics file")
+    metrics = safeio.read_json(path, error=ReportError)  # regular file, UTF-8, size and depth limits
+    why = check_metrics(metrics)
+    if why is not None:
+        raise ReportError(f"{path} is not a fedtalora metrics file: {why}")
     config: dict[str, Any] = {}
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         try:
-            loaded = yaml.safe_load(cfg_path.read_text())
+            loaded = safeio.read_yaml(cfg_path)
             config = loaded if isinstance(loaded, dict) else {}
-        except (OSError, yaml.YAMLError):
+        except FedTaLoRAError:  # the config only labels the report; the metrics are what it shows
             config = {}
     return RunData(run_dir, metrics, config)
 

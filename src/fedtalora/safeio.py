@@ -51,6 +51,8 @@ __all__ = [
     "atomic_write_text",
     "clip",
     "decode_utf8",
+    "exists",
+    "is_file",
     "load_yaml",
     "nesting_depth",
     "one_line",
@@ -135,6 +137,23 @@ def one_line(text: object, limit: int = 2000) -> str:
 
 def _label(path: str | os.PathLike[str], what: str | None) -> str:
     return what if what is not None else str(path)
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` exists; False for any name the OS refuses (too long, NUL, ...), never raising."""
+    try:
+        os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file (symlinks followed); False for anything else, never raising."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def read_bytes(path: str | os.PathLike[str], *, what: str | None = None, max_bytes: int = MAX_TEXT_BYTES,
