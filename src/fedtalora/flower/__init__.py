@@ -56,6 +56,12 @@ def check_engine(cfg: RunConfig, method: Method) -> None:
     why = unsupported_reason(method)
     if why is not None:
         raise ConfigError(f"method={cfg.method!r} cannot run with engine={cfg.engine}: {why}; use engine=inprocess")
+    if cfg.engine == "flower":  # before the run directory exists, and without flwr's multi-line error box
+        from .deployment import flwr_config_path, superlink_problem
+
+        why = superlink_problem(cfg.flower.superlink, flwr_config_path())
+        if why is not None:
+            raise ConfigError(why)
 
 
 def run_engine(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, *, resume: bool) -> RunResult:
