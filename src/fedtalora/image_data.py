@@ -426,7 +426,7 @@ def _read_split_file(path: Path, base: Path, class_names: list[str],
                      known: set[str] | None = None) -> tuple[list[str], list[str]]:
     data = safeio.read_json(path, what=f"ImageNet-R split file {path}", error=DataError)
     lists = [data.get(k) for k in ("train", "test")] if isinstance(data, dict) else [None, None]
-    bad = [k for k, v in zip(("train", "test"), lists) if not isinstance(v, list)
+    bad = [k for k, v in zip(("train", "test"), lists, strict=True) if not isinstance(v, list)
            or not all(isinstance(p, str) and p and not Path(p).is_absolute() and ".." not in Path(p).parts
                       for p in v)]
     if bad:

@@ -187,7 +187,6 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     import pickle
     from pathlib import Path
 
-    from safetensors import SafetensorError
 
     source = f"model.checkpoint={path!r}"
     p = Path(path).expanduser()

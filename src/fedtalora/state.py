@@ -22,15 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
-from . import __version__
+from . import __version__, safeio
 from .errors import ConfigError, ModelError
 from .validation import tensor_mismatch
 
@@ -74,9 +74,7 @@ def save_final(model: FedModel, path: Path) -> Path:
         "num_classes": str(model.head.out_features),
         "fingerprint": json.dumps(fingerprint(model)),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(final_state(model), str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    safeio.atomic_write_bytes(path, st_save(final_state(model), metadata=meta))
     return path
 
 

@@ -54,7 +54,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-
 from . import safeio
 from .config import RunConfig, apply_overrides, from_dict, load_preset, parse_override, read_yaml
 from .errors import ConfigError, FedTaLoRAError

@@ -19,13 +19,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .safeio import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -63,9 +63,7 @@ def _cell(value: Any) -> Any:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, fsync=False)
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
