@@ -167,11 +167,22 @@ def _save_adapter(cfg: RunConfig, model: FedModel, base_sd: dict[str, torch.Tens
     peft_model.save_pretrained(str(folder))
 
 
+def read_info(out: Path) -> dict[str, Any]:
+    """``OUT/export.json``, read with the guarded reader and checked against its schema.
+
+    Raises:
+        ModelError: one line naming the file and the first malformed field.
+    """
+    from .schema import EXPORT_INFO, load_checked
+
+    return load_checked(Path(out) / INFO, EXPORT_INFO, error=ModelError)
+
+
 def load_merged(out: Path) -> nn.Module:
     """The merged classifier of an export folder (timm model, eval mode)."""
     from safetensors.torch import load_file
 
-    info = json.loads((out / INFO).read_text())
+    info = read_info(out)
     import timm
 
     net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
@@ -184,7 +195,7 @@ def load_adapter(out: Path) -> nn.Module:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    info = json.loads((out / INFO).read_text())
+    info = read_info(out)
     import timm
 
     net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
@@ -193,10 +204,19 @@ def load_adapter(out: Path) -> nn.Module:
 
 
 def _class_order(run_dir: Path) -> list[int] | None:
+    from .errors import FedTaLoRAError
+    from .safeio import read_json
+    from .schema import check_metrics
+
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = read_json(run_dir / "metrics.json")
+    except FedTaLoRAError:
+        return None
+    if check_metrics(metrics) is not None:
+        return None
+    try:
         return [int(c) for task in metrics["tasks"] for c in task["classes"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 

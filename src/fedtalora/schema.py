@@ -43,6 +43,8 @@ __all__ = [
     "Schema",
     "Str",
     "check_metrics",
+    "final_meta_problem",
+    "load_checked",
     "problem",
 ]
 
@@ -351,3 +353,23 @@ def final_meta_problem(meta: Mapping[str, str]) -> str | None:
     except (ValueError, RecursionError):
         return "fingerprint is not valid JSON"
     return problem(fp, Map(Float(finite=False)))
+
+
+def load_checked(path: Any, schema: Schema, *, error: Any, what: str | None = None,
+                 check: Any = None) -> Any:
+    """Read the JSON file ``path`` with :func:`fedtalora.safeio.read_json` (regular file, UTF-8, size and
+    depth limits) and check it against ``schema`` (or with ``check(doc) -> str | None``, e.g.
+    :func:`check_metrics`); one-line ``error`` naming the file and the first bad field otherwise.
+
+    The one call a reader of a run document needs::
+
+        state = load_checked(json_path, CHECKPOINT, error=CheckpointError, what=f"checkpoint {json_path}")
+    """
+    from .safeio import read_json
+
+    label = what if what is not None else str(path)
+    doc = read_json(path, what=label, error=error)
+    why = check(doc) if check is not None else problem(doc, schema)
+    if why is not None:
+        raise error(f"{label} is malformed: {why}")
+    return doc

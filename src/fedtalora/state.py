@@ -95,7 +95,13 @@ def read_final(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a fedtalora final model (format {meta.get('format')!r}, expected {FORMAT})")
+        raise ModelError(f"{path} is not a fedtalora final model (format {safeio.short(meta.get('format'))}, "
+                         f"expected {FORMAT})")
+    from .schema import final_meta_problem
+
+    why = final_meta_problem(meta)
+    if why is not None:
+        raise ModelError(f"{path} has malformed metadata: {why}")
     return tensors, meta
 
 

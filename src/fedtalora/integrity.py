@@ -1,0 +1,47 @@
+"""Finite or refused: one check for every tensor that enters a run from outside.
+
+Weights loaded from ``model.checkpoint``, the tensors of a round checkpoint being resumed, a final
+model being exported: a NaN or an infinity in any of them makes every later round produce non-finite
+updates, which screening rejects, so the run "completes" with every round skipped and accuracy at
+chance. Checking once, where the tensors enter, turns that into one line naming the first bad tensor.
+
+Pure functions of tensors; no file access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+__all__ = ["first_nonfinite", "nonfinite_message"]
+
+
+def _bad_count(t: torch.Tensor) -> int:
+    if not (t.is_floating_point() or t.is_complex()):
+        return 0  # integer and bool tensors are always finite
+    return int(t.numel() - torch.isfinite(t).sum().item())
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
+    """``(name, count)`` of the first tensor (in the mapping's order) holding a NaN or an infinity,
+    with how many of its elements are not finite; None when every element of every tensor is finite.
+
+    Integer and bool tensors are finite by construction. Works on any device; the count is exact.
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for name, t in items:
+        n = _bad_count(t.detach())
+        if n:
+            return name, n
+    return None
+
+
+def nonfinite_message(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                      source: str) -> str | None:
+    """One line for an error naming ``source`` and its first non-finite tensor, or None if all are finite."""
+    bad = first_nonfinite(tensors)
+    if bad is None:
+        return None
+    name, n = bad
+    return f"{source}: tensor {name!r} has {n} non-finite value(s) (NaN or infinity); refusing to use it"
