@@ -105,9 +105,8 @@ def clip(text: str, limit: int = SHORT) -> str:
     """``text`` cut to at most ``limit`` characters, saying how much was cut."""
     if len(text) <= limit:
         return text
-    tail = f"... ({len(text) - limit} more characters)"
-    keep = max(limit - len(tail), 0)
-    return text[:keep] + tail
+    keep = max(limit - len(f"... ({len(text)} more characters)"), 0)
+    return f"{text[:keep]}... ({len(text) - keep} more characters)"
 
 
 def short(value: Any, limit: int = SHORT) -> str:
@@ -220,29 +219,43 @@ def read_text(path: str | os.PathLike[str], *, what: str | None = None, max_byte
     return decode_utf8(read_bytes(path, what=what, max_bytes=max_bytes, error=error), _label(path, what), error)
 
 
+def _children(node: Any) -> list[Any]:
+    items = node.values() if isinstance(node, dict) else node
+    return [c for c in items if isinstance(c, (dict, list, tuple))]
+
+
 def nesting_depth(value: Any, limit: int | None = None) -> int:
-    """Nesting depth of lists, tuples and dicts in ``value`` (a scalar is 0, ``[]`` is 1), computed
-    without recursion; stops early and returns ``limit + 1`` once ``limit`` is exceeded."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    seen: set[int] = set()
+    """Nesting depth of lists, tuples and dicts in ``value`` (a scalar is 0, ``[]`` is 1).
+
+    Iterative (no recursion limit) and linear in the number of *distinct* containers: a shared
+    sub-container is measured once, so ``[[x] * 10] * 10 ...`` costs nothing however much it expands.
+    With ``limit``, returns ``limit + 1`` for anything deeper (a container that contains itself
+    included); without, such a cycle raises ``ValueError``.
+    """
+    if not isinstance(value, (dict, list, tuple)):
+        return 0
+    below: dict[int, int] = {}  # id -> depth of that container (itself included)
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, (list, tuple)):
-            children = node
-        else:
+        node, leaving = stack.pop()
+        key = id(node)
+        if leaving:
+            on_path.discard(key)
+            below[key] = 1 + max((below[id(c)] for c in _children(node)), default=0)
+            if limit is not None and below[key] > limit:
+                return limit + 1
             continue
-        depth += 1
-        deepest = max(deepest, depth)
-        if limit is not None and deepest > limit:
-            return limit + 1
-        if id(node) in seen and limit is None:  # a cycle: infinitely deep
+        if key in below:
+            continue
+        if key in on_path:  # a container that contains itself: infinitely deep
+            if limit is not None:
+                return limit + 1
             raise ValueError("the value contains itself")
-        seen.add(id(node))
-        stack.extend((c, depth) for c in children)
-    return deepest
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node))
+    return below[id(value)]
 
 
 def parse_json(text: str | bytes, source: str, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_JSON_BYTES,
@@ -320,14 +333,14 @@ def yaml_shape(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YA
             total = min(total + nodes, max_nodes + 1)
         deepest_all = max(deepest_all, len(frames) + depth)
         if deepest_all > max_depth:
-            raise ValueError(f"nested too deeply (more than {max_depth} levels, aliases expanded)")
+            raise ValueError(f"is nested too deeply (more than {max_depth} levels, aliases expanded)")
         if total + sum(f[1] for f in frames) > max_nodes:
             raise ValueError(f"expands to more than {max_nodes:,} nodes (aliases expanded): an alias bomb?")
 
     for event in yaml.parse(text, Loader=_yaml_loader()):
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in open_anchors:
-                raise ValueError(f"alias *{event.anchor} refers to a node that contains it (infinite expansion)")
+                raise ValueError(f"has an alias *{event.anchor} that refers to a node containing it (infinite expansion)")
             add(*anchors.get(event.anchor, (1, 0)))  # an undefined alias: the loader reports it
         elif isinstance(event, yaml.ScalarEvent):
             add(1, 0)
@@ -338,7 +351,7 @@ def yaml_shape(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YA
             if event.anchor is not None:
                 open_anchors.add(event.anchor)
             if len(frames) > max_depth:
-                raise ValueError(f"nested too deeply (more than {max_depth} levels)")
+                raise ValueError(f"is nested too deeply (more than {max_depth} levels)")
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             anchor, nodes, deepest = frames.pop()
             if anchor is not None:
@@ -361,7 +374,7 @@ def load_yaml(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YAM
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a safe loader
     except RecursionError:  # pragma: no cover - yaml_shape bounds the depth first
-        raise ValueError(f"nested too deeply (more than {max_depth} levels)") from None
+        raise ValueError(f"is nested too deeply (more than {max_depth} levels)") from None
 
 
 def yaml_error_text(e: yaml.YAMLError) -> str:
@@ -390,7 +403,7 @@ def parse_yaml(text: str | bytes, source: str, *, max_bytes: int = MAX_YAML_BYTE
     except yaml.YAMLError as e:
         raise error(f"{source} is not valid YAML{yaml_error_text(e)}") from None
     except ValueError as e:
-        limit = str(e).startswith(("nested", "expands", "alias"))
+        limit = str(e).startswith(("is nested", "expands", "has an alias"))
         raise error(f"{source} {one_line(e, SHORT)}" if limit else
                     f"{source} is not valid YAML: {one_line(e, SHORT)}") from None
 
