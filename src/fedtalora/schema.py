@@ -145,7 +145,7 @@ class Str(Schema):
         if not isinstance(value, str) or (self.non_empty and not value):
             return self._bad(value, where)
         if self.max_len is not None and len(value) > self.max_len:
-            return f"{where} must be at most {self.max_len} characters long, got {len(value)}"
+            return f"{where or 'the document'} must be at most {self.max_len} characters long, got {len(value)}"
         return None
 
 
@@ -180,9 +180,9 @@ class List(Schema):
         if not isinstance(value, list):
             return self._bad(value, where)
         if len(value) < self.min_len:
-            return f"{where} must hold at least {self.min_len} item(s), got {len(value)}"
+            return f"{where or 'the document'} must hold at least {self.min_len} item(s), got {len(value)}"
         if self.max_len is not None and len(value) > self.max_len:
-            return f"{where} must hold at most {self.max_len} item(s), got {len(value)}"
+            return f"{where or 'the document'} must hold at most {self.max_len} item(s), got {len(value)}"
         if isinstance(self.item, AnyValue):
             return None
         for i, v in enumerate(value):
@@ -230,7 +230,7 @@ class Map(Schema):
             return self._bad(value, where)
         for k, v in value.items():
             if self.int_keys and not (isinstance(k, str) and k.lstrip("-").isdigit() and len(k) < 20):
-                return f"{where} has the key {short(k, 40)}, expected integers"
+                return f"{where or 'the document'} has the key {short(k, 40)}, expected integers"
             why = self.value.problem(v, f"{where}[{short(k, 40)}]")
             if why is not None:
                 return why
