@@ -582,8 +582,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = safeio.load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # e.g. an unquoted path with a colon: keep it as a string
-    except ValueError as e:  # an alias bomb, deep nesting, an integer of thousands of digits
+    except safeio.LimitError as e:  # an alias bomb, deep nesting
         raise ConfigError(f"override {safeio.short(key)}=...: the value {safeio.one_line(e, 200)}") from None
+    except ValueError as e:  # an integer of thousands of digits, a date with month 13
+        raise ConfigError(f"override {safeio.short(key)}=...: the value is not valid YAML: "
+                          f"{safeio.one_line(e, 200)}") from None
     return key.split("."), value
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "MAX_TEXT_BYTES",
     "MAX_YAML_BYTES",
     "MAX_YAML_NODES",
+    "LimitError",
     "SHORT",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -301,8 +302,8 @@ def _yaml_loader() -> type:
     return getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
 
 
-class _TooBig(Exception):
-    pass
+class LimitError(ValueError):
+    """A document exceeds a limit of this module (depth, expanded size) or refers to itself."""
 
 
 def yaml_shape(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YAML_NODES) -> tuple[int, int]:
@@ -313,7 +314,7 @@ def yaml_shape(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YA
     soon as a limit is exceeded.
 
     Raises:
-        ValueError: the expansion exceeds ``max_nodes`` or ``max_depth`` (the message says which),
+        LimitError: the expansion exceeds ``max_nodes`` or ``max_depth`` (the message says which),
             or an alias refers to a node that contains it (infinite expansion).
         yaml.YAMLError: the text does not parse.
     """
@@ -333,14 +334,14 @@ def yaml_shape(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YA
             total = min(total + nodes, max_nodes + 1)
         deepest_all = max(deepest_all, len(frames) + depth)
         if deepest_all > max_depth:
-            raise ValueError(f"is nested too deeply (more than {max_depth} levels, aliases expanded)")
+            raise LimitError(f"is nested too deeply (more than {max_depth} levels, aliases expanded)")
         if total + sum(f[1] for f in frames) > max_nodes:
-            raise ValueError(f"expands to more than {max_nodes:,} nodes (aliases expanded): an alias bomb?")
+            raise LimitError(f"expands to more than {max_nodes:,} nodes (aliases expanded): an alias bomb?")
 
     for event in yaml.parse(text, Loader=_yaml_loader()):
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in open_anchors:
-                raise ValueError(f"has an alias *{event.anchor} that refers to a node containing it (infinite expansion)")
+                raise LimitError(f"has an alias *{event.anchor} that refers to a node containing it (infinite expansion)")
             add(*anchors.get(event.anchor, (1, 0)))  # an undefined alias: the loader reports it
         elif isinstance(event, yaml.ScalarEvent):
             add(1, 0)
@@ -351,7 +352,7 @@ def yaml_shape(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YA
             if event.anchor is not None:
                 open_anchors.add(event.anchor)
             if len(frames) > max_depth:
-                raise ValueError(f"is nested too deeply (more than {max_depth} levels)")
+                raise LimitError(f"is nested too deeply (more than {max_depth} levels)")
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             anchor, nodes, deepest = frames.pop()
             if anchor is not None:
@@ -368,13 +369,14 @@ def load_yaml(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_YAM
 
     Raises:
         yaml.YAMLError: the text is not valid YAML (syntax, undefined alias, a tag with no safe constructor).
-        ValueError: a limit is exceeded, or a value cannot be built (e.g. an integer of over 4300 digits).
+        LimitError: a limit is exceeded (a ``ValueError``).
+        ValueError: a value cannot be built (e.g. an integer of over 4300 digits, a date with month 13).
     """
     yaml_shape(text, max_depth=max_depth, max_nodes=max_nodes)
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a safe loader
     except RecursionError:  # pragma: no cover - yaml_shape bounds the depth first
-        raise ValueError(f"is nested too deeply (more than {max_depth} levels)") from None
+        raise LimitError(f"is nested too deeply (more than {max_depth} levels)") from None
 
 
 def yaml_error_text(e: yaml.YAMLError) -> str:
@@ -402,10 +404,10 @@ def parse_yaml(text: str | bytes, source: str, *, max_bytes: int = MAX_YAML_BYTE
         return load_yaml(text, max_depth=max_depth, max_nodes=max_nodes)
     except yaml.YAMLError as e:
         raise error(f"{source} is not valid YAML{yaml_error_text(e)}") from None
-    except ValueError as e:
-        limit = str(e).startswith(("is nested", "expands", "has an alias"))
-        raise error(f"{source} {one_line(e, SHORT)}" if limit else
-                    f"{source} is not valid YAML: {one_line(e, SHORT)}") from None
+    except LimitError as e:
+        raise error(f"{source} {one_line(e, SHORT)}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits, a date with month 13
+        raise error(f"{source} is not valid YAML: {one_line(e, SHORT)}") from None
 
 
 def read_yaml(path: str | os.PathLike[str], *, what: str | None = None, max_bytes: int = MAX_YAML_BYTES,
