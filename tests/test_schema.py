@@ -21,7 +21,7 @@ from fedtalora import checkpoint
 from fedtalora.config import resolve
 from fedtalora.engine import run
 from fedtalora.errors import CheckpointError, ConfigError
-from fedtalora.integrity import first_nonfinite, nonfinite_message
+from fedtalora.integrity import LARGE_UPDATE_RATIO, first_nonfinite, nonfinite_message, relative_update_norm
 from fedtalora.runlock import LOCK_NAME, RunLock
 from fedtalora.schema import (
     CHECKPOINT,
@@ -219,6 +219,32 @@ def test_first_nonfinite_hand_example() -> None:
     assert nonfinite_message(tensors, "model.checkpoint='w.pth'") == (
         "model.checkpoint='w.pth': tensor 'b' has 2 non-finite value(s) (NaN or infinity); refusing to use it")
     assert first_nonfinite({"h": torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)}) == ("h", 1)
+
+
+def test_relative_update_norm_hand_example() -> None:
+    g = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}  # ||g|| = 5
+    u = {"a": torch.tensor([3.0, 6.0]), "b": torch.tensor([[12.0]])}  # ||u - g|| = sqrt(36 + 64) = 10
+    assert relative_update_norm(u, g) == 2.0
+    assert relative_update_norm(g, g) == 0.0
+    zero = {"a": torch.zeros(2)}
+    assert relative_update_norm(zero, zero) == 0.0 and relative_update_norm({"a": torch.ones(2)}, zero) == float("inf")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_relative_update_norm_properties(seed: int) -> None:
+    """Property: invariant to scaling update and state together; a 'scale' fault (the difference times
+    1000) multiplies it by 1000 and crosses LARGE_UPDATE_RATIO from any ordinary update."""
+    gen = torch.Generator().manual_seed(seed)
+    g = {f"k{i}": torch.randn(3, 4, generator=gen) for i in range(3)}
+    u = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in g.items()}
+    r = relative_update_norm(u, g)
+    assert 0 < r < 1
+    c = float(torch.rand(1, generator=gen)) * 10 + 0.1
+    assert relative_update_norm({k: c * v for k, v in u.items()}, {k: c * v for k, v in g.items()}) == \
+        pytest.approx(r, rel=1e-6)  # the scaled float32 tensors round
+    scaled = {k: g[k] + 1000 * (u[k] - g[k]) for k in g}
+    assert relative_update_norm(scaled, g) == pytest.approx(1000 * r, rel=1e-6)
+    assert relative_update_norm(scaled, g) > LARGE_UPDATE_RATIO * r
 
 
 # --- the run-directory lock -------------------------------------------------------------------------

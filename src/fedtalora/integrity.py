@@ -14,7 +14,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["first_nonfinite", "nonfinite_message"]
+__all__ = ["LARGE_UPDATE_RATIO", "first_nonfinite", "nonfinite_message", "relative_update_norm"]
+
+LARGE_UPDATE_RATIO = 100.0
+"""An update whose distance from the global state exceeds this many times the global state's own norm is
+"orders of magnitude larger than the global state" (the run should warn when ``fed.max_update_norm=0``
+leaves such updates unbounded; a ``scale`` fault multiplies the distance by 1000)."""
 
 
 def _bad_count(t: torch.Tensor) -> int:
@@ -45,3 +50,21 @@ def nonfinite_message(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
         return None
     name, n = bad
     return f"{source}: tensor {name!r} has {n} non-finite value(s) (NaN or infinity); refusing to use it"
+
+
+def relative_update_norm(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> float:
+    """``sqrt(sum_k ||update_k - global_k||^2) / sqrt(sum_k ||global_k||^2)`` over the keys of
+    ``global_state``, in float64: how large a client's change is relative to the state it started from.
+
+    ``inf`` when the global state is all zeros and the update is not; ``0.0`` when both are zero.
+    The keys and shapes must agree (screening checks them first: :func:`fedtalora.validation.check_update`).
+    """
+    diff = 0.0
+    base = 0.0
+    for key, g in global_state.items():
+        g64 = g.detach().to(torch.float64)
+        diff += float(((update[key].detach().to(torch.float64) - g64) ** 2).sum())
+        base += float((g64**2).sum())
+    if base == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return (diff / base) ** 0.5
