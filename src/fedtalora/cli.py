@@ -43,7 +43,9 @@ MAX_MESSAGE = 1000
 class _Session:
     """What the command has done so far, for the messages of :func:`main` (no global state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        """The command's arguments (written at the top of a traceback log)."""
         self.run_dir: Path | None = None
         """The run directory once it exists (the traceback log and the resume hint go there)."""
         self.checkpoints = True
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    session = _Session()
+    session = _Session(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(args, session)
     except FedTaLoRAError as e:
@@ -162,7 +164,7 @@ def _save_traceback(session: _Session) -> Path | str:
     import tempfile
     import traceback
 
-    text = f"fedtalora {__version__}, argv {sys.argv!r}\n{traceback.format_exc()}"
+    text = f"fedtalora {__version__}, arguments {session.argv!r}\n{traceback.format_exc()}"
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     candidates = []
     if session.run_dir is not None and session.run_dir.is_dir():
