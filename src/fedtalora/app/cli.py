@@ -1,7 +1,19 @@
 """Command line: ``fedtalora run | demo | resume | sweep | report | compare | export | presets | methods``.
 
-The only module that parses argv, configures logging, draws progress bars and prints. Every
-user-facing error (:class:`~fedtalora.errors.FedTaLoRAError`) becomes one line on stderr and exit code 2.
+The only module that parses argv, configures logging, draws progress bars and prints.
+
+Exit codes and stderr, whatever happens (:func:`main` is the one boundary):
+
+* **2**, one line ``fedtalora: error: ...``: the input was refused (a
+  :class:`~fedtalora.errors.FedTaLoRAError`: a bad config value, file, run directory or checkpoint);
+* **1**, one line ``fedtalora: error: unexpected <Type>: ... (traceback in LOG)``: anything else, e.g.
+  an error inside a third-party library that no check anticipated. The traceback goes to ``LOG``:
+  ``RUN_DIR/error.log`` when the run directory exists, else a new file under
+  ``$XDG_CACHE_HOME/fedtalora/logs`` (``~/.cache/...``; the temporary folder if that is not writable).
+  Exit 1, not 2, because it may be a bug of fedtalora: please report it with the log;
+* **130** on Ctrl-C, with the command that continues the run (its real directory), if one was started.
+
+Messages are one line and at most :data:`MAX_MESSAGE` characters.
 """
 
 from __future__ import annotations
@@ -25,6 +37,22 @@ if TYPE_CHECKING:
     from ..fed.history import History
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+MAX_MESSAGE = 1000
+"""Longest error message printed (longer ones are cut, saying how much was cut)."""
+
+
+class _Session:
+    """What the command has done so far, for the messages of :func:`main` (no global state)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        """The command's arguments (written at the top of a traceback log)."""
+        self.run_dir: Path | None = None
+        """The run directory once it exists (the traceback log and the resume hint go there)."""
+        self.checkpoints = True
+        """Whether the run writes checkpoints (``output.checkpoints != none``)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,36 +120,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    session = _Session(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "presets":
-            return _cmd_presets()
-        if args.command == "methods":
-            return _cmd_methods()
-        if args.command == "sweep":
-            return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
-                              workers=args.workers)
-        if args.command == "report":
-            return _cmd_report(args.run_dir, args.out)
-        if args.command == "compare":
-            return _cmd_compare(args.paths, args.out)
-        if args.command == "export":
-            return _cmd_export(args.run_dir, args.out)
-        if args.command == "flower-app":
-            return _cmd_flower_app(args.dest, args.preset, args.overrides)
-        if args.command == "resume":
-            return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose)
-        preset = "demo" if args.command == "demo" else args.preset
-        if getattr(args, "resume", None) is not None:
-            return _cmd_resume(args.resume, preset=preset, overrides=args.overrides, quiet=args.quiet,
-                               verbose=args.verbose)
-        return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose)
+        return _dispatch(args, session)
     except FedTaLoRAError as e:
-        sys.stderr.write(f"fedtalora: error: {one_line(e)}\n")
+        sys.stderr.write(f"fedtalora: error: {one_line(e, MAX_MESSAGE)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("fedtalora: interrupted; `fedtalora resume RUN_DIR` continues from the last completed "
-                         "round\n")
-        return 130
+        sys.stderr.write(f"fedtalora: interrupted; {_resume_hint(session)}\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `fedtalora presets | head -1`: stdout went away; nothing to report
+        _silence_stdout()
+        return EXIT_INTERNAL
+    except Exception as e:  # noqa: BLE001 - the one boundary: anything else is one line + a traceback log
+        log = _save_traceback(session)
+        where = f"traceback in {log}" if isinstance(log, Path) else f"traceback not saved: {log}"
+        sys.stderr.write(f"fedtalora: error: unexpected {type(e).__name__}: {one_line(e, MAX_MESSAGE)} ({where}; "
+                         "please report it)\n")
+        return EXIT_INTERNAL
 
 
 def _resolve(preset: str, overrides: list[str] | None = None) -> Any:
@@ -132,6 +148,75 @@ def _resolve(preset: str, overrides: list[str] | None = None) -> Any:
     cfg = resolve(preset, overrides)
     check_config(cfg)
     return cfg
+
+
+def _resume_hint(session: _Session) -> str:
+    if session.run_dir is None:
+        return "no run directory had been created yet"
+    if not session.checkpoints:
+        return (f"the run wrote no checkpoints (output.checkpoints=none): `fedtalora resume {session.run_dir}` "
+                "starts it over")
+    return f"`fedtalora resume {session.run_dir}` continues from the last completed round"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # pragma: no cover - no real stdout (e.g. captured in a test)
+        pass
+
+
+def _log_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedtalora" / "logs"
+
+
+def _save_traceback(session: _Session) -> Path | str:
+    """Write the current exception's traceback to a log file; its path, or why it could not be written."""
+    import tempfile
+    import traceback
+
+    text = f"fedtalora {__version__}, arguments {session.argv!r}\n{traceback.format_exc()}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    candidates = []
+    if session.run_dir is not None and session.run_dir.is_dir():
+        candidates.append(session.run_dir / "error.log")
+    candidates += [_log_folder() / f"error-{stamp}.log", Path(tempfile.gettempdir()) / f"fedtalora-error-{stamp}.log"]
+    why = "no writable place"
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError as e:
+            why = f"{path}: {e.strerror or e}"
+    return why
+
+
+def _dispatch(args: argparse.Namespace, session: _Session) -> int:
+    if args.command == "presets":
+        return _cmd_presets()
+    if args.command == "methods":
+        return _cmd_methods()
+    if args.command == "sweep":
+        return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
+                          workers=args.workers)
+    if args.command == "report":
+        return _cmd_report(args.run_dir, args.out)
+    if args.command == "compare":
+        return _cmd_compare(args.paths, args.out)
+    if args.command == "export":
+        return _cmd_export(args.run_dir, args.out)
+    if args.command == "flower-app":
+        return _cmd_flower_app(args.dest, args.preset, args.overrides)
+    if args.command == "resume":
+        return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose, session=session)
+    preset = "demo" if args.command == "demo" else args.preset
+    if getattr(args, "resume", None) is not None:
+        return _cmd_resume(args.resume, preset=preset, overrides=args.overrides, quiet=args.quiet,
+                           verbose=args.verbose, session=session)
+    return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose, session=session)
 
 
 def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
@@ -177,11 +262,14 @@ def _run_dir_path(cfg: Any, preset: str) -> Path:
 
 def _check_run_dir(cfg: Any, preset: str) -> None:
     path = _run_dir_path(cfg, preset)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not cfg.output.overwrite:
-        raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
-                          "or set output.overwrite=true")
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
+        if path.is_dir() and any(path.iterdir()) and not cfg.output.overwrite:
+            raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
+                              "or set output.overwrite=true")
+    except OSError as e:  # e.g. a name too long for the file system, a folder we may not list
+        raise ConfigError(f"output.dir/output.name: cannot use {path}: {e.strerror or e}") from None
 
 
 def _run_dir(cfg: Any, preset: str) -> Path:
@@ -194,7 +282,7 @@ def _run_dir(cfg: Any, preset: str) -> Path:
     return path
 
 
-def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -> int:
+def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool, session: _Session | None = None) -> int:
     cfg = _resolve(preset, overrides)  # validates before anything heavy is built
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     _check_run_dir(cfg, preset)
@@ -205,6 +293,8 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
+    if session is not None:
+        session.run_dir, session.checkpoints = run_dir, cfg.output.checkpoints != "none"
     with ProgressBars(enabled=interactive) as progress:
         result = run(setup, run_dir=run_dir, progress=progress)
     _print_summary(result.history, run_dir)
@@ -223,7 +313,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> bool:
 
 
 def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str] | None = None, quiet: bool,
-                verbose: bool) -> int:
+                verbose: bool, session: _Session | None = None) -> int:
     """Continue ``run_dir`` from its latest checkpoint, with the config saved in its ``config.yaml``."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -247,6 +337,8 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
             key, mine, saved = diff
             raise ConfigError(f"--resume {run_dir}: {key}={mine!r} from {preset} and the overrides, but the run "
                               f"has {key}={saved!r} in {cfg_file}; use `fedtalora resume {run_dir}`")
+    if session is not None:
+        session.run_dir, session.checkpoints = path, cfg.output.checkpoints != "none"
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     from ..api import prepare, run
     from ..fed.rundir import latest_path, load

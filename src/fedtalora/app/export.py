@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, FedTaLoRAError, ModelError
 from ..fed.history import load_history
 from ..fed.rundir import load_final, run_config
 
@@ -168,11 +168,22 @@ def _save_adapter(cfg: RunConfig, model: FedModel, base_sd: dict[str, torch.Tens
     peft_model.save_pretrained(str(folder))
 
 
+def read_info(out: Path) -> dict[str, Any]:
+    """``OUT/export.json``, read with the guarded reader and checked against its schema.
+
+    Raises:
+        ModelError: one line naming the file and the first malformed field.
+    """
+    from ..schema import EXPORT_INFO, load_checked
+
+    return load_checked(Path(out) / INFO, EXPORT_INFO, error=ModelError)
+
+
 def load_merged(out: Path) -> nn.Module:
     """The merged classifier of an export folder (timm model, eval mode)."""
     from safetensors.torch import load_file
 
-    info = json.loads((out / INFO).read_text())
+    info = read_info(out)
     import timm
 
     net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
@@ -185,7 +196,7 @@ def load_adapter(out: Path) -> nn.Module:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    info = json.loads((out / INFO).read_text())
+    info = read_info(out)
     import timm
 
     net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
@@ -197,7 +208,7 @@ def _class_order(run_dir: Path) -> list[int] | None:
     try:
         history = load_history(run_dir / "metrics.json")
         return [int(c) for task in history.tasks for c in task.classes]
-    except (OSError, ValueError, KeyError, TypeError):
+    except FedTaLoRAError:
         return None
 
 

@@ -63,7 +63,7 @@ from safetensors.torch import save as st_save
 from .. import __version__
 from ..core.validation import tensor_mismatch
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..files import atomic_write_bytes, atomic_write_text
+from ..safeio import atomic_write_bytes, atomic_write_text
 from .history import History
 
 if TYPE_CHECKING:
@@ -429,6 +429,6 @@ def restore(ckpt: Checkpoint, setup: Setup, initial: dict[str, torch.Tensor],
         raise CheckpointError(f"checkpoint {ckpt.path} has a corrupted or foreign communication ledger") from None
     try:
         history = History.from_dict(ckpt.metrics)
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"checkpoint {ckpt.path} holds malformed metrics") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds malformed metrics: {e}") from None
     return {k: ckpt.global_state[k] for k in initial}, history  # in the model's key order

@@ -88,9 +88,18 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
     ``partitions.json`` it draws (this loads the dataset), and make them the app's default run config:
     copy ``partitions.json`` to every client machine (``--node-config "partitions='...'"``) when the
     clients do not share the server's file system.
+
+    Everything is computed first (the dataset loaded, the partitions drawn), then the folder is
+    created and each file written atomically: a bad config or missing data leaves ``dest`` untouched.
+
+    Raises:
+        OutputError: ``dest`` is a file, or cannot be created or written.
     """
+    from ..errors import OutputError
+    from ..safeio import atomic_write_text
+
     path = Path(dest).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
     text = APP_PYPROJECT
     if cfg is not None:
         from ..config import from_dict
@@ -99,12 +108,62 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
         data = cfg.to_dict()
         data["engine"] = "flower"
         cfg = from_dict(data)
-        (path / "config.yaml").write_text(cfg.to_yaml())
-        (path / "partitions.json").write_text(json.dumps(Experiment.build(cfg).partitions_json()))
+        partitions = json.dumps(Experiment.build(cfg).partitions_json())  # may fail: before anything is written
+        files["config.yaml"] = cfg.to_yaml()
+        files["partitions.json"] = partitions
         text = text.replace('config = "demo"', f"config = {json.dumps(str(path / 'config.yaml'))}")
         text = text.replace('partitions = ""', f"partitions = {json.dumps(str(path / 'partitions.json'))}", 1)
-    (path / "pyproject.toml").write_text(text)
+    files["pyproject.toml"] = text
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"flower-app: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"flower-app: cannot create the folder {path}: {e.strerror or e}") from None
+    for name, content in files.items():
+        atomic_write_text(path / name, content, fsync=False)
     return path
+
+
+FLWR_DEFAULT_CONNECTIONS = ("local", "supergrid")
+"""The SuperLink connections of the ``config.toml`` that ``flwr`` 1.42 creates when there is none."""
+
+
+def flwr_config_path(env: dict[str, str] | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` (default ``~/.flwr/config.toml``): where ``flwr run`` looks up SuperLinks."""
+    home = (os.environ if env is None else env).get("FLWR_HOME")
+    return (Path(home) if home else Path.home() / ".flwr") / "config.toml"
+
+
+def superlink_problem(name: str, config: Path) -> str | None:
+    """Why ``flwr run APP NAME`` would not find the SuperLink connection ``NAME`` (empty: the default) in
+    Flower's ``config`` file, or None when it would. Read-only: unlike ``flwr``, creates no file."""
+    import tomllib
+
+    from ..safeio import is_file, read_text
+
+    label = f"flower.superlink={name!r}" if name else "flower.superlink (empty: the default connection)"
+    if not is_file(config):
+        if name in ("", *FLWR_DEFAULT_CONNECTIONS):
+            return None  # flwr writes its default file, which defines these
+        return (f"{label}: no such SuperLink connection ({config} does not exist; add the connection there, see "
+                "docs/flower.md)")
+    try:
+        doc = tomllib.loads(read_text(config, max_bytes=2**20, error=ConfigError))
+    except tomllib.TOMLDecodeError as e:
+        return f"{label}: {config} is not valid TOML ({e})"
+    except ConfigError as e:
+        return f"{label}: {e}"
+    table = doc.get("superlink")
+    table = table if isinstance(table, dict) else {}
+    wanted = name or table.get("default")
+    defined = sorted(k for k, v in table.items() if isinstance(v, dict))
+    if not isinstance(wanted, str) or not wanted:
+        return f"{label}: {config} sets no default connection ([superlink] default = ...); name one"
+    if wanted not in defined:
+        return (f"{label}: no connection {wanted!r} in {config} "
+                f"(defined: {', '.join(defined) if defined else 'none'})")
+    return None
 
 
 def flwr_bin(name: str) -> str:
@@ -164,7 +223,7 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
     metrics_file = run_dir / "metrics.json"
     try:
         history = load_history(metrics_file)
-    except (OSError, ValueError, TypeError):
+    except FedTaLoRAError:
         raise FedTaLoRAError(f"flwr run finished but {metrics_file} is missing or unreadable (the ServerApp "
                              "writes it on the SuperLink's machine)") from None
     if not history.complete:
