@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     fa.add_argument("preset", nargs="?", default=None, metavar="PRESET_OR_PATH",
                     help="also write this run's config.yaml and partitions.json there (the app's default run config)")
     fa.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    fa.add_argument("--force", action="store_true", help="replace the app's files if DIR already holds them")
     sub.add_parser("presets", help="list the shipped presets")
     sub.add_parser("methods", help="list the methods")
     return p
@@ -209,7 +210,7 @@ def _dispatch(args: argparse.Namespace, session: _Session) -> int:
     if args.command == "export":
         return _cmd_export(args.run_dir, args.out)
     if args.command == "flower-app":
-        return _cmd_flower_app(args.dest, args.preset, args.overrides)
+        return _cmd_flower_app(args.dest, args.preset, args.overrides, force=args.force)
     if args.command == "resume":
         return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose, session=session)
     preset = "demo" if args.command == "demo" else args.preset
@@ -219,8 +220,9 @@ def _dispatch(args: argparse.Namespace, session: _Session) -> int:
     return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose, session=session)
 
 
-def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
-    """Write the Flower app folder (and, with a preset, the run's config.yaml and partitions.json)."""
+def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str], *, force: bool = False) -> int:
+    """Write the Flower app folder (and, with a preset, the run's config.yaml and partitions.json); files already
+    there are replaced only with ``--force``."""
     cfg = None
     if preset is not None:
         cfg = _resolve(preset, overrides)
@@ -228,7 +230,7 @@ def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
         raise ConfigError("flower-app: overrides need a PRESET_OR_PATH before them")
     from ..flower.deployment import write_app
 
-    path = write_app(dest, cfg)
+    path = write_app(dest, cfg, force=force)
     print(f"Flower app written to {path}: flwr run {path} SUPERLINK (see docs/flower.md)")
     return 0
 
@@ -261,13 +263,21 @@ def _run_dir_path(cfg: Any, preset: str) -> Path:
 
 
 def _check_run_dir(cfg: Any, preset: str) -> None:
+    """Refuse a run directory that is a file, or that holds files without ``output.overwrite=true`` (or, with
+    it, files that are not a run's: :func:`.runfiles.check_overwrite`). Checked before the run is built, and
+    again under the lock (another run may have written the directory meanwhile)."""
+    from .runfiles import check_overwrite, is_empty
+
     path = _run_dir_path(cfg, preset)
     try:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
-        if path.is_dir() and any(path.iterdir()) and not cfg.output.overwrite:
+        if is_empty(path):
+            return
+        if not cfg.output.overwrite:
             raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
                               "or set output.overwrite=true")
+        check_overwrite(path)
     except OSError as e:  # e.g. a name too long for the file system, a folder we may not list
         raise ConfigError(f"output.dir/output.name: cannot use {path}: {e.strerror or e}") from None
 
@@ -282,22 +292,45 @@ def _run_dir(cfg: Any, preset: str) -> Path:
     return path
 
 
+def _check_superlink(cfg: Any) -> None:
+    """``engine=flower``: Flower installed and ``flower.superlink`` a connection of Flower's config, checked
+    read-only before anything is built or written (instead of ``flwr run``'s multi-line error box later)."""
+    if cfg.engine != "flower":
+        return
+    from ..fed.build import check_engine
+    from ..flower.deployment import flwr_config_path, superlink_problem
+
+    check_engine(cfg)
+    why = superlink_problem(cfg.flower.superlink, flwr_config_path())
+    if why is not None:
+        raise ConfigError(why)
+
+
 def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool, session: _Session | None = None) -> int:
     cfg = _resolve(preset, overrides)  # validates before anything heavy is built
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    _check_superlink(cfg)
     _check_run_dir(cfg, preset)
     check_tensorboard(cfg)
 
     from ..api import prepare, run
+    from .runfiles import clear_for_overwrite, writer_lock
 
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
-    if session is not None:
-        session.run_dir, session.checkpoints = run_dir, cfg.output.checkpoints != "none"
-    with ProgressBars(enabled=interactive) as progress:
-        result = run(setup, run_dir=run_dir, progress=progress)
-    _print_summary(result.history, run_dir)
+    with writer_lock(run_dir, cfg.engine):  # one writer: a second run into the same directory is refused
+        _check_run_dir(cfg, preset)  # again, now that no one else can write it
+        if cfg.output.overwrite:
+            cleared = clear_for_overwrite(run_dir)  # the old run's files go before the new run writes anything
+            if cleared:
+                logging.getLogger(__name__).info("output.overwrite=true: deleted %s from %s", ", ".join(cleared),
+                                                 run_dir)
+        if session is not None:
+            session.run_dir, session.checkpoints = run_dir, cfg.output.checkpoints != "none"
+        with ProgressBars(enabled=interactive) as progress:
+            result = run(setup, run_dir=run_dir, progress=progress)
+    _print_summary(result.history, run_dir, cfg)
     return 0
 
 
@@ -337,20 +370,28 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
             key, mine, saved = diff
             raise ConfigError(f"--resume {run_dir}: {key}={mine!r} from {preset} and the overrides, but the run "
                               f"has {key}={saved!r} in {cfg_file}; use `fedtalora resume {run_dir}`")
-    if session is not None:
-        session.run_dir, session.checkpoints = path, cfg.output.checkpoints != "none"
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    _check_superlink(cfg)
     from ..api import prepare, run
     from ..fed.rundir import latest_path, load
+    from .runfiles import resume_state, writer_lock
 
-    latest = latest_path(path)
-    if latest is not None:
-        load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
-    setup = prepare(cfg)
-    interactive = _setup_logging(quiet, verbose)
-    with ProgressBars(enabled=interactive) as progress:
-        result = run(setup, run_dir=path, progress=progress, resume=True)
-    _print_summary(result.history, path)
+    with writer_lock(path, cfg.engine):  # one writer: a run or resume writing it now refuses this one
+        done = resume_state(path, cfg)  # complete: nothing to do; edited since its results: refused
+        if done is not None:
+            print(f"run {path} is already complete; nothing to resume (its results are unchanged)")
+            _print_summary(done, path, cfg)
+            return 0
+        if session is not None:
+            session.run_dir, session.checkpoints = path, cfg.output.checkpoints != "none"
+        latest = latest_path(path)
+        if latest is not None:
+            load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
+        setup = prepare(cfg)
+        interactive = _setup_logging(quiet, verbose)
+        with ProgressBars(enabled=interactive) as progress:
+            result = run(setup, run_dir=path, progress=progress, resume=True)
+    _print_summary(result.history, path, cfg)
     return 0
 
 
@@ -373,7 +414,9 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _print_summary(h: History, run_dir: Path) -> None:
+def _print_summary(h: History, run_dir: Path, cfg: Any = None) -> None:
+    from ..fed.screening import screening_summary
+
     n = max(len(h.rounds), 1)
     pre = "pretrained" if h.pretrained else "NOT pretrained: random initialisation"
     rows = [
@@ -389,6 +432,7 @@ def _print_summary(h: History, run_dir: Path) -> None:
         ("downlink per round", _fmt_bytes((h.downlink_bytes_total or 0) / n)),
         ("trainable parameters", f"{h.trainable_parameters:,}"),
         ("wall time", f"{h.wall_seconds or 0.0:.1f} s"),
+        *([("update screening", screening_summary(cfg.fed.max_update_norm, h))] if cfg is not None else []),
     ]
     rel = h.reliability or {}
     if any(rel.values()):

@@ -352,7 +352,9 @@ def _same_config(run_dir: Path, cfg: RunConfig) -> bool | None:
 
 def run_status(spec: RunSpec) -> str:
     """``complete``, ``partial`` (something to resume), ``new``, or ``foreign`` (another config's files)."""
-    if not spec.run_dir.is_dir() or not any(spec.run_dir.iterdir()):
+    from .runfiles import is_empty
+
+    if is_empty(spec.run_dir):  # missing, or only the lock file of a run that never wrote anything
         return "new"
     same = _same_config(spec.run_dir, spec.cfg)
     if same is False:
@@ -455,22 +457,38 @@ def _run_in_worker(spec: RunSpec, runner: Runner | None) -> tuple[str, str, floa
     return spec.status, spec.error, spec.seconds
 
 
-def _run_one(spec: RunSpec, runner: Runner | None) -> None:
-    state = run_status(spec)
+def _settled(spec: RunSpec, state: str) -> bool:
+    """Settle a run that needs no runner (complete: skipped; foreign: failed); False for the others."""
     if state == "complete":
         spec.status = "skipped"
         logger.info("%s: complete, skipped", spec.name)
-        return
+        return True
     if state == "foreign":
         spec.status, spec.error = "failed", (f"{spec.run_dir} holds a run of another config; move it away or "
                                              "rename the sweep")
         logger.error("%s: %s", spec.name, spec.error)
+        return True
+    return False
+
+
+def _run_one(spec: RunSpec, runner: Runner | None) -> None:
+    from .runfiles import writer_lock
+
+    if _settled(spec, run_status(spec)):
         return
-    resume = state == "partial"
-    logger.info("%s: %s", spec.name, "resuming" if resume else "starting")
     t0 = time.perf_counter()
     try:
-        (runner or _runner_for(spec.cfg))(spec.cfg, spec.run_dir, resume)
+        try:
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {spec.run_dir}: {e.strerror or e}") from None
+        with writer_lock(spec.run_dir, spec.cfg.engine):  # one writer: another sweep running it is refused
+            state = run_status(spec)  # again, now that no one else can write it
+            if _settled(spec, state):
+                return
+            resume = state == "partial"
+            logger.info("%s: %s", spec.name, "resuming" if resume else "starting")
+            (runner or _runner_for(spec.cfg))(spec.cfg, spec.run_dir, resume)
     except Exception as e:  # noqa: BLE001 - one crashing run must not end the sweep
         spec.status = "failed"
         spec.error = one_line(f"{type(e).__name__}: {e}") if not isinstance(e, FedTaLoRAError) else one_line(e)

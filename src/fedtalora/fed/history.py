@@ -64,6 +64,9 @@ class RoundRecord:
     corrupted: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     """``{client, reason}`` of every update the server's screening refused."""
+    large_updates: list[int] = field(default_factory=list)
+    """Clients whose accepted update changed the global state by more than ``LARGE_UPDATE_RATIO`` times its norm
+    (flagged only when ``fed.max_update_norm=0`` sets no bound: :mod:`fedtalora.fed.screening`)."""
     skipped: bool = False
     """Fewer valid updates than ``fed.min_clients``: the global model stayed as it was."""
     train_loss: float | None = None
@@ -130,6 +133,9 @@ class History:
 
     method: str = ""
     seed: int = 0
+    config_sha256: str = ""
+    """Fingerprint of the config that computed these results (:func:`fedtalora.fed.rundir.config_fingerprint`;
+    empty in files of older versions): ``resume`` refuses to continue or replace them under an edited config."""
     complete: bool = False
     backbone: str = ""
     pretrained: bool = False
@@ -203,7 +209,8 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "method": self.method, "seed": self.seed, "complete": self.complete, "backbone": self.backbone,
+            "method": self.method, "seed": self.seed, "config_sha256": self.config_sha256, "complete": self.complete,
+            "backbone": self.backbone,
             "pretrained": self.pretrained, "accuracy_matrix": self.accuracy_matrix,
             "rounds": [r.to_dict() for r in self.rounds], "tasks": [t.to_dict() for t in self.tasks],
             "trainable_parameters": self.trainable_parameters, "environment": self.environment,

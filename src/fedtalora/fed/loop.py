@@ -43,6 +43,7 @@ from .build import Setup, environment
 from .client import accuracy_per_task, predict
 from .faults import corrupt, draw_fault
 from .history import History, RoundRecord, TaskRecord
+from .screening import warn_if_large
 from .tracking import fan_out, open_trackers
 from .transport import ClientResult, RoundJob, Transport
 
@@ -83,6 +84,7 @@ class _Round:
     dropped: list[int] = field(default_factory=list)
     corrupted: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    large: list[int] = field(default_factory=list)
     uplink: int = 0
     downlink: int = 0
     downlink_dense: int = 0
@@ -105,7 +107,8 @@ class _Loop:
         self.ledger = DownlinkLedger(self.dense)
         self.T, self.R = setup.exp.scenario.num_tasks, cfg.fed.rounds_per_task
         self.history = History(
-            method=cfg.method, seed=cfg.seed, backbone=cfg.model.backbone, pretrained=model.spec.pretrained,
+            method=cfg.method, seed=cfg.seed, config_sha256=rundir.config_fingerprint(cfg.to_dict()),
+            backbone=cfg.model.backbone, pretrained=model.spec.pretrained,
             trainable_parameters=int(sum(t.numel() for t in self.global_state.values())),
             environment=environment(setup.device),
         )
@@ -184,6 +187,8 @@ class _Loop:
             rnd.uplink += state_nbytes(res.state)
             why = check_update(res.state, res.num_samples, self.global_state, max_norm=cfg.fed.max_update_norm)
             if why is None:
+                if warn_if_large(res.state, self.global_state, cfg.fed.max_update_norm, self._where(t, r), k):
+                    rnd.large.append(k)
                 self.buffer.add(res.state, res.num_samples if cfg.fed.weighting == "samples" else 1.0)
                 rnd.accepted.append(res)
             else:
@@ -228,7 +233,8 @@ class _Loop:
         rec = RoundRecord(
             task=t, round=r, clients=rnd.clients,
             aggregated=[res.client for res in rnd.accepted], num_samples=[res.num_samples for res in rnd.accepted],
-            dropped=rnd.dropped, corrupted=rnd.corrupted, rejected=rnd.rejected, skipped=agg is None,
+            dropped=rnd.dropped, corrupted=rnd.corrupted, rejected=rnd.rejected, large_updates=rnd.large,
+            skipped=agg is None,
             train_loss=None if rnd.weights is None else float(
                 np.average([res.loss for res in rnd.accepted], weights=rnd.weights.numpy())),
             aggregation_error=None if agg is None else agg.max_error,

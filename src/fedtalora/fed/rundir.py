@@ -63,7 +63,7 @@ from safetensors.torch import save as st_save
 from .. import __version__
 from ..core.validation import tensor_mismatch
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..safeio import atomic_write_bytes, atomic_write_text
+from ..safeio import atomic_write_bytes, atomic_write_text, short
 from .history import History
 
 if TYPE_CHECKING:
@@ -108,9 +108,12 @@ class Checkpoint:
 
 
 def config_fingerprint(cfg_dict: Mapping[str, Any]) -> str:
-    """SHA-256 of the config without its ``output``, ``engine`` and ``flower`` sections (where a run is
-    written, and whether its clients run in-process or on Flower, do not change what it computes)."""
+    """SHA-256 of the config without its ``output``, ``engine`` and ``flower`` sections and ``train.threads``
+    (where a run is written, whether its clients run in-process or on Flower, and how many CPU threads
+    compute it do not change what it computes). Checkpoints and ``metrics.json`` carry it."""
     data = {k: v for k, v in cfg_dict.items() if k not in ("output", "engine", "flower")}
+    if isinstance(data.get("train"), Mapping):
+        data["train"] = {k: v for k, v in data["train"].items() if k != "threads"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -193,17 +196,7 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
     def fail(path: Path, why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {path} {why}")
 
-    try:
-        state = json.loads(json_path.read_text())
-    except OSError as e:
-        raise fail(json_path, f"cannot be read: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(json_path, f"is corrupted (not valid JSON: {str(e).splitlines()[0]})") from None
-    required = ("format", "config_sha256", "completed_rounds", "task", "round", "tensors", "tensors_bytes",
-                "tensors_sha256", "ledger", "elapsed_seconds", "metrics")
-    missing = [k for k in required if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise fail(json_path, f"is corrupted (missing {', '.join(missing)})")
+    state = _read_state(json_path)
     if state["format"] != FORMAT:
         raise fail(json_path, f"has format {state['format']!r}; this fedtalora reads format {FORMAT}")
     if state["config_sha256"] != config_fingerprint(cfg_dict):
@@ -222,6 +215,8 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
         tensors = st_load(blob)
     except SafetensorError as e:
         raise fail(tensor_path, f"is corrupted ({e})") from None
+    _check_finite({k: t for k, t in tensors.items() if k.startswith(("global/", "base/"))},  # the model's weights
+                  f"checkpoint {tensor_path}", CheckpointError)  # (method state may mark unknowns with NaN)
     groups: dict[str, dict[str, torch.Tensor]] = {"global": {}, "base": {}, "method": {}}
     for name, t in tensors.items():
         prefix, _, key = name.partition("/")
@@ -234,6 +229,43 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
         ledger=state["ledger"], metrics=state["metrics"], elapsed_seconds=float(state["elapsed_seconds"]),
         resumes=list(state.get("resumes", [])), path=json_path,
     )
+
+
+def _read_state(json_path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON through the guarded reader (regular file, UTF-8, size and depth limits), checked
+    against :data:`fedtalora.schema.CHECKPOINT` (every field's type: one line naming the first bad one)."""
+    from ..safeio import MAX_JSON_BYTES, parse_json, read_bytes
+    from ..schema import CHECKPOINT, problem
+
+    what = f"checkpoint {json_path}"
+
+    def unreadable(msg: str) -> CheckpointError:
+        return CheckpointError(f"{what} cannot be read: {msg.removeprefix(f'cannot read {what}: ')}"
+                               if msg.startswith(f"cannot read {what}: ") else msg)
+
+    def corrupted(msg: str) -> CheckpointError:
+        return CheckpointError(f"{what} is corrupted ({msg.removeprefix(what).strip().removeprefix('is ')})")
+
+    state = parse_json(read_bytes(json_path, what=what, max_bytes=MAX_JSON_BYTES, error=unreadable), what,
+                       error=corrupted)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} is corrupted (a JSON {type(state).__name__}, not an object)")
+    missing = [k for k in CHECKPOINT.required if k not in state]  # type: ignore[attr-defined]
+    if missing:
+        raise CheckpointError(f"{what} is corrupted (missing {', '.join(missing)})")
+    why = problem(state, CHECKPOINT)
+    if why is not None:
+        raise CheckpointError(f"{what} is corrupted: {why}")
+    return state
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], source: str, error: type[Exception]) -> None:
+    """Refuse tensors holding a NaN or an infinity where they enter (a checkpoint, a final model)."""
+    from ..core.integrity import nonfinite_message
+
+    why = nonfinite_message(tensors, source)
+    if why is not None:
+        raise error(why)
 
 
 def load_latest(run_dir: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint | None:
@@ -304,8 +336,21 @@ def read_final(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FINAL_FORMAT:
-        raise ModelError(f"{path} is not a fedtalora final model (format {meta.get('format')!r}, expected {FINAL_FORMAT})")
+        raise ModelError(f"{path} is not a fedtalora final model (format {short(meta.get('format'))}, "
+                         f"expected {FINAL_FORMAT})")
+    _check_final(path, tensors, meta)
     return tensors, meta
+
+
+def _check_final(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    """A final model's metadata has its schema (:func:`fedtalora.schema.final_meta_problem`) and every tensor is
+    finite (:class:`ModelError` otherwise)."""
+    from ..schema import final_meta_problem
+
+    why = final_meta_problem(meta)
+    if why is not None:
+        raise ModelError(f"{path} has malformed metadata: {why}")
+    _check_finite(tensors, str(path), ModelError)
 
 
 def load_into(model: FedModel, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: Path) -> None:
@@ -389,10 +434,7 @@ def open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: 
     ckpt = load_latest(run_dir, cfg.to_dict())
     part_file = run_dir / "partitions.json"
     if part_file.is_file():
-        try:
-            saved = json.loads(part_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            saved = None
+        saved = _read_partitions(part_file)
         if saved != json.loads(json.dumps(partitions)):
             raise CheckpointError(f"{part_file} differs from the partitions this config draws now (other data "
                                   "or another fedtalora version?); the run cannot be resumed exactly")
@@ -403,6 +445,13 @@ def open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: 
     if ckpt is None:
         logger.warning("%s has no checkpoint yet: starting the run from its first round", run_dir)
     return ckpt
+
+
+def _read_partitions(path: Path) -> Any:
+    """``partitions.json`` through the guarded reader, checked against :data:`fedtalora.schema.PARTITIONS`."""
+    from ..schema import PARTITIONS, load_checked
+
+    return load_checked(path, PARTITIONS, error=CheckpointError)
 
 
 def restore(ckpt: Checkpoint, setup: Setup, initial: dict[str, torch.Tensor],

@@ -81,7 +81,7 @@ resume = false
 """
 
 
-def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
+def write_app(dest: str | Path, cfg: RunConfig | None = None, *, force: bool = False) -> Path:
     """Write the Flower app folder (its ``pyproject.toml``) to ``dest``; returns the folder.
 
     With ``cfg``, also write ``config.yaml`` (``engine=flower``) and the partition manifest
@@ -91,14 +91,17 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
 
     Everything is computed first (the dataset loaded, the partitions drawn), then the folder is
     created and each file written atomically: a bad config or missing data leaves ``dest`` untouched.
+    Files already in ``dest`` are replaced only with ``force``.
 
     Raises:
-        OutputError: ``dest`` is a file, or cannot be created or written.
+        OutputError: ``dest`` is a file, cannot be created or written, or (without ``force``) already holds
+            one of the app's files.
     """
     from ..errors import OutputError
     from ..safeio import atomic_write_text
 
     path = Path(dest).expanduser().resolve()
+    _check_app_dest(path, ("pyproject.toml", *(("config.yaml", "partitions.json") if cfg is not None else ())), force)
     files: dict[str, str] = {}
     text = APP_PYPROJECT
     if cfg is not None:
@@ -114,8 +117,6 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
         text = text.replace('config = "demo"', f"config = {json.dumps(str(path / 'config.yaml'))}")
         text = text.replace('partitions = ""', f"partitions = {json.dumps(str(path / 'partitions.json'))}", 1)
     files["pyproject.toml"] = text
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"flower-app: {path} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -123,6 +124,21 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
     for name, content in files.items():
         atomic_write_text(path / name, content, fsync=False)
     return path
+
+
+def _check_app_dest(path: Path, names: tuple[str, ...], force: bool) -> None:
+    """Refuse (before anything is computed) a ``dest`` that is a file, or holds one of ``names`` without ``force``."""
+    from ..errors import OutputError
+
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"flower-app: {path} exists and is not a folder")
+    there = [n for n in names if (path / n).exists() or (path / n).is_symlink()]
+    if there and not force:
+        raise OutputError(f"flower-app: {path / there[0]} already exists; pass --force to replace "
+                          f"{'it' if len(there) == 1 else 'the app files there'}")
+    busy = [n for n in there if (path / n).is_dir()]
+    if busy:
+        raise OutputError(f"flower-app: {path / busy[0]} is a folder; it cannot be replaced by a file")
 
 
 FLWR_DEFAULT_CONNECTIONS = ("local", "supergrid")

@@ -9,7 +9,7 @@ non-finite numbers, values of the wrong type in every JSON document read back, t
 are known failures waiting for the package restructure (issue 14); they are strict xfails, so fixing one
 turns its mark into a failure that asks for the mark to go.
 
-All cases run in-process (``fedtalora.cli.main``), each under a 60 s alarm, so a hang is a failure.
+All cases run in-process (``fedtalora.app.cli.main``), each under a 60 s alarm, so a hang is a failure.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,11 +33,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from fedtalora import checkpoint
-from fedtalora.cli import MAX_MESSAGE, main
+from fedtalora.api import run
+from fedtalora.app.cli import MAX_MESSAGE, main
 from fedtalora.config import resolve
-from fedtalora.engine import run
-from fedtalora.state import FINAL_MODEL
+from fedtalora.fed.rundir import FINAL_MODEL, latest_path
+from fedtalora.runlock import LOCK_NAME
 
 TINY = "<tiny>"  # the tiny run's overrides, with output.dir={tmp}/runs
 RUN = "{run}"  # a copy of a finished tiny run, made by the case's setup
@@ -85,8 +86,12 @@ def _bomb_yaml(levels: int, flow: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(rel: str, content: str | bytes) -> Callable[[Path], None]:
-    def setup(tmp: Path) -> None:
+Setup = Callable[[Path, dict[str, Any]], None]
+"""A case's setup: ``setup(tmp, ctx)``; ``ctx["model_kwargs"]`` is the tiny ViT's ``model.kwargs``."""
+
+
+def _write(rel: str, content: str | bytes) -> Setup:
+    def setup(tmp: Path, ctx: dict[str, Any]) -> None:
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
@@ -96,15 +101,15 @@ def _write(rel: str, content: str | bytes) -> Callable[[Path], None]:
     return setup
 
 
-def _fifo(rel: str) -> Callable[[Path], None]:
-    def setup(tmp: Path) -> None:
+def _fifo(rel: str) -> Setup:
+    def setup(tmp: Path, ctx: dict[str, Any]) -> None:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(tmp / rel)
     return setup
 
 
 def _edit_latest_json(run_dir: Path, **changes: object) -> None:
-    path = checkpoint.latest_path(run_dir)
+    path = latest_path(run_dir)
     assert path is not None
     state = json.loads(path.read_text())
     state.update(changes)
@@ -112,7 +117,7 @@ def _edit_latest_json(run_dir: Path, **changes: object) -> None:
 
 
 def _rewrite_latest_tensors(run_dir: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    js = checkpoint.latest_path(run_dir)
+    js = latest_path(run_dir)
     assert js is not None
     st = js.with_suffix(".safetensors")
     tensors = st_load(st.read_bytes())
@@ -144,15 +149,28 @@ def _nan_final(run_dir: Path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def _tiny_weights(tmp: Path, edit: Callable[[dict[str, torch.Tensor]], None], name: str) -> None:
+def _tiny_weights(tmp: Path, ctx: dict[str, Any], edit: Callable[[dict[str, torch.Tensor]], None], name: str) -> None:
     import timm
 
-    from conftest import TINY_MODEL_KWARGS
-
-    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=8, **TINY_MODEL_KWARGS)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=8, **ctx["model_kwargs"])
     sd = {k: v.clone().contiguous() for k, v in net.state_dict().items()}
     edit(sd)
     save_file(sd, str(tmp / name))
+
+
+def _hold_lock(run_dir: Path, ctx: dict[str, Any]) -> None:
+    """Another writer holds ``run_dir``'s lock (a second open file description: refused like another process)."""
+    from fedtalora.runlock import RunLock
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.setdefault("locks", []).append(RunLock(run_dir).acquire())
+
+
+def _edit_config(run_dir: Path, old: str, new: str) -> None:
+    path = run_dir / "config.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
 
 
 class _Anything:
@@ -167,13 +185,14 @@ class Case:
     id: str
     argv: list[str]
     words: list[str]
-    setup: Callable[[Path], None] | None = None
+    setup: Setup | None = None
     issue: str = ""
     """Which failure of issue 21 this reproduces (``#N``), or the pattern it guards."""
     phase2: str = ""
     """Not fixed yet: what phase 2 must do (the case is a strict xfail)."""
-    needs_run: bool = False
-    """Copy the finished tiny run to ``{tmp}/run`` first (before ``setup``)."""
+    needs_run: str = ""
+    """Copy a tiny run to ``{tmp}/run`` first (before ``setup``): ``finished``, or ``interrupted`` (the same run
+    stopped after its last checkpoint, before it wrote its final model and completed ``metrics.json``)."""
     changes_files: bool = False
     """The command may write before it fails (documented exceptions; see ``phase2``)."""
     absent: list[str] = field(default_factory=list)
@@ -224,21 +243,21 @@ CASES: list[Case] = [
     # Dataset files: only regular files, UTF-8, bounded JSON, decodable images.
     Case("wnids-latin1", ["run", "demo", "data.dataset=tiny-imagenet", "data.root={tmp}/tiny"],
          ["wnids.txt", "not UTF-8"], issue="#13",
-         setup=lambda t: (_write("tiny/tiny-imagenet-200/wnids.txt", "n0144\xe9\n".encode("latin-1"))(t),
+         setup=lambda t, ctx: (_write("tiny/tiny-imagenet-200/wnids.txt", "n0144\xe9\n".encode("latin-1"))(t, ctx),
                           (t / "tiny/tiny-imagenet-200/train").mkdir())),
     Case("clinc-deep", ["run", "demo", "data.dataset=clinc150", "data.root={tmp}/clinc"],
          ["data_full.json", "nested too deeply"], issue="#16",
          setup=_write("clinc/data_full.json", '{"train": ' + "[" * 100_000 + "]" * 100_000 + "}")),
     Case("image-fifo", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
-         ["x.png", "not a regular file"], issue="#11", setup=lambda t: _imagefolder(t, os.mkfifo)),
+         ["x.png", "not a regular file"], issue="#11", setup=lambda t, ctx: _imagefolder(t, os.mkfifo)),
     Case("image-bomb", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
          ["x.png", "too large to decode safely"], issue="#23",
-         setup=lambda t: _imagefolder(t, lambda p: p.write_bytes(_png(20_000, 20_000)))),
+         setup=lambda t, ctx: _imagefolder(t, lambda p: p.write_bytes(_png(20_000, 20_000)))),
     Case("image-bomb-warning-range", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
          ["x.png", "too large to decode safely"], issue="#23",
-         setup=lambda t: _imagefolder(t, lambda p: p.write_bytes(_png(10_000, 10_000)))),
+         setup=lambda t, ctx: _imagefolder(t, lambda p: p.write_bytes(_png(10_000, 10_000)))),
     Case("image-garbage", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
-         ["cannot decode image", "x.png"], setup=lambda t: _imagefolder(t, lambda p: p.write_bytes(b"\x89PNG junk"))),
+         ["cannot decode image", "x.png"], setup=lambda t, ctx: _imagefolder(t, lambda p: p.write_bytes(b"\x89PNG junk"))),
     # The model: not a ViT, geometry, weight files. The run directory must not be created.
     Case("not-a-vit", ["run", "demo", TINY, "model.backbone=resnet18"], ["resnet18", "not a ViT"], issue="#39",
          absent=["runs"]),
@@ -251,22 +270,34 @@ CASES: list[Case] = [
     Case("pth-text", ["run", "demo", TINY, "model.checkpoint={tmp}/w.pth"], ["w.pth", "not a valid .pth"],
          setup=_write("w.pth", "these are not weights\n"), issue="#27", absent=["runs"]),
     Case("pth-pickle", ["run", "demo", TINY, "model.checkpoint={tmp}/p.pth"], ["p.pth", "never unpickles"],
-         setup=lambda t: torch.save({"w": torch.zeros(1), "obj": _Anything()}, t / "p.pth"), issue="#35",
+         setup=lambda t, ctx: torch.save({"w": torch.zeros(1), "obj": _Anything()}, t / "p.pth"), issue="#35",
          absent=["runs"]),
     Case("safetensors-1d-pos-embed", ["run", "demo", TINY, "model.checkpoint={tmp}/w.safetensors"],
          ["w.safetensors", "does not fit"], issue="#26", absent=["runs"],
-         setup=lambda t: _tiny_weights(t, lambda sd: sd.update(pos_embed=torch.zeros(32)), "w.safetensors")),
+         setup=lambda t, ctx: _tiny_weights(t, ctx, lambda sd: sd.update(pos_embed=torch.zeros(32)), "w.safetensors")),
     Case("weights-nan", ["run", "demo", TINY, "model.checkpoint={tmp}/nan.safetensors"], ["nan.safetensors", "non-finite"],
-         setup=lambda t: _tiny_weights(t, lambda sd: sd["cls_token"].fill_(float("nan")), "nan.safetensors"),
-         issue="#6", phase2="model.read_checkpoint: integrity.nonfinite_message(tensors, source) -> ModelError",
+         setup=lambda t, ctx: _tiny_weights(t, ctx, lambda sd: sd["cls_token"].fill_(float("nan")), "nan.safetensors"),
+         issue="#6",
          absent=["runs"]),
     # Output locations in the way.
     Case("partitions-is-a-dir", ["run", "demo", TINY, "output.name=x", "output.overwrite=true"],
-         ["partitions.json", "Is a directory"], setup=lambda t: (t / "runs" / "x" / "partitions.json").mkdir(parents=True),
-         issue="#30", changes_files=True),
+         ["partitions.json", "is a directory"],
+         setup=lambda t, ctx: (t / "runs" / "x" / "partitions.json").mkdir(parents=True), issue="#30"),
+    Case("overwrite-not-a-run-dir", ["run", "demo", TINY, "output.name=x", "output.overwrite=true"],
+         ["output.overwrite=true", "notes.txt", "not a file fedtalora writes"],
+         setup=_write("runs/x/notes.txt", "mine\n"), issue="#3"),
+    Case("run-dir-locked", ["run", "demo", TINY, "output.name=x"], ["runs/x", "in use by process"], issue="#4",
+         setup=lambda t, ctx: _hold_lock(t / "runs" / "x", ctx)),
+    Case("resume-locked", ["resume", RUN], ["run", "in use by process"], needs_run="interrupted", issue="#4",
+         setup=lambda t, ctx: _hold_lock(t / "run", ctx)),
+    Case("resume-complete-edited", ["resume", RUN], ["complete", "config.yaml was edited"], needs_run="finished",
+         issue="#1", setup=lambda t, ctx: _edit_config(t / "run", "lr: 0.003", "lr: 0.5")),
+    Case("resume-edited-no-checkpoint", ["resume", RUN], ["config.yaml was edited", "start over"],
+         needs_run="interrupted", issue="#1",
+         setup=lambda t, ctx: (shutil.rmtree(t / "run" / "checkpoints"), _edit_config(t / "run", "lr: 0.003", "lr: 0.5"))),
     Case("sweep-output-a-file", ["sweep", "{tmp}/grid.yaml", "--quiet"], ["sweep folder", "output"], issue="#31",
-         setup=lambda t: (_write("out", "a file")(t), _write("grid.yaml", "presets: [demo]\noutput: " + str(t / "out")
-                                                             + "\n")(t))),
+         setup=lambda t, ctx: (_write("out", "a file")(t, ctx), _write("grid.yaml", "presets: [demo]\noutput: " + str(t / "out")
+                                                             + "\n")(t, ctx))),
     Case("sweep-grid-latin1", ["sweep", "{tmp}/g.yaml"], ["g.yaml", "not UTF-8"],
          setup=_write("g.yaml", "presets: [demo]  # \xe9\n".encode("latin-1"))),
     Case("sweep-grid-fifo", ["sweep", "{tmp}/g.yaml"], ["g.yaml", "not a regular file"], setup=_fifo("g.yaml")),
@@ -277,8 +308,11 @@ CASES: list[Case] = [
     Case("flower-app-bad-data", ["flower-app", "{tmp}/app", "demo", "data.dataset=cifar100", "data.root={tmp}/none"],
          ["CIFAR-100", "not found"], issue="#2 (dest written before the config was checked)", absent=["app"]),
     Case("flower-app-existing", ["flower-app", "{tmp}/app"], ["pyproject.toml", "--force"],
-         setup=_write("app/pyproject.toml", "# mine\n"), issue="#2",
-         phase2="flower-app: refuse to replace existing files unless --force"),
+         setup=_write("app/pyproject.toml", "# mine\n"), issue="#2"),
+    Case("flower-app-existing-config", ["flower-app", "{tmp}/app", "demo", "seed=3"], ["config.yaml", "--force"],
+         setup=_write("app/config.yaml", "# mine\n"), issue="#2"),
+    Case("flower-app-bad-override", ["flower-app", "{tmp}/app", "demo", "fed.bogus=1"], ["fed.bogus"],
+         setup=_write("app/config.yaml", "# mine\n"), issue="#2"),
     Case("superlink-missing", ["run", "demo", "engine=flower", "flower.superlink=nonexistent", "output.dir={tmp}/runs"],
          ["flower.superlink='nonexistent'", "no such SuperLink connection"], issue="#36", absent=["runs"]),
     # Documents read back: report, compare, export.
@@ -291,27 +325,22 @@ CASES: list[Case] = [
     Case("compare-metrics-list", ["compare", "{tmp}/r"], ["metrics.json", "must be an object"],
          setup=_write("r/metrics.json", "[]")),
     Case("export-meta-num-classes", ["export", RUN], ["final_model.safetensors", "num_classes"], issue="#34",
-         needs_run=True, setup=lambda t: _final_meta(t / "run", num_classes="abc")),
+         needs_run="finished", setup=lambda t, ctx: _final_meta(t / "run", num_classes="abc")),
     Case("export-meta-fingerprint", ["export", RUN], ["final_model.safetensors", "fingerprint"], issue="#34",
-         needs_run=True, setup=lambda t: _final_meta(t / "run", fingerprint="{not json")),
-    Case("export-nan", ["export", RUN], ["non-finite"], needs_run=True, setup=lambda t: _nan_final(t / "run"),
-         issue="#37", phase2="export: integrity.nonfinite_message on the loaded final state before writing anything"),
-    # Checkpoints (phase 2: the schema and the finite check are ready, see fedtalora.schema / integrity).
-    Case("ckpt-json-deep", ["resume", RUN], ["round-000004.json", "nested too deeply"], issue="#17", needs_run=True,
-         setup=lambda t: checkpoint.latest_path(t / "run").write_text("[" * 100_000 + "]" * 100_000),
-         phase2="checkpoint.load: schema.load_checked(json_path, CHECKPOINT, error=CheckpointError)"),
+         needs_run="finished", setup=lambda t, ctx: _final_meta(t / "run", fingerprint="{not json")),
+    Case("export-nan", ["export", RUN], ["non-finite"], needs_run="finished", setup=lambda t, ctx: _nan_final(t / "run"),
+         issue="#37"),
+    # Checkpoints of an interrupted run being resumed: schema, finite tensors, partitions.
+    Case("ckpt-json-deep", ["resume", RUN], ["round-000004.json", "nested too deeply"], issue="#17", needs_run="interrupted",
+         setup=lambda t, ctx: latest_path(t / "run").write_text("[" * 100_000 + "]" * 100_000)),
     Case("ckpt-completed-rounds-x", ["resume", RUN], ["round-000004.json", "completed_rounds"], issue="#20",
-         needs_run=True, setup=lambda t: _edit_latest_json(t / "run", completed_rounds="x"),
-         phase2="checkpoint.load: schema.load_checked(json_path, CHECKPOINT, error=CheckpointError)"),
-    Case("ckpt-metrics-list", ["resume", RUN], ["round-000004.json", "metrics"], issue="#21", needs_run=True,
-         setup=lambda t: _edit_latest_json(t / "run", metrics=[]),
-         phase2="checkpoint.load: schema.load_checked(json_path, CHECKPOINT, error=CheckpointError)"),
-    Case("ckpt-nan", ["resume", RUN], ["round-000004.safetensors", "non-finite"], issue="#5", needs_run=True,
-         setup=lambda t: _rewrite_latest_tensors(t / "run", lambda ts: ts["global/head.bias"].fill_(float("nan"))),
-         phase2="checkpoint.load: integrity.nonfinite_message(tensors, tensor_path) -> CheckpointError"),
-    Case("partitions-json-deep", ["resume", RUN], ["partitions.json", "nested too deeply"], needs_run=True,
-         setup=lambda t: (t / "run" / "partitions.json").write_text("[" * 100_000 + "]" * 100_000),
-         phase2="engine._open_run_dir: schema.load_checked(part_file, PARTITIONS, error=CheckpointError)"),
+         needs_run="interrupted", setup=lambda t, ctx: _edit_latest_json(t / "run", completed_rounds="x")),
+    Case("ckpt-metrics-list", ["resume", RUN], ["round-000004.json", "metrics"], issue="#21", needs_run="interrupted",
+         setup=lambda t, ctx: _edit_latest_json(t / "run", metrics=[])),
+    Case("ckpt-nan", ["resume", RUN], ["round-000004.safetensors", "non-finite"], issue="#5", needs_run="interrupted",
+         setup=lambda t, ctx: _rewrite_latest_tensors(t / "run", lambda ts: ts["global/head.bias"].fill_(float("nan")))),
+    Case("partitions-json-deep", ["resume", RUN], ["partitions.json", "nested too deeply"], needs_run="interrupted",
+         setup=lambda t, ctx: (t / "run" / "partitions.json").write_text("[" * 100_000 + "]" * 100_000)),
 ]
 
 
@@ -322,6 +351,19 @@ CASES: list[Case] = [
 def finished(tiny_overrides, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("hostile") / "run"
     run(resolve("demo", list(tiny_overrides)), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def interrupted(finished, tmp_path_factory) -> Path:
+    """``finished`` as it was after its last checkpoint and before its end: the checkpoint's metrics, no final
+    model (a resume continues it instead of finding it complete)."""
+    run_dir = tmp_path_factory.mktemp("hostile-interrupted") / "run"
+    shutil.copytree(finished, run_dir)
+    latest = latest_path(run_dir)
+    assert latest is not None
+    (run_dir / "metrics.json").write_text(json.dumps(json.loads(latest.read_text())["metrics"], indent=1))
+    (run_dir / FINAL_MODEL).unlink()
     return run_dir
 
 
@@ -341,6 +383,8 @@ def _snapshot(folder: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     for p in sorted(folder.rglob("*")):
         if p.relative_to(folder).parts[0] in ("cache", "flwr-home"):  # the environment's folders (font caches)
+            continue
+        if p.name == LOCK_NAME:  # taken (and released) by a command that writes the run directory: no content
             continue
         st = p.lstat()
         out[str(p.relative_to(folder))] = p.read_bytes() if p.is_file() and not p.is_symlink() else st.st_mode
@@ -371,14 +415,15 @@ def test_the_table_is_large_and_named() -> None:
 
 
 @pytest.mark.parametrize("case", _params())
-def test_hostile_input_is_one_line_exit_2(case: Case, tmp_path: Path, finished: Path, tiny_overrides, capsys,
-                                          monkeypatch) -> None:
+def test_hostile_input_is_one_line_exit_2(case: Case, tmp_path: Path, finished: Path, interrupted: Path,
+                                          tiny_overrides, tiny_model_kwargs, capsys, monkeypatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))  # never the user's Flower config
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     if case.needs_run:
-        shutil.copytree(finished, tmp_path / "run")
+        shutil.copytree({"finished": finished, "interrupted": interrupted}[case.needs_run], tmp_path / "run")
+    ctx: dict[str, Any] = {"model_kwargs": tiny_model_kwargs}
     if case.setup is not None:
-        case.setup(tmp_path)
+        case.setup(tmp_path, ctx)
     before = _snapshot(tmp_path)
     argv = _argv(case.argv, tmp_path, tiny_overrides)
     old = signal.signal(signal.SIGALRM, _alarm)
@@ -389,6 +434,8 @@ def test_hostile_input_is_one_line_exit_2(case: Case, tmp_path: Path, finished: 
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        for lock in ctx.get("locks", []):
+            lock.release()
     seconds = time.perf_counter() - t0
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
@@ -416,14 +463,14 @@ def test_hostile_input_is_one_line_exit_2(case: Case, tmp_path: Path, finished: 
 
 def test_an_unexpected_error_is_one_line_exit_1_with_a_traceback_log(tmp_path, tiny_overrides, capsys,
                                                                      monkeypatch) -> None:
-    import fedtalora.engine
+    import fedtalora.api
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def boom(cfg: object) -> None:
         raise RuntimeError("a third-party library failed\nwith a second line " + "x" * 5000)
 
-    monkeypatch.setattr(fedtalora.engine, "prepare", boom)
+    monkeypatch.setattr(fedtalora.api, "prepare", boom)
     rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs"])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -438,14 +485,14 @@ def test_an_unexpected_error_is_one_line_exit_1_with_a_traceback_log(tmp_path, t
 
 def test_an_unexpected_error_inside_a_run_logs_into_the_run_directory(tmp_path, tiny_overrides, capsys,
                                                                       monkeypatch) -> None:
-    import fedtalora.engine
+    import fedtalora.api
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def boom(*args: object, **kwargs: object) -> None:
         raise ValueError("inside the loop")
 
-    monkeypatch.setattr(fedtalora.engine, "run", boom)
+    monkeypatch.setattr(fedtalora.api, "run", boom)
     rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs", "output.name=r"])
     err = capsys.readouterr().err
     assert rc == 1 and f"traceback in {tmp_path / 'runs' / 'r' / 'error.log'}" in err
@@ -454,12 +501,12 @@ def test_an_unexpected_error_inside_a_run_logs_into_the_run_directory(tmp_path, 
 
 @pytest.mark.parametrize("checkpoints", ["latest", "none"])
 def test_ctrl_c_names_the_real_run_directory(tmp_path, tiny_overrides, capsys, monkeypatch, checkpoints) -> None:
-    import fedtalora.engine
+    import fedtalora.api
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fedtalora.engine, "run", interrupted)
+    monkeypatch.setattr(fedtalora.api, "run", interrupted)
     rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs", "output.name=r",
                f"output.checkpoints={checkpoints}"])
     err = capsys.readouterr().err
@@ -469,28 +516,51 @@ def test_ctrl_c_names_the_real_run_directory(tmp_path, tiny_overrides, capsys, m
 
 
 def test_ctrl_c_before_the_run_directory_exists(tmp_path, tiny_overrides, capsys, monkeypatch) -> None:
-    import fedtalora.engine
+    import fedtalora.api
 
     def interrupted(cfg: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fedtalora.engine, "prepare", interrupted)
+    monkeypatch.setattr(fedtalora.api, "prepare", interrupted)
     assert main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs"]) == 130
     err = capsys.readouterr().err
     assert "no run directory had been created yet" in err and "RUN_DIR" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="phase 2: resume of a complete run must do nothing and say so")
-def test_resume_of_a_complete_run_recomputes_nothing(finished, tmp_path, capsys) -> None:
-    """#1: a finished run with output.checkpoints=none whose config.yaml was edited afterwards."""
+@pytest.mark.parametrize("checkpoints", ["latest", "none"])
+def test_resume_of_a_complete_run_does_nothing_and_says_so(finished, tmp_path, capsys, checkpoints) -> None:
+    """#1: resuming a finished run recomputes nothing and changes no file, with or without checkpoints; with its
+    config.yaml edited since, it is refused (the table's ``resume-complete-edited``)."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
-    shutil.rmtree(run_dir / "checkpoints")
-    cfg = (run_dir / "config.yaml").read_text()
-    (run_dir / "config.yaml").write_text(cfg.replace("checkpoints: latest", "checkpoints: none").replace(
-        "lr: 0.01", "lr: 0.5", 1))
+    if checkpoints == "none":
+        shutil.rmtree(run_dir / "checkpoints")
+        _edit_config(run_dir, "checkpoints: latest", "checkpoints: none")  # output.* is not part of the fingerprint
     before = _snapshot(run_dir)
-    rc = main(["resume", str(run_dir), "--quiet"])
-    capsys.readouterr()
-    assert rc in (0, 2)
+    assert main(["resume", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run {run_dir} is already complete; nothing to resume")
+    assert "final average accuracy (F_AA)" in out
     assert _snapshot(run_dir) == before
+
+
+def test_overwrite_clears_the_old_run_before_writing_anything(finished, tmp_path, tiny_overrides, capsys,
+                                                              monkeypatch) -> None:
+    """#3: ``output.overwrite=true`` into a finished run, interrupted as soon as the new run starts: none of the
+    old run's results are left beside the new config, so nothing can mix them up."""
+    import fedtalora.api
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished, runs / "x")
+    (runs / "x" / "report.md").write_text("# the old run's report\n")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedtalora.api, "run", interrupted)
+    rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={runs}", "output.name=x",
+               "output.overwrite=true", "seed=7"])
+    assert rc == 130
+    capsys.readouterr()
+    left = sorted(p.name for p in (runs / "x").iterdir())
+    assert left == [".fedtalora.lock"], left  # metrics.json, final model, checkpoints, CSVs, report: all gone
