@@ -166,6 +166,23 @@ def _hold_lock(run_dir: Path, ctx: dict[str, Any]) -> None:
     ctx.setdefault("locks", []).append(RunLock(run_dir).acquire())
 
 
+def _flwr_config(address: str) -> Setup:
+    """Flower's ``config.toml`` (under the test's ``FLWR_HOME``) defining the connection ``dead`` at ``address``
+    (``{free}``: a port nothing listens on)."""
+    def setup(tmp: Path, ctx: dict[str, Any]) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        home = tmp / "flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                          'options.num-supernodes = 2\n\n[superlink.dead]\n'
+                                          f'address = "{address.format(free=free)}"\ninsecure = true\n')
+    return setup
+
+
 def _edit_config(run_dir: Path, old: str, new: str) -> None:
     path = run_dir / "config.yaml"
     text = path.read_text()
@@ -315,6 +332,11 @@ CASES: list[Case] = [
          setup=_write("app/config.yaml", "# mine\n"), issue="#2"),
     Case("superlink-missing", ["run", "demo", "engine=flower", "flower.superlink=nonexistent", "output.dir={tmp}/runs"],
          ["flower.superlink='nonexistent'", "no such SuperLink connection"], issue="#36", absent=["runs"]),
+    Case("superlink-unreachable", ["run", "demo", "engine=flower", "flower.superlink=dead", "output.dir={tmp}/runs"],
+         ["flower.superlink='dead'", "unreachable at 127.0.0.1:", "is it running?"], issue="#36 (defined, unreachable)",
+         setup=_flwr_config("127.0.0.1:{free}"), absent=["runs"]),
+    Case("superlink-bad-address", ["run", "demo", "engine=flower", "flower.superlink=dead", "output.dir={tmp}/runs"],
+         ["flower.superlink='dead'", "expected HOST:PORT"], setup=_flwr_config("nowhere"), absent=["runs"]),
     # Documents read back: report, compare, export.
     Case("report-metrics-deep", ["report", "{tmp}/r"], ["metrics.json", "nested too deeply"], issue="#18",
          setup=_write("r/metrics.json", "[" * 100_000 + "]" * 100_000)),

@@ -41,6 +41,8 @@ EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 MAX_MESSAGE = 1000
 """Longest error message printed (longer ones are cut, saying how much was cut)."""
+SUPERLINK_PROBE_SECONDS = 5.0
+"""How long ``engine=flower`` waits for the SuperLink's address to accept a connection before refusing the run."""
 
 
 class _Session:
@@ -301,7 +303,7 @@ def _check_superlink(cfg: Any) -> None:
     from ..flower.deployment import flwr_config_path, superlink_problem
 
     check_engine(cfg)
-    why = superlink_problem(cfg.flower.superlink, flwr_config_path())
+    why = superlink_problem(cfg.flower.superlink, flwr_config_path(), probe_seconds=SUPERLINK_PROBE_SECONDS)
     if why is not None:
         raise ConfigError(why)
 

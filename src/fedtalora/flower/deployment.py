@@ -151,9 +151,13 @@ def flwr_config_path(env: dict[str, str] | None = None) -> Path:
     return (Path(home) if home else Path.home() / ".flwr") / "config.toml"
 
 
-def superlink_problem(name: str, config: Path) -> str | None:
+def superlink_problem(name: str, config: Path, *, probe_seconds: float = 0.0) -> str | None:
     """Why ``flwr run APP NAME`` would not find the SuperLink connection ``NAME`` (empty: the default) in
-    Flower's ``config`` file, or None when it would. Read-only: unlike ``flwr``, creates no file."""
+    Flower's ``config`` file, or None when it would. Read-only: unlike ``flwr``, creates no file.
+
+    With ``probe_seconds > 0``, a connection with an ``address`` must also accept a TCP connection there within
+    that time (:func:`address_problem`), so that an unreachable SuperLink is one line here, not ``flwr run``'s
+    output followed by ours."""
     import tomllib
 
     from ..safeio import is_file, read_text
@@ -179,6 +183,30 @@ def superlink_problem(name: str, config: Path) -> str | None:
     if wanted not in defined:
         return (f"{label}: no connection {wanted!r} in {config} "
                 f"(defined: {', '.join(defined) if defined else 'none'})")
+    address = table[wanted].get("address")
+    if probe_seconds > 0 and address is not None:
+        why = address_problem(address, probe_seconds)
+        if why is not None:
+            return f"{label}: the SuperLink of connection {wanted!r} ({config}) {why}"
+    return None
+
+
+def address_problem(address: object, timeout: float) -> str | None:
+    """Why nothing accepts a TCP connection at ``HOST:PORT`` (``[::1]:PORT`` for IPv6) within ``timeout``
+    seconds, or None when something does."""
+    from ..safeio import short
+
+    text = address if isinstance(address, str) else ""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"has the address {short(address)}, expected HOST:PORT"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except TimeoutError:
+        return f"does not answer at {text} (no reply within {timeout:g} s); is it running?"
+    except OSError as e:
+        return f"is unreachable at {text} ({e.strerror or e}); is it running?"
     return None
 
 
