@@ -1,13 +1,13 @@
 """Hostile input, as a table: every case is one argv (plus the files it needs), and must end with exit
 code 2 and ONE line on stderr naming the problem, quickly, without a traceback, and (unless the case says
-otherwise) without changing any file.
+otherwise) without changing any file (the run directory's lock file aside).
 
 The cases are the patterns of issue 21 (``#N`` below numbers that issue's failures in the order it lists
 them), not one test per bug: alias bombs, deep nesting, encodings, FIFOs under innocent names,
-non-finite numbers, values of the wrong type in every JSON document read back, third-party errors
-(Pillow, timm, torch.load, safetensors, Flower), files and folders in the way. Cases marked ``phase2``
-are known failures waiting for the package restructure (issue 14); they are strict xfails, so fixing one
-turns its mark into a failure that asks for the mark to go.
+non-finite numbers and tensors, values of the wrong type in every JSON document read back, third-party
+errors (Pillow, timm, torch.load, safetensors, Flower), files and folders in the way, run directories in
+use, finished runs resumed or overwritten. A case marked ``phase2`` would be a known failure kept as a
+strict xfail (fixing it turns its mark into a failure that asks for the mark to go); none is left.
 
 All cases run in-process (``fedtalora.app.cli.main``), each under a 60 s alarm, so a hang is a failure.
 """

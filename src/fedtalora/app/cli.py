@@ -416,6 +416,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _print_summary(h: History, run_dir: Path, cfg: Any = None) -> None:
     from ..fed.screening import screening_summary
 
@@ -423,24 +427,24 @@ def _print_summary(h: History, run_dir: Path, cfg: Any = None) -> None:
     pre = "pretrained" if h.pretrained else "NOT pretrained: random initialisation"
     rows = [
         ("backbone", f"{h.backbone} ({pre})"),
-        ("final average accuracy (F_AA)", f"{h.final_average_accuracy:.4f}"),
-        ("average incremental accuracy (AIA)", f"{h.average_incremental_accuracy:.4f}"),
+        ("final average accuracy (F_AA)", _fmt(h.final_average_accuracy, ".4f")),
+        ("average incremental accuracy (AIA)", _fmt(h.average_incremental_accuracy, ".4f")),
         ("forgetting", "n/a (one task)" if h.forgetting is None else f"{h.forgetting:.4f}"),
-        ("max aggregation error", f"{h.max_aggregation_error:.2e}"),
+        ("max aggregation error", _fmt(h.max_aggregation_error, ".2e")),
         *([("naive averaging would lose (mean / max)",
             f"{h.naive_aggregation_loss_mean:.2e} / {h.naive_aggregation_loss_max:.2e}")]
           if h.naive_aggregation_loss_mean is not None else []),
         ("uplink per round", _fmt_bytes((h.uplink_bytes_total or 0) / n)),
         ("downlink per round", _fmt_bytes((h.downlink_bytes_total or 0) / n)),
-        ("trainable parameters", f"{h.trainable_parameters:,}"),
+        ("trainable parameters", _fmt(h.trainable_parameters, ",")),
         ("wall time", f"{h.wall_seconds or 0.0:.1f} s"),
         *([("update screening", screening_summary(cfg.fed.max_update_norm, h))] if cfg is not None else []),
     ]
     rel = h.reliability or {}
     if any(rel.values()):
         rows.append(("dropped / corrupted / rejected / skipped rounds",
-                     f"{rel['dropped_clients']} / {rel['corrupted_updates']} / {rel['rejected_updates']} / "
-                     f"{rel['skipped_rounds']}"))
+                     " / ".join(str(rel.get(k, "?")) for k in ("dropped_clients", "corrupted_updates",
+                                                               "rejected_updates", "skipped_rounds"))))
     width = max(len(k) for k, _ in rows)
     print(f"{'metric':{width}s}  value")
     print(f"{'-' * width}  {'-' * 12}")

@@ -247,25 +247,14 @@ def _schema() -> Schema:
     return for_type(History, ints=Int(min=0))
 
 
-COMPLETE_FIELDS = ("backbone", "pretrained", "accuracy_matrix", "rounds", "tasks", "trainable_parameters",
-                   "final_average_accuracy", "average_incremental_accuracy", "max_aggregation_error",
-                   "uplink_bytes_total", "downlink_bytes_total", "reliability")
-"""Fields a complete ``metrics.json`` holds, not null (what a run's summary prints)."""
-
-
 def history_problem(data: Any) -> str | None:
     """The first way ``data`` is not a ``metrics.json`` document (one line naming the field), or None.
 
     The schema is :class:`History`'s own fields and types (counts are integers >= 0, accuracies finite
-    numbers in [0, 1], losses any number); a document that says ``complete`` must also hold
-    :data:`COMPLETE_FIELDS`.
+    numbers in [0, 1], losses any number). Every field is optional, even in a complete run: another engine
+    (a sweep runner) may record only the accuracies, and readers show what is missing as such.
     """
-    why = problem(data, _schema())
-    if why is None and data.get("complete") is True:
-        missing = [k for k in COMPLETE_FIELDS if data.get(k) is None]
-        if missing:
-            why = f"says complete but lacks {', '.join(repr(k) for k in missing[:3])}"
-    return why
+    return problem(data, _schema())
 
 
 def _from_dict(cls: type, data: dict[str, Any], nested: dict[str, type] | None = None) -> Any:
