@@ -146,9 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _resolve(preset: str, overrides: list[str] | None = None) -> Any:
     """The validated config of a preset + overrides, its method and options included."""
     from ..config import resolve
+
+    cfg = resolve(preset, overrides)  # before torch is imported: a refused file or value costs milliseconds
+
     from ..fed.build import check_config
 
-    cfg = resolve(preset, overrides)
     check_config(cfg)
     return cfg
 
