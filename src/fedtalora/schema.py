@@ -335,7 +335,7 @@ EXPORT_INFO = Obj({
 
 FINAL_META = Obj({
     "format": Str(non_empty=True), "fedtalora": Str(), "num_classes": Str(non_empty=True),
-    "fingerprint": Str(non_empty=True),
+    "fingerprint": Str(non_empty=True), "config_sha256": Str(non_empty=True, max_len=128),
 }, required=("format", "num_classes", "fingerprint"))
 """The string metadata of ``final_model.safetensors`` (safetensors metadata values are strings;
 ``num_classes`` must spell a positive integer and ``fingerprint`` a JSON object of floats: see

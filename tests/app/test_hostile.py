@@ -309,9 +309,6 @@ CASES: list[Case] = [
          setup=lambda t, ctx: _hold_lock(t / "run", ctx)),
     Case("resume-complete-edited", ["resume", RUN], ["complete", "config.yaml was edited"], needs_run="finished",
          issue="#1", setup=lambda t, ctx: _edit_config(t / "run", "lr: 0.003", "lr: 0.5")),
-    Case("resume-edited-no-checkpoint", ["resume", RUN], ["config.yaml was edited", "start over"],
-         needs_run="interrupted", issue="#1",
-         setup=lambda t, ctx: (shutil.rmtree(t / "run" / "checkpoints"), _edit_config(t / "run", "lr: 0.003", "lr: 0.5"))),
     Case("sweep-output-a-file", ["sweep", "{tmp}/grid.yaml", "--quiet"], ["sweep folder", "output"], issue="#31",
          setup=lambda t, ctx: (_write("out", "a file")(t, ctx), _write("grid.yaml", "presets: [demo]\noutput: " + str(t / "out")
                                                              + "\n")(t, ctx))),

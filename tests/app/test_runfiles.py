@@ -17,13 +17,14 @@ from fedtalora.app.runfiles import (
     check_overwrite,
     clear_for_overwrite,
     entries,
+    final_config_sha256,
     is_empty,
     resume_state,
     writer_lock,
 )
 from fedtalora.config import resolve
 from fedtalora.errors import ConfigError
-from fedtalora.fed.rundir import config_fingerprint
+from fedtalora.fed.rundir import FINAL_MODEL, config_fingerprint
 from fedtalora.runlock import LOCK_NAME, RunLock
 
 
@@ -82,40 +83,35 @@ def test_the_writer_lock_is_taken_unless_a_flower_server_app_takes_it(tmp_path: 
         RunLock(tmp_path).acquire().release()
 
 
-@pytest.fixture
-def metrics_dir(tmp_path: Path, tiny_overrides) -> tuple[Path, dict]:
-    cfg = resolve("demo", list(tiny_overrides))
-    doc = {"method": cfg.method, "seed": cfg.seed, "config_sha256": config_fingerprint(cfg.to_dict()),
-           "complete": False, "rounds": [], "tasks": []}
-    return tmp_path, doc
-
-
-def _write(run_dir: Path, doc: dict) -> None:
-    (run_dir / "metrics.json").write_text(json.dumps(doc))
-
-
-def test_resume_state(metrics_dir, tiny_overrides, run_documents) -> None:
-    run_dir, partial = metrics_dir
-    cfg = resolve("demo", list(tiny_overrides))
+def test_resume_state(tmp_path: Path, tiny_overrides, run_documents) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_documents["run_dir"], run_dir)
+    cfg = resolve("demo", [*tiny_overrides, "output.checkpoints=none"])  # output.* is not part of the fingerprint
     edited = resolve("demo", [*tiny_overrides, "train.lr=0.5"])
-    assert resume_state(run_dir, cfg) is None  # no results yet
-    _write(run_dir, partial)
-    assert resume_state(run_dir, cfg) is None  # partial, same config: resume it
-    with pytest.raises(ConfigError, match="edited after metrics.json was written.*start over"):
-        resume_state(run_dir, edited)  # partial, edited, no checkpoint: resuming would replace the results
-    (run_dir / "checkpoints").mkdir()
-    shutil.copy(next(run_documents["run_dir"].glob("checkpoints/round-*.json")), run_dir / "checkpoints")
-    assert resume_state(run_dir, edited) is None  # with a checkpoint, its own fingerprint decides
-    complete = run_documents["metrics"]
-    assert complete["config_sha256"] == config_fingerprint(resolve(
-        "demo", [*tiny_overrides, "output.checkpoints=all"]).to_dict())  # output.* is not part of it
-    _write(run_dir, complete)
+    assert final_config_sha256(run_dir) == config_fingerprint(cfg.to_dict())
     done = resume_state(run_dir, cfg)
-    assert done is not None and done.complete
-    assert resume_state(run_dir, resolve("demo", [*tiny_overrides, "train.threads=1"])) is not None  # same numbers
+    assert done is not None and done.complete and done.to_dict() == run_documents["metrics"]
     with pytest.raises(ConfigError, match="complete, but its config.yaml was edited"):
         resume_state(run_dir, edited)
-    _write(run_dir, {**complete, "config_sha256": ""})  # an older fedtalora's file: complete is complete
-    assert resume_state(run_dir, edited) is not None
+    partial = json.loads(next((run_dir / "checkpoints").glob("round-000001.json")).read_text())["metrics"]
+    (run_dir / "metrics.json").write_text(json.dumps(partial))
+    assert resume_state(run_dir, edited) is None  # not complete: the checkpoint's own fingerprint decides
     (run_dir / "metrics.json").write_text("{not json")
     assert resume_state(run_dir, cfg) is None  # unreadable results: the checkpoint decides
+    (run_dir / "metrics.json").unlink()
+    assert resume_state(run_dir, cfg) is None  # no results yet
+
+
+def test_a_final_model_without_a_fingerprint_is_taken_as_it_is(tmp_path: Path, tiny_overrides, run_documents) -> None:
+    """An older fedtalora's complete run (no ``config_sha256`` in the final model), or one whose final model is gone:
+    complete is complete, nothing to resume."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_documents["run_dir"], run_dir)
+    meta = {k: v for k, v in run_documents["meta"].items() if k != "config_sha256"}
+    save_file(load_file(str(run_dir / FINAL_MODEL)), str(run_dir / FINAL_MODEL), metadata=meta)
+    edited = resolve("demo", [*tiny_overrides, "train.lr=0.5"])
+    assert final_config_sha256(run_dir) is None and resume_state(run_dir, edited) is not None
+    (run_dir / FINAL_MODEL).write_bytes(b"not safetensors")
+    assert final_config_sha256(run_dir) is None and resume_state(run_dir, edited) is not None

@@ -10,9 +10,9 @@
   by name: :data:`RUN_FILES`, :data:`RUN_FOLDERS`) *before* the new run writes anything, under the lock, so
   the directory never holds one run's config beside another's results. A directory that holds anything
   else is refused: it may not be a run directory at all, and nothing is deleted then.
-* :func:`resume_state` -- ``resume`` of a complete run does nothing; of a run whose ``config.yaml`` was edited
-  after it computed its results it refuses (the results carry the config's fingerprint:
-  :attr:`~fedtalora.fed.history.History.config_sha256`).
+* :func:`resume_state` -- ``resume`` of a complete run does nothing; of a complete run whose ``config.yaml`` was
+  edited after it computed its results it refuses (the final model's metadata carries the config's
+  fingerprint: :func:`final_config_sha256`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, FedTaLoRAError
 from ..fed.history import History, load_history
-from ..fed.rundir import DIRNAME, FINAL_MODEL, METRICS, config_fingerprint, latest_path
+from ..fed.rundir import DIRNAME, FINAL_MODEL, METRICS, config_fingerprint
 from ..fed.tracking import ROUNDS_CSV, TASKS_CSV, TENSORBOARD_DIR
 from ..runlock import LOCK_NAME, RunLock
 from .report import PLOTS
@@ -32,7 +32,8 @@ from .report import PLOTS
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-__all__ = ["RUN_FILES", "RUN_FOLDERS", "check_overwrite", "clear_for_overwrite", "entries", "is_empty", "resume_state", "writer_lock"]
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "check_overwrite", "clear_for_overwrite", "entries", "final_config_sha256",
+           "is_empty", "resume_state", "writer_lock"]
 
 RUN_FILES = ("config.yaml", "partitions.json", METRICS, FINAL_MODEL, ROUNDS_CSV, TASKS_CSV, "error.log",
              "config.flower.yaml", "report.md", *PLOTS)
@@ -109,29 +110,42 @@ def clear_for_overwrite(run_dir: Path) -> list[str]:
     return [p.name for p in found]
 
 
+def final_config_sha256(run_dir: Path) -> str | None:
+    """The config fingerprint in the final model's metadata (None: no readable final model, or one written by an
+    older fedtalora without it). Reads the metadata only, not the tensors."""
+    from safetensors import safe_open
+
+    path = run_dir / FINAL_MODEL
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get("config_sha256")
+    except Exception:  # noqa: BLE001 - not safetensors, truncated, ...: no fingerprint to compare
+        return None
+    return value if isinstance(value, str) and value else None
+
+
 def resume_state(run_dir: Path, cfg: RunConfig) -> History | None:
     """The run's history if it is already complete under ``cfg`` (``resume`` then has nothing to do), else None.
 
+    A complete run's final model carries the fingerprint of the config that computed it
+    (:func:`fedtalora.fed.rundir.config_fingerprint`, in its metadata); a complete run without one (an older
+    fedtalora's) is taken as it is.
+
     Raises:
-        ConfigError: ``config.yaml`` was edited after the run computed its results: it is complete (resuming
-            would recompute and replace them), or it has results but no checkpoint (resuming would start
-            over and replace them). With a checkpoint, the checkpoint's own fingerprint decides
-            (:func:`fedtalora.fed.rundir.load`).
+        ConfigError: the run is complete but ``config.yaml`` was edited after it computed its results (resuming
+            would recompute and replace them).
     """
     try:
         history = load_history(run_dir / METRICS)
     except FedTaLoRAError:  # no results yet, or unreadable ones: the checkpoint (if any) decides
         return None
-    fingerprint = config_fingerprint(cfg.to_dict())
-    edited = bool(history.config_sha256) and history.config_sha256 != fingerprint
-    if history.complete:
-        if edited:
-            raise ConfigError(f"cannot resume {run_dir}: the run is complete, but its config.yaml was edited after it "
-                              "computed its results; nothing to resume (restore config.yaml, or start a new run "
-                              "with `fedtalora run`)")
-        return history
-    if edited and latest_path(run_dir) is None:
-        raise ConfigError(f"cannot resume {run_dir}: its config.yaml was edited after {METRICS} was written, and "
-                          "without a checkpoint resuming would start over and replace those results (restore "
-                          "config.yaml, or start a new run with `fedtalora run`)")
-    return None
+    if not history.complete:
+        return None
+    saved = final_config_sha256(run_dir)
+    if saved is not None and saved != config_fingerprint(cfg.to_dict()):
+        raise ConfigError(f"cannot resume {run_dir}: the run is complete, but its config.yaml was edited after it "
+                          "computed its results; nothing to resume (restore config.yaml, or start a new run "
+                          "with `fedtalora run`)")
+    return history

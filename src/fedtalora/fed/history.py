@@ -133,9 +133,6 @@ class History:
 
     method: str = ""
     seed: int = 0
-    config_sha256: str = ""
-    """Fingerprint of the config that computed these results (:func:`fedtalora.fed.rundir.config_fingerprint`;
-    empty in files of older versions): ``resume`` refuses to continue or replace them under an edited config."""
     complete: bool = False
     backbone: str = ""
     pretrained: bool = False
@@ -209,8 +206,7 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "method": self.method, "seed": self.seed, "config_sha256": self.config_sha256, "complete": self.complete,
-            "backbone": self.backbone,
+            "method": self.method, "seed": self.seed, "complete": self.complete, "backbone": self.backbone,
             "pretrained": self.pretrained, "accuracy_matrix": self.accuracy_matrix,
             "rounds": [r.to_dict() for r in self.rounds], "tasks": [t.to_dict() for t in self.tasks],
             "trainable_parameters": self.trainable_parameters, "environment": self.environment,

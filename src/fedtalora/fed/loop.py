@@ -107,8 +107,7 @@ class _Loop:
         self.ledger = DownlinkLedger(self.dense)
         self.T, self.R = setup.exp.scenario.num_tasks, cfg.fed.rounds_per_task
         self.history = History(
-            method=cfg.method, seed=cfg.seed, config_sha256=rundir.config_fingerprint(cfg.to_dict()),
-            backbone=cfg.model.backbone, pretrained=model.spec.pretrained,
+            method=cfg.method, seed=cfg.seed, backbone=cfg.model.backbone, pretrained=model.spec.pretrained,
             trainable_parameters=int(sum(t.numel() for t in self.global_state.values())),
             environment=environment(setup.device),
         )
@@ -291,7 +290,8 @@ class _Loop:
         self.transport.finish(self.history)
         self.history.wall_seconds = self._wall()
         if self.run_dir is not None:
-            rundir.save_final(self.s.model, self.run_dir / rundir.FINAL_MODEL)  # before metrics.json says complete
+            rundir.save_final(self.s.model, self.run_dir / rundir.FINAL_MODEL,  # before metrics.json says complete
+                              config_sha256=rundir.config_fingerprint(self.s.cfg.to_dict()))
             rundir.write_metrics(self.run_dir, self.history)
         self.emit({"event": "end", "metrics": self.history.to_dict()})
         return RunResult(history=self.history, run_dir=self.run_dir, model=self.s.model)

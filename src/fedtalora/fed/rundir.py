@@ -108,12 +108,9 @@ class Checkpoint:
 
 
 def config_fingerprint(cfg_dict: Mapping[str, Any]) -> str:
-    """SHA-256 of the config without its ``output``, ``engine`` and ``flower`` sections and ``train.threads``
-    (where a run is written, whether its clients run in-process or on Flower, and how many CPU threads
-    compute it do not change what it computes). Checkpoints and ``metrics.json`` carry it."""
+    """SHA-256 of the config without its ``output``, ``engine`` and ``flower`` sections (where a run is
+    written, and whether its clients run in-process or on Flower, do not change what it computes)."""
     data = {k: v for k, v in cfg_dict.items() if k not in ("output", "engine", "flower")}
-    if isinstance(data.get("train"), Mapping):
-        data["train"] = {k: v for k, v in data["train"].items() if k != "threads"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -307,14 +304,19 @@ def final_state(model: FedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_final(model: FedModel, path: Path) -> Path:
-    """Write the model's final state to ``path`` atomically (safetensors); returns ``path``."""
+def save_final(model: FedModel, path: Path, *, config_sha256: str = "") -> Path:
+    """Write the model's final state to ``path`` atomically (safetensors); returns ``path``.
+
+    ``config_sha256`` (:func:`config_fingerprint` of the run's config) goes into the metadata: ``resume`` of a
+    complete run compares it with ``config.yaml`` to tell an untouched run from an edited config."""
     meta = {
         "format": FINAL_FORMAT,
         "fedtalora": __version__,
         "num_classes": str(model.head.out_features),
         "fingerprint": json.dumps(fingerprint(model)),
     }
+    if config_sha256:
+        meta["config_sha256"] = config_sha256
     atomic_write_bytes(path, st_save(final_state(model), metadata=meta))
     return path
 
