@@ -62,8 +62,8 @@ def test_e2e_exit_code_and_files(e2e) -> None:
     assert e2e["rc"] == 0, e2e["stderr"]
     assert "Traceback" not in e2e["stderr"]
     assert sorted(p.name for p in e2e["run_dir"].iterdir()) == [
-        "checkpoints", "config.yaml", "final_model.safetensors", "metrics.json", "partitions.json", "rounds.csv",
-        "tasks.csv"]
+        ".fedtalora.lock", "checkpoints", "config.yaml", "final_model.safetensors", "metrics.json", "partitions.json",
+        "rounds.csv", "tasks.csv"]  # the lock file stays (the lock itself died with the process)
     # output.checkpoints=latest (the default): only the final round's checkpoint is kept.
     last = f"round-{NUM_TASKS * ROUNDS:06d}"
     assert sorted(p.name for p in (e2e["run_dir"] / "checkpoints").iterdir()) == [

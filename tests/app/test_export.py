@@ -235,3 +235,29 @@ def test_every_method_exports_or_refuses_in_one_line(method, tiny_overrides, tmp
         logits = _logits(net, x)
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
         assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_export_is_staged_then_swapped_in(tiny_run, tmp_path, capsys, monkeypatch) -> None:
+    """A re-export replaces the previous one only once it is complete and checked; a failed export leaves the
+    previous one (and no temporary folder); an --out holding anything else is refused, nothing replaced."""
+    import fedtalora.app.export as export_module
+
+    out = tmp_path / "out"
+    first = export(tiny_run["run_dir"], out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def broken(reference: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor) -> float:
+        raise ModelError("export self-check: logits differ by up to 1")
+
+    monkeypatch.setattr(export_module, "_max_diff", broken)
+    assert main(["export", str(tiny_run["run_dir"]), "--out", str(out)]) == 2
+    assert "logits differ" in _one_line_error(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the previous export, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    monkeypatch.undo()
+    again = export(tiny_run["run_dir"], out)
+    assert again.max_diff.keys() == first.max_diff.keys() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(tiny_run["run_dir"]), "--out", str(out)]) == 2
+    assert "'notes.txt', which an export does not write" in _one_line_error(capsys)
+    assert (out / "notes.txt").read_text() == "mine" and (out / MERGED).is_file()

@@ -110,7 +110,7 @@ def test_report_errors_are_one_line(tmp_path, capsys) -> None:
     (tmp_path / "metrics.json").write_text("{not json")
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot be read" in err
+    assert err.count("\n") == 1 and "is not valid JSON" in err
 
 
 def test_missing_matplotlib_says_what_to_install(run_dir, tmp_path, monkeypatch, capsys) -> None:

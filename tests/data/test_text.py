@@ -91,7 +91,7 @@ def test_malformed_text_files(tmp_path: Path, case: str, write_banking) -> None:
         name = "clinc150"
         root.mkdir()
         (root / "data_full.json").write_text("{not json")
-        match = "not a readable JSON"
+        match = "is not valid JSON"
     else:
         name = "clinc150"
         root.mkdir()

@@ -125,8 +125,8 @@ def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path, c
     assert proc.returncode == -signal.SIGKILL, info
     resumed_from = _latest_round(run_dir)
     assert target <= resumed_from < TOTAL, info
-    partial = json.loads((run_dir / "metrics.json").read_text())
-    assert partial["complete"] is False
+    if (run_dir / "metrics.json").exists():  # absent when the kill landed between round 1's checkpoint and it
+        assert json.loads((run_dir / "metrics.json").read_text())["complete"] is False
 
     assert main(["resume", str(run_dir), "--quiet"]) == 0, info
     _assert_same_as_reference(run_dir, reference)

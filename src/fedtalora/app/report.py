@@ -21,13 +21,13 @@ matplotlib is an optional dependency: ``pip install fedtalora[report]``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import safeio
 from ..errors import FedTaLoRAError
 from ..fed.history import History, RoundRecord, load_history
 
@@ -141,29 +141,23 @@ def load_run(run_dir: Path) -> RunData:
     """Read ``metrics.json`` (required) and ``config.yaml`` (optional) of a run directory.
 
     Raises:
-        ReportError: one line naming the directory, when metrics.json is missing or not valid JSON.
+        ReportError: one line naming the directory, when metrics.json is missing, unreadable, not valid JSON
+            or not a fedtalora metrics file (:func:`~fedtalora.fed.history.load_history`).
     """
-    import yaml
-
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory")
-    if not path.is_file():
+    if not path.exists():
         raise ReportError(f"{run_dir} is not a run directory (no metrics.json)")
-    try:
-        history = load_history(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path} cannot be read: {' '.join(str(e).split())}") from None
-    except (ValueError, TypeError, AttributeError):
-        raise ReportError(f"{path} is not a fedtalora metrics file") from None
+    history = load_history(path, error=ReportError)  # regular file, UTF-8, size/depth limits, History's schema
     config: dict[str, Any] = {}
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         try:
-            loaded = yaml.safe_load(cfg_path.read_text())
+            loaded = safeio.read_yaml(cfg_path)
             config = loaded if isinstance(loaded, dict) else {}
-        except (OSError, yaml.YAMLError):
+        except FedTaLoRAError:  # the config only labels the report; the metrics are what it shows
             config = {}
     return RunData(run_dir, history, config)
 

@@ -45,6 +45,7 @@ from .build import Setup, environment
 from .client import accuracy_per_task, predict
 from .faults import corrupt, draw_fault
 from .history import History, RoundRecord, TaskRecord
+from .screening import warn_if_large
 from .tracking import fan_out, open_trackers
 from .transport import ClientResult, RoundJob, Transport
 
@@ -85,6 +86,7 @@ class _Round:
     dropped: list[int] = field(default_factory=list)
     corrupted: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    large: list[int] = field(default_factory=list)
     uplink: int = 0
     downlink: int = 0
     downlink_dense: int = 0
@@ -189,6 +191,8 @@ class _Loop:
             rnd.uplink += state_nbytes(res.state)
             why = check_update(res.state, res.num_samples, self.global_state, max_norm=cfg.fed.max_update_norm)
             if why is None:
+                if warn_if_large(res.state, self.global_state, cfg.fed.max_update_norm, self._where(t, r), k):
+                    rnd.large.append(k)
                 self.buffer.add(res.state, res.num_samples if cfg.fed.weighting == "samples" else 1.0)
                 rnd.accepted.append(res)
             else:
@@ -269,7 +273,8 @@ class _Loop:
         rec = RoundRecord(
             task=t, round=r, clients=rnd.clients,
             aggregated=[res.client for res in rnd.accepted], num_samples=[res.num_samples for res in rnd.accepted],
-            dropped=rnd.dropped, corrupted=rnd.corrupted, rejected=rnd.rejected, skipped=agg is None,
+            dropped=rnd.dropped, corrupted=rnd.corrupted, rejected=rnd.rejected, large_updates=rnd.large,
+            skipped=agg is None,
             train_loss=None if rnd.weights is None else float(
                 np.average([res.loss for res in rnd.accepted], weights=rnd.weights.numpy())),
             aggregation_error=None if agg is None else (
@@ -335,7 +340,8 @@ class _Loop:
         self.transport.finish(self.history)
         self.history.wall_seconds = self._wall()
         if self.run_dir is not None:
-            rundir.save_final(self.s.model, self.run_dir / rundir.FINAL_MODEL)  # before metrics.json says complete
+            rundir.save_final(self.s.model, self.run_dir / rundir.FINAL_MODEL,  # before metrics.json says complete
+                              config_sha256=rundir.config_fingerprint(self.s.cfg.to_dict()))
             rundir.write_metrics(self.run_dir, self.history)
         self.emit({"event": "end", "metrics": self.history.to_dict()})
         return RunResult(history=self.history, run_dir=self.run_dir, model=self.s.model)

@@ -67,7 +67,7 @@ from safetensors.torch import save as st_save
 from .. import __version__
 from ..core.validation import tensor_mismatch
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..files import atomic_write_bytes, atomic_write_text
+from ..safeio import atomic_write_bytes, atomic_write_text, short
 from .history import History
 
 if TYPE_CHECKING:
@@ -203,17 +203,7 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
     def fail(path: Path, why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {path} {why}")
 
-    try:
-        state = json.loads(json_path.read_text())
-    except OSError as e:
-        raise fail(json_path, f"cannot be read: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(json_path, f"is corrupted (not valid JSON: {str(e).splitlines()[0]})") from None
-    required = ("format", "config_sha256", "completed_rounds", "task", "round", "tensors", "tensors_bytes",
-                "tensors_sha256", "ledger", "elapsed_seconds", "metrics")
-    missing = [k for k in required if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise fail(json_path, f"is corrupted (missing {', '.join(missing)})")
+    state = _read_state(json_path)
     if state["format"] not in READS:
         raise fail(json_path, f"has format {state['format']!r}; this fedtalora reads formats "
                    f"{', '.join(map(str, READS))}")
@@ -233,6 +223,8 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
         tensors = st_load(blob)
     except SafetensorError as e:
         raise fail(tensor_path, f"is corrupted ({e})") from None
+    _check_finite({k: t for k, t in tensors.items() if k.startswith(("global/", "base/", "exact/"))},  # weights
+                  f"checkpoint {tensor_path}", CheckpointError)  # (method state may mark unknowns with NaN)
     groups: dict[str, dict[str, torch.Tensor]] = {"global": {}, "base": {}, "exact": {}, "method": {}}
     for name, t in tensors.items():
         prefix, _, key = name.partition("/")
@@ -245,6 +237,43 @@ def load(json_path: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint:
         ledger=state["ledger"], metrics=state["metrics"], elapsed_seconds=float(state["elapsed_seconds"]),
         resumes=list(state.get("resumes", [])), path=json_path,
     )
+
+
+def _read_state(json_path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON through the guarded reader (regular file, UTF-8, size and depth limits), checked
+    against :data:`fedtalora.schema.CHECKPOINT` (every field's type: one line naming the first bad one)."""
+    from ..safeio import MAX_JSON_BYTES, parse_json, read_bytes
+    from ..schema import CHECKPOINT, problem
+
+    what = f"checkpoint {json_path}"
+
+    def unreadable(msg: str) -> CheckpointError:
+        return CheckpointError(f"{what} cannot be read: {msg.removeprefix(f'cannot read {what}: ')}"
+                               if msg.startswith(f"cannot read {what}: ") else msg)
+
+    def corrupted(msg: str) -> CheckpointError:
+        return CheckpointError(f"{what} is corrupted ({msg.removeprefix(what).strip().removeprefix('is ')})")
+
+    state = parse_json(read_bytes(json_path, what=what, max_bytes=MAX_JSON_BYTES, error=unreadable), what,
+                       error=corrupted)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} is corrupted (a JSON {type(state).__name__}, not an object)")
+    missing = [k for k in CHECKPOINT.required if k not in state]  # type: ignore[attr-defined]
+    if missing:
+        raise CheckpointError(f"{what} is corrupted (missing {', '.join(missing)})")
+    why = problem(state, CHECKPOINT)
+    if why is not None:
+        raise CheckpointError(f"{what} is corrupted: {why}")
+    return state
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], source: str, error: type[Exception]) -> None:
+    """Refuse tensors holding a NaN or an infinity where they enter (a checkpoint, a final model)."""
+    from ..core.integrity import nonfinite_message
+
+    why = nonfinite_message(tensors, source)
+    if why is not None:
+        raise error(why)
 
 
 def load_latest(run_dir: Path, cfg_dict: Mapping[str, Any]) -> Checkpoint | None:
@@ -323,14 +352,19 @@ def final_state(model: FedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_final(model: FedModel, path: Path) -> Path:
-    """Write the model's final state to ``path`` atomically (safetensors); returns ``path``."""
+def save_final(model: FedModel, path: Path, *, config_sha256: str = "") -> Path:
+    """Write the model's final state to ``path`` atomically (safetensors); returns ``path``.
+
+    ``config_sha256`` (:func:`config_fingerprint` of the run's config) goes into the metadata: ``resume`` of a
+    complete run compares it with ``config.yaml`` to tell an untouched run from an edited config."""
     meta = {
         "format": FINAL_FORMAT,
         "fedtalora": __version__,
         "num_classes": str(model.head.out_features),
         "fingerprint": json.dumps(fingerprint(model)),
     }
+    if config_sha256:
+        meta["config_sha256"] = config_sha256
     atomic_write_bytes(path, st_save(final_state(model), metadata=meta))
     return path
 
@@ -352,9 +386,21 @@ def read_final(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") not in FINAL_READS:
-        raise ModelError(f"{path} is not a fedtalora final model (format {meta.get('format')!r}, expected "
+        raise ModelError(f"{path} is not a fedtalora final model (format {short(meta.get('format'))}, expected "
                          f"{' or '.join(FINAL_READS)})")
+    _check_final(path, tensors, meta)
     return tensors, meta
+
+
+def _check_final(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    """A final model's metadata has its schema (:func:`fedtalora.schema.final_meta_problem`) and every tensor is
+    finite (:class:`ModelError` otherwise)."""
+    from ..schema import final_meta_problem
+
+    why = final_meta_problem(meta)
+    if why is not None:
+        raise ModelError(f"{path} has malformed metadata: {why}")
+    _check_finite(tensors, str(path), ModelError)
 
 
 def load_into(model: FedModel, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: Path) -> None:
@@ -441,10 +487,7 @@ def open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: 
     ckpt = load_latest(run_dir, cfg.to_dict())
     part_file = run_dir / "partitions.json"
     if part_file.is_file():
-        try:
-            saved = json.loads(part_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            saved = None
+        saved = _read_partitions(part_file)
         if saved != json.loads(json.dumps(partitions)):
             raise CheckpointError(f"{part_file} differs from the partitions this config draws now (other data "
                                   "or another fedtalora version?); the run cannot be resumed exactly")
@@ -455,6 +498,13 @@ def open_run_dir(run_dir: Path | None, cfg: RunConfig, exp: Experiment, resume: 
     if ckpt is None:
         logger.warning("%s has no checkpoint yet: starting the run from its first round", run_dir)
     return ckpt
+
+
+def _read_partitions(path: Path) -> Any:
+    """``partitions.json`` through the guarded reader, checked against :data:`fedtalora.schema.PARTITIONS`."""
+    from ..schema import PARTITIONS, load_checked
+
+    return load_checked(path, PARTITIONS, error=CheckpointError)
 
 
 def restore(ckpt: Checkpoint, setup: Setup, initial: dict[str, torch.Tensor],
@@ -483,6 +533,6 @@ def restore(ckpt: Checkpoint, setup: Setup, initial: dict[str, torch.Tensor],
         raise CheckpointError(f"checkpoint {ckpt.path} has a corrupted or foreign communication ledger") from None
     try:
         history = History.from_dict(ckpt.metrics)
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"checkpoint {ckpt.path} holds malformed metrics") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds malformed metrics: {e}") from None
     return {k: ckpt.global_state[k] for k in initial}, history  # in the model's key order

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..files import atomic_write_text
+from ..safeio import atomic_write_text
 
 if TYPE_CHECKING:
 
