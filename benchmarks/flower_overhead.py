@@ -32,8 +32,8 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedtalora.config import resolve  # noqa: E402
 from fedtalora.api import run  # noqa: E402
+from fedtalora.config import resolve  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]

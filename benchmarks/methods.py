@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from fedtalora.config import RunConfig, resolve
 from fedtalora.api import run
+from fedtalora.config import RunConfig, resolve
 from fedtalora.methods import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -253,3 +253,115 @@ class _TextCorpus:
 def text_corpus() -> _TextCorpus:
     """The synthetic text corpus behind :func:`write_banking`."""
     return _TextCorpus()
+
+
+# --- the documents of a finished run, and wrong-type edits of them ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def run_documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every JSON document of a finished tiny run (``output.checkpoints=all``), its export's ``export.json``
+    and the final model's metadata, parsed; ``run_dir`` is the run's folder (do not modify it)."""
+    import json
+
+    from safetensors import safe_open
+
+    from fedtalora.api import run
+    from fedtalora.app.export import export
+    from fedtalora.config import resolve
+    from fedtalora.fed.rundir import FINAL_MODEL, latest_path
+
+    run_dir = tmp_path_factory.mktemp("documents") / "run"
+    run(resolve("demo", [*TINY_OVERRIDES, "output.checkpoints=all"]), run_dir=run_dir)
+    exported = export(run_dir)
+    with safe_open(str(run_dir / FINAL_MODEL), framework="pt") as f:
+        meta = dict(f.metadata())
+    return {
+        "metrics": json.loads((run_dir / "metrics.json").read_text()),
+        "checkpoint": json.loads(latest_path(run_dir).read_text()),  # type: ignore[union-attr]
+        "first_checkpoint": json.loads((run_dir / "checkpoints" / "round-000001.json").read_text()),
+        "partitions": json.loads((run_dir / "partitions.json").read_text()),
+        "export": json.loads(exported.info.read_text()),
+        "meta": meta,
+        "run_dir": run_dir,
+    }
+
+
+class _WrongTypes:
+    """Edits of a JSON document that put a value of another JSON type where a schema governs one."""
+
+    @staticmethod
+    def leaves(doc: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Paths of every value in a document (containers included), depth first."""
+        out = [path] if path else []
+        if isinstance(doc, dict):
+            for k, v in doc.items():
+                out += _WrongTypes.leaves(v, (*path, k))
+        elif isinstance(doc, list):
+            for i, v in enumerate(doc):
+                out += _WrongTypes.leaves(v, (*path, i))
+        return out
+
+    @staticmethod
+    def governing(schema: Any, path: tuple[Any, ...]) -> Any:
+        """The schema that governs ``path`` (None where the document is free-form)."""
+        from fedtalora.schema import List, Map, Maybe, Obj
+
+        for part in path:
+            while isinstance(schema, Maybe):
+                schema = schema.inner
+            if isinstance(schema, Obj) and isinstance(part, str):
+                schema = schema.fields.get(part)
+            elif isinstance(schema, List) and isinstance(part, int):
+                schema = schema.item
+            elif isinstance(schema, Map) and isinstance(part, str):
+                schema = schema.value
+            else:
+                return None
+            if schema is None:
+                return None
+        while isinstance(schema, Maybe):
+            schema = schema.inner
+        return schema
+
+    @staticmethod
+    def wrong_value(schema: Any) -> Any:
+        """A value of the wrong JSON type for ``schema``."""
+        from fedtalora.schema import Float, Int, List, Map, Obj, Str
+
+        if isinstance(schema, (Int, Float)):
+            return "x"
+        if isinstance(schema, Str):
+            return 7
+        if isinstance(schema, List):
+            return {"not": "a list"}
+        if isinstance(schema, (Obj, Map)):
+            return [1, 2]
+        return None  # bool: None is not a bool either
+
+    @staticmethod
+    def replaced(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+        """A deep copy of ``doc`` with the value at ``path`` replaced."""
+        import json
+
+        doc = json.loads(json.dumps(doc))
+        node = doc
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        return doc
+
+    def cases(self, doc: Any, schema: Any, seed: int, n: int = 40) -> list[tuple[tuple[Any, ...], Any]]:
+        """``(path, edited doc)`` for up to ``n`` seeded schema-governed paths of ``doc``."""
+        paths = [p for p in self.leaves(doc) if self.governing(schema, p) is not None]
+        assert len(paths) > 5
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(len(paths), size=min(n, len(paths)), replace=False)
+        return [(paths[int(i)], self.replaced(doc, paths[int(i)], self.wrong_value(self.governing(schema, paths[int(i)]))))
+                for i in picks]
+
+
+@pytest.fixture(scope="session")
+def wrong_types() -> _WrongTypes:
+    """Wrong-type edits of JSON documents: ``wrong_types.cases(doc, schema, seed)`` -> ``[(path, edited), ...]``."""
+    return _WrongTypes()

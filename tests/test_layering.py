@@ -2,7 +2,8 @@
 
 Layers, lowest first (``docs/design.md``)::
 
-    0  errors registry seeding config files    (and the package root: __version__ only)
+    0  errors registry seeding config         (and the package root: __version__ only)
+       safeio schema runlock                  the guarded reader + the one atomic write, JSON schemas, the lock
     1  core                                    pure functions
     2  data model                              inputs and the network
     3  methods                                 hooks, classifiers
@@ -24,7 +25,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedtalora"
 
 LAYERS = {
-    "fedtalora": 0, "errors": 0, "registry": 0, "seeding": 0, "config": 0, "files": 0,
+    "fedtalora": 0, "errors": 0, "registry": 0, "seeding": 0, "config": 0,
+    "safeio": 0, "schema": 0, "runlock": 0,
     "core": 1, "aggregation": 1,  # ``fedtalora.aggregation``: the alias of core.aggregation
     "data": 2, "model": 2,
     "methods": 3,

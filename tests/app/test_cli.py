@@ -22,13 +22,14 @@ LAYERS = {"qkv": (96, 32), "proj": (32, 32), "fc1": (128, 32), "fc2": (32, 128)}
 LORA_PARAMS = 2 * sum(RANK * (d_out + d_in) for d_out, d_in in LAYERS.values())
 HEAD_PARAMS = 32 * 10 + 10
 CLIENT_BYTES = 4 * (LORA_PARAMS + HEAD_PARAMS)
-# Per block and round, the factored residual has inner dimension (K - 1) r; a client receives per
-# layer the smaller of the factors and the dense matrix.
-RESIDUAL_CATCH_UP = 4 * 2 * sum(
-    min((d_out + d_in) * (CLIENTS - 1) * RANK, d_out * d_in) for d_out, d_in in LAYERS.values()
-)
-RESIDUAL_DENSE = 4 * 2 * sum(d_out * d_in for d_out, d_in in LAYERS.values())
-RESIDUAL_FACTORED = 4 * 2 * sum((d_out + d_in) * (CLIENTS - 1) * RANK for d_out, d_in in LAYERS.values())
+# Per block and round, the residual of the exact base travels as the K live clients' factors (float32
+# B_k, A_k: (d_out + d_in) K r floats) and their weights (K float64), or dense as the float64 accumulator D
+# (d_out d_in doubles); a client receives per layer the smaller of the two.
+FACTORED = {name: 4 * (d_out + d_in) * CLIENTS * RANK + 8 * CLIENTS for name, (d_out, d_in) in LAYERS.items()}
+DENSE = {name: 8 * d_out * d_in for name, (d_out, d_in) in LAYERS.items()}
+RESIDUAL_CATCH_UP = 2 * sum(min(FACTORED[name], DENSE[name]) for name in LAYERS)
+RESIDUAL_DENSE = 2 * sum(DENSE.values())
+RESIDUAL_FACTORED = 2 * sum(FACTORED.values())
 ROUND_KEYS = {"task", "round", "clients", "aggregation_error", "uplink_bytes", "downlink_bytes", "seconds"}
 
 
@@ -61,8 +62,8 @@ def test_e2e_exit_code_and_files(e2e) -> None:
     assert e2e["rc"] == 0, e2e["stderr"]
     assert "Traceback" not in e2e["stderr"]
     assert sorted(p.name for p in e2e["run_dir"].iterdir()) == [
-        "checkpoints", "config.yaml", "final_model.safetensors", "metrics.json", "partitions.json", "rounds.csv",
-        "tasks.csv"]
+        ".fedtalora.lock", "checkpoints", "config.yaml", "final_model.safetensors", "metrics.json", "partitions.json",
+        "rounds.csv", "tasks.csv"]  # the lock file stays (the lock itself died with the process)
     # output.checkpoints=latest (the default): only the final round's checkpoint is kept.
     last = f"round-{NUM_TASKS * ROUNDS:06d}"
     assert sorted(p.name for p in (e2e["run_dir"] / "checkpoints").iterdir()) == [
@@ -103,7 +104,9 @@ def test_e2e_rounds_errors_and_bytes(e2e) -> None:
     for i, r in enumerate(rounds):
         assert ROUND_KEYS <= set(r), set(r)
         assert r["clients"] == list(range(CLIENTS))  # all 3 of 3 sampled
-        assert 0.0 <= r["aggregation_error"] <= 1e-5  # fed.residual=true (the default)
+        assert 0.0 <= r["aggregation_error"] <= 1e-5  # fed.residual=true (the default): exact ...
+        assert 0.0 <= r["aggregation_error_rounding"] <= 2  # ... to float32 resolution, per round
+        assert 0.0 <= r["aggregation_error_accumulated_rounding"] <= 2  # and since the start
         assert r["uplink_bytes"] == CLIENTS * CLIENT_BYTES
         # Round 0 sends only the state; afterwards each client also catches up one round's residual.
         expected_down = CLIENTS * CLIENT_BYTES + (CLIENTS * RESIDUAL_CATCH_UP if i > 0 else 0)
@@ -113,7 +116,9 @@ def test_e2e_rounds_errors_and_bytes(e2e) -> None:
         assert r["residual_bytes_dense"] == RESIDUAL_DENSE
         assert r["residual_bytes_factored"] == RESIDUAL_FACTORED
         assert r["seconds"] >= 0
-    assert m["max_aggregation_error"] == max(r["aggregation_error"] for r in rounds)
+    for key in ("aggregation_error", "aggregation_error_rounding", "aggregation_error_accumulated",
+                "aggregation_error_accumulated_rounding"):
+        assert m[f"max_{key}"] == max(r[key] for r in rounds), key
     assert m["uplink_bytes_total"] == NUM_TASKS * ROUNDS * CLIENTS * CLIENT_BYTES
     for key in ("downlink_bytes", "downlink_bytes_dense", "residual_bytes_dense", "residual_bytes_factored"):
         assert m[f"{key}_total"] == sum(r[key] for r in rounds), key
@@ -176,6 +181,8 @@ def test_naive_averaging_has_aggregation_error(tiny_overrides) -> None:
     errors = [r["aggregation_error"] for r in m["rounds"]]
     assert len(errors) == NUM_TASKS * ROUNDS
     assert max(errors) > 1e-5
+    assert max(r["aggregation_error_rounding"] for r in m["rounds"]) > 100  # far beyond float32 rounding
+    assert m["max_aggregation_error_accumulated"] is None  # no exact base without a residual to fold
     assert all(r["residual_bytes_factored"] == 0 for r in m["rounds"])
     assert all(r["downlink_bytes"] == r["uplink_bytes"] for r in m["rounds"])  # nothing to catch up
 

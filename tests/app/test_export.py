@@ -53,6 +53,63 @@ def test_final_model_written_and_reloads_bit_exact(tiny_run) -> None:
     assert torch.equal(_logits(model, tiny_run["x"]), _logits(reloaded, tiny_run["x"]))
 
 
+def test_final_model_restores_the_exact_base(tiny_run, tmp_path) -> None:
+    """The final model carries the float64 accumulator D (format 2): a reloaded run holds the same W0 + D, so
+    export writes the exact weights; a corrupted D is refused; a final model of format 1 (no D) still loads,
+    with D = b - W0."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run_dir, model = tiny_run["run_dir"], tiny_run["model"]
+    reloaded = load_final(run_dir)
+    layers = [p.layer for p in model.lora_pairs()]
+    assert reloaded.exact_base is not None and set(reloaded.exact_base.acc) == set(layers)
+    for layer in layers:
+        assert torch.equal(reloaded.exact_base.acc[layer], model.exact_base.acc[layer])
+        assert torch.equal(reloaded.exact_base.w0[layer], model.exact_base.w0[layer])
+        assert torch.equal(reloaded.exact_weight(layer), model.exact_weight(layer))
+    tensors = load_file(str(run_dir / FINAL_MODEL))
+    with safe_open(str(run_dir / FINAL_MODEL), framework="pt") as f:
+        meta = dict(f.metadata())
+    assert meta["format"] == "fedtalora-final-2"
+    assert {k for k in tensors if k.startswith("exact/")} == {f"exact/{layer}" for layer in layers}
+
+    def rewrite(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+        other = tmp_path / name
+        shutil.copytree(run_dir, other)
+        save_file(tensors, str(other / FINAL_MODEL), metadata=meta)
+        return other
+
+    bad = dict(tensors)
+    bad[f"exact/{layers[0]}"] = bad[f"exact/{layers[0]}"] + 1e-3
+    with pytest.raises(ModelError, match="does not round to its stored base weight"):
+        load_final(rewrite("bad", bad, meta))
+    v1 = {k: v for k, v in tensors.items() if not k.startswith("exact/")}
+    old = load_final(rewrite("v1", v1, {**meta, "format": "fedtalora-final-1"}))
+    for layer in layers:
+        assert torch.equal(old.base_weight(layer), model.base_weight(layer))
+        assert torch.equal(old.exact_base.acc[layer],
+                           model.base_weight(layer).double() - model.exact_base.w0[layer].double())
+
+
+def test_export_writes_the_exact_merged_weights(tiny_run, tmp_path) -> None:
+    """``model.safetensors`` holds, per adapted layer, W0 + D + s B A computed in float64 from the reloaded
+    run and rounded once to float32 (not the float32 base plus a float32 LoRA product)."""
+    from safetensors.torch import load_file
+
+    model = tiny_run["model"]
+    out = export(tiny_run["run_dir"], tmp_path / "exact").out
+    merged = load_file(str(out / MERGED))
+    params = model.lora_parameters()
+    for p in model.lora_pairs():
+        w0, d = model.exact_base.w0[p.layer].double(), model.exact_base.acc[p.layer]
+        exact = w0 + d + p.scaling * (params[p.b_key].detach().double() @ params[p.a_key].detach().double())
+        got = merged[f"{p.layer.removeprefix('backbone.')}.weight"]
+        assert got.dtype == torch.float32
+        assert ((got.double() - exact).abs() <= 2.0 ** -24 * exact.abs() + 1e-300).all(), p.layer  # one rounding
+        assert torch.equal(got, exact.float()), p.layer
+
+
 def test_export_both_forms_predict_like_the_final_model(tiny_run, tmp_path) -> None:
     model, x = tiny_run["model"], tiny_run["x"]
     res = export(tiny_run["run_dir"], tmp_path / "out")
@@ -178,3 +235,29 @@ def test_every_method_exports_or_refuses_in_one_line(method, tiny_overrides, tmp
         logits = _logits(net, x)
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
         assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_export_is_staged_then_swapped_in(tiny_run, tmp_path, capsys, monkeypatch) -> None:
+    """A re-export replaces the previous one only once it is complete and checked; a failed export leaves the
+    previous one (and no temporary folder); an --out holding anything else is refused, nothing replaced."""
+    import fedtalora.app.export as export_module
+
+    out = tmp_path / "out"
+    first = export(tiny_run["run_dir"], out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def broken(reference: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor) -> float:
+        raise ModelError("export self-check: logits differ by up to 1")
+
+    monkeypatch.setattr(export_module, "_max_diff", broken)
+    assert main(["export", str(tiny_run["run_dir"]), "--out", str(out)]) == 2
+    assert "logits differ" in _one_line_error(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the previous export, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    monkeypatch.undo()
+    again = export(tiny_run["run_dir"], out)
+    assert again.max_diff.keys() == first.max_diff.keys() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(tiny_run["run_dir"]), "--out", str(out)]) == 2
+    assert "'notes.txt', which an export does not write" in _one_line_error(capsys)
+    assert (out / "notes.txt").read_text() == "mine" and (out / MERGED).is_file()

@@ -91,7 +91,7 @@ def test_malformed_text_files(tmp_path: Path, case: str, write_banking) -> None:
         name = "clinc150"
         root.mkdir()
         (root / "data_full.json").write_text("{not json")
-        match = "not a readable JSON"
+        match = "is not valid JSON"
     else:
         name = "clinc150"
         root.mkdir()
@@ -201,7 +201,8 @@ def test_text_run_end_to_end_through_cli(tiny_bert: Path, tmp_path: Path, run_cl
     assert metrics["complete"]
     assert len(metrics["accuracy_matrix"]) == 2 and metrics["accuracy_matrix"][0][1] is None
     assert len(metrics["rounds"]) == 4
-    assert max(r["aggregation_error"] for r in metrics["rounds"]) <= 1e-5
+    assert max(r["aggregation_error_rounding"] for r in metrics["rounds"]) <= 2  # exact to float32 resolution
+    assert max(r["aggregation_error_accumulated_rounding"] for r in metrics["rounds"]) <= 2
     assert all(r["uplink_bytes"] > 0 for r in metrics["rounds"])
     assert 0.0 <= metrics["final_average_accuracy"] <= 1.0
 

@@ -24,9 +24,15 @@ from fedtalora.data import ImageTransform, Split, TextTransform, tokenize_split
 from fedtalora.fed.build import build_method
 from fedtalora.fed.client import ClientJob, local_train
 from fedtalora.fed.history import without_timing
-from fedtalora.fed.parallel import (GroupedLinear, combine_batches, grouped_modules, length_buckets,
-                                    train_steps_together,
-                                    train_together, why_serial)
+from fedtalora.fed.parallel import (
+    GroupedLinear,
+    combine_batches,
+    grouped_modules,
+    length_buckets,
+    train_steps_together,
+    train_together,
+    why_serial,
+)
 from fedtalora.fed.transport import class_mask, parallel_group, task_mask
 from fedtalora.model import build_model
 from fedtalora.model.prefix import Activations
@@ -244,6 +250,15 @@ def test_the_engine_falls_back_to_serial_by_the_flag(method_name, tiny_overrides
 
 
 def _assert_close(a: Any, b: Any, rel: float, where: str = "") -> None:
+    """Every metric to ``rel`` (relative above 1, absolute below), except the ``*_rounding`` fields: they
+    measure the aggregation's float32 rounding in units of one rounding of the weight, so a difference of the
+    clients' states at float32 resolution (the batched matmuls sum in another order) moves them by a fraction
+    of that unit. For those the check is the exactness criterion itself (``docs/exactness.md``): both paths are
+    within float32 resolution (<= 2 roundings per round, <= 1 accumulated)."""
+    if where.endswith("_rounding") and (a is not None or b is not None):
+        bound = 1.0 if "accumulated" in where else 2.0
+        assert a is not None and b is not None and a <= bound and b <= bound, (where, a, b)
+        return
     if isinstance(a, dict):
         assert set(a) == set(b), where
         for k in a:

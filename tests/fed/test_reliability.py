@@ -28,6 +28,7 @@ from fedtalora.app.cli import main
 from fedtalora.config import resolve
 from fedtalora.fed import rundir
 from fedtalora.fed.history import without_timing
+from fedtalora.runlock import LOCK_NAME
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "fedtalora"
 
@@ -47,6 +48,17 @@ def _one_error_line(err: str, prog: str = "fedtalora") -> str:
 def finished_run(tiny_overrides, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     run(resolve("demo", [*tiny_overrides, f"output.dir={run_dir.parent}", "output.name=run"]), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(finished_run, tmp_path_factory) -> Path:
+    """``finished_run`` as it was after its last checkpoint, before its end (the checkpoint's metrics, no final
+    model): ``resume`` continues it from that checkpoint (a complete run it would leave alone)."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(json.loads(_latest(run_dir).read_text())["metrics"]))
+    (run_dir / rundir.FINAL_MODEL).unlink()
     return run_dir
 
 
@@ -161,7 +173,7 @@ BAD_INPUTS: list[tuple[str, str, list[str], list[str]]] = [
     ("resume-config-unknown", "config-unknown-key", ["resume", RUN], ["config.yaml", "bogus_section"]),
     ("ckpt-json-garbage", "json-garbage", ["resume", RUN], ["round-000004.json", "corrupted", "JSON"]),
     ("ckpt-json-binary", "json-binary", ["resume", RUN], ["round-000004.json", "corrupted"]),
-    ("ckpt-unreadable", "json-unreadable", ["resume", RUN], ["round-000004.json", "cannot be read"]),
+    ("ckpt-unreadable", "json-unreadable", ["resume", RUN], ["round-000004.json", "is a directory, not a file"]),
     ("ckpt-json-fields", "json-fields", ["resume", RUN], ["round-000004.json", "missing", "tensors_sha256"]),
     ("ckpt-format", "json-format", ["resume", RUN], ["round-000004.json", "format 99"]),
     ("ckpt-truncated", "tensors-truncated", ["resume", RUN], ["round-000004.safetensors", "corrupted"]),
@@ -190,10 +202,10 @@ ARGPARSE_ERRORS: list[tuple[str, list[str], list[str]]] = [
 
 
 @pytest.fixture
-def bad_dir(tmp_path: Path, finished_run: Path) -> Path:
+def bad_dir(tmp_path: Path, interrupted_run: Path) -> Path:
     (tmp_path / "nested.yaml").write_text("extends: demo\nfed: {bogus: 1}\n")
     (tmp_path / "extends.yaml").write_text("extends: nope_preset\n")
-    shutil.copytree(finished_run, tmp_path / "run")
+    shutil.copytree(interrupted_run, tmp_path / "run")
     return tmp_path
 
 
@@ -209,7 +221,9 @@ def _argv(template: list[str], tmp: Path, tiny: list[str]) -> list[str]:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+    """Every file's bytes (the run directory's lock file, which a writing command takes, is no content)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))
+            if p.name != LOCK_NAME}
 
 
 def test_tables_are_big_and_new() -> None:
@@ -245,9 +259,9 @@ def test_argparse_errors_for_resume(argv, words, tmp_path, capsys) -> None:
         assert w in line[0], (w, line[0])
 
 
-def test_real_entry_point_corrupted_checkpoint(run_cli, finished_run, tmp_path) -> None:
+def test_real_entry_point_corrupted_checkpoint(run_cli, interrupted_run, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run, run_dir)
+    shutil.copytree(interrupted_run, run_dir)
     DAMAGE["tensors-flipped"](run_dir)
     rc, out, err = run_cli(["resume", str(run_dir)], cwd=tmp_path)
     assert rc == 2 and out == ""

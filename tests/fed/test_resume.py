@@ -125,8 +125,8 @@ def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path, c
     assert proc.returncode == -signal.SIGKILL, info
     resumed_from = _latest_round(run_dir)
     assert target <= resumed_from < TOTAL, info
-    partial = json.loads((run_dir / "metrics.json").read_text())
-    assert partial["complete"] is False
+    if (run_dir / "metrics.json").exists():  # absent when the kill landed between round 1's checkpoint and it
+        assert json.loads((run_dir / "metrics.json").read_text())["complete"] is False
 
     assert main(["resume", str(run_dir), "--quiet"]) == 0, info
     _assert_same_as_reference(run_dir, reference)
@@ -221,3 +221,66 @@ def test_checkpoint_contents(reference, overrides) -> None:
     assert all(torch.isfinite(t).all() for t in [*ck.global_state.values(), *ck.base.values()])
     assert ck.metrics["rounds"] == json.loads(json.dumps(ck.metrics["rounds"]))
     assert ck.ledger["cumulative"] and all(len(v) == TOTAL + 1 for v in ck.ledger["cumulative"].values())
+    # The exact base: the float64 accumulator D of every adapted layer, from which the base is materialised.
+    assert set(ck.exact) == set(ck.base) and all(d.dtype == torch.float64 for d in ck.exact.values())
+    w0 = _fresh_bases(overrides)
+    for layer, d in ck.exact.items():
+        assert d.abs().sum() > 0 and torch.equal((w0[layer].double() + d).float(), ck.base[layer]), layer
+
+
+def _fresh_bases(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The adapted layers' base weights as a run of ``overrides`` builds them (``W0`` of its exact base)."""
+    from fedtalora.fed.build import prepare
+
+    model = prepare(resolve("demo", overrides)).model
+    return {p.layer: model.base_weight(p.layer).detach().clone() for p in model.lora_pairs()}
+
+
+def _rewrite_checkpoint(json_path: Path, tensors: dict[str, torch.Tensor], **fields: Any) -> None:
+    """Replace a checkpoint's tensors (and JSON fields), keeping its size and checksum consistent."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    state = json.loads(json_path.read_text())
+    blob = save(tensors, metadata={"format": str(fields.get("format", state["format"]))})
+    (json_path.parent / state["tensors"]).write_bytes(blob)
+    state.update(tensors_bytes=len(blob), tensors_sha256=hashlib.sha256(blob).hexdigest(), **fields)
+    json_path.write_text(json.dumps(state))
+
+
+def test_a_checkpoint_whose_accumulator_does_not_round_to_its_base_is_refused(overrides, tmp_path) -> None:
+    from fedtalora.errors import CheckpointError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(_Crash):
+        run(resolve("demo", overrides), run_dir=run_dir, progress=_crash_at(2))
+    path = rundir.latest_path(run_dir)
+    tensors = load_file(path.with_suffix(".safetensors"))
+    key = next(k for k in tensors if k.startswith("exact/"))
+    tensors[key] = tensors[key] + 1e-3
+    _rewrite_checkpoint(path, tensors)
+    with pytest.raises(CheckpointError, match="does not round to its stored base weight"):
+        run(resolve("demo", overrides), run_dir=run_dir, resume=True)
+
+
+def test_a_format_1_checkpoint_still_resumes(overrides, reference, tmp_path) -> None:
+    """A checkpoint written before the exact base (format 1: base weights only) resumes with D = b - W0: the
+    rounds it holds are kept, the run completes with its errors at float32 resolution, and ends within a few
+    float32 roundings of the uninterrupted run (which kept D exactly from the start)."""
+    run_dir = tmp_path / "v1"
+    with pytest.raises(_Crash):
+        run(resolve("demo", overrides), run_dir=run_dir, progress=_crash_at(ROUNDS + 1))
+    path = rundir.latest_path(run_dir)
+    tensors = {k: v for k, v in load_file(path.with_suffix(".safetensors")).items() if not k.startswith("exact/")}
+    _rewrite_checkpoint(path, tensors, format=1)
+    assert rundir.load(path, resolve("demo", overrides).to_dict()).exact == {}
+    m = run(resolve("demo", overrides), run_dir=run_dir, resume=True).metrics
+    ref = reference["metrics"]
+    assert m["complete"] and without_timing(m)["rounds"][:ROUNDS + 1] == without_timing(ref)["rounds"][:ROUNDS + 1]
+    assert all(r["aggregation_error_rounding"] <= 2 and r["aggregation_error_accumulated_rounding"] <= 2
+               for r in m["rounds"] if not r["skipped"])
+    final, expected = _final_tensors(run_dir), reference["tensors"]
+    for key, t in expected.items():
+        if key.startswith("base/"):
+            assert (final[key] - t).abs().max() <= 4 * 2.0 ** -24 * t.abs().max(), key

@@ -40,7 +40,8 @@ def test_csv_files_equal_metrics_json(tiny_run) -> None:
     for i, (row, rec) in enumerate(zip(rounds, m["rounds"], strict=True)):
         assert int(row["global_round"]) == i
         assert (int(row["task"]), int(row["round"])) == (rec["task"], rec["round"])
-        for key in ("train_loss", "aggregation_error", "seconds"):
+        for key in ("train_loss", "aggregation_error", "aggregation_error_rounding", "aggregation_error_accumulated",
+                    "aggregation_error_accumulated_rounding", "naive_aggregation_loss", "seconds"):
             assert float(row[key]) == rec[key], key
         for key in ("uplink_bytes", "downlink_bytes", "residual_bytes_dense", "residual_bytes_factored"):
             assert int(row[key]) == rec[key], key

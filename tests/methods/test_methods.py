@@ -37,7 +37,8 @@ from fedtalora.model import build_model
 
 SCHEMA = ("method", "seed", "complete", "accuracy_matrix", "rounds", "tasks", "trainable_parameters",
           "final_average_accuracy", "average_incremental_accuracy", "forgetting", "seen_accuracy",
-          "uplink_bytes_total", "downlink_bytes_total", "max_aggregation_error", "wall_seconds")
+          "uplink_bytes_total", "downlink_bytes_total", "max_aggregation_error", "max_aggregation_error_rounding",
+          "max_aggregation_error_accumulated", "max_aggregation_error_accumulated_rounding", "wall_seconds")
 
 
 def _cfg(tiny_overrides: list[str], *extra: str) -> Any:
@@ -142,6 +143,10 @@ def test_fedlora_has_an_aggregation_error_that_the_residual_removes(runs) -> Non
     exact = runs["fedtalora"].metrics
     assert naive["max_aggregation_error"] > 1e-3  # non-IID Dirichlet(0.5) clients disagree
     assert exact["max_aggregation_error"] < 1e-5
+    assert naive["max_aggregation_error_rounding"] > 100  # far beyond float32 rounding ...
+    assert exact["max_aggregation_error_rounding"] <= 2  # ... and at float32 resolution, per round
+    assert exact["max_aggregation_error_accumulated_rounding"] <= 2  # and over the run (the exact base)
+    assert naive["max_aggregation_error_accumulated"] is None  # fedlora keeps no exact base
     assert all(r["residual_bytes_factored"] == 0 for r in naive["rounds"])
     assert all(r["residual_bytes_factored"] > 0 for r in exact["rounds"])
 
@@ -182,6 +187,7 @@ def test_ffa_lora_leaves_A_untouched_and_sends_only_B_and_head(runs, tiny_overri
     n_head = sum(p.numel() for p in res.model.head_parameters().values())
     assert res.metrics["trainable_parameters"] == n_b + n_head
     assert res.metrics["max_aggregation_error"] < 1e-5  # exact by construction (rounding only)
+    assert res.metrics["max_aggregation_error_rounding"] <= 2
 
 
 # --- fedprox ----------------------------------------------------------------------------------------
@@ -324,6 +330,30 @@ def _pilora_trace(cfg: Any) -> tuple[Any, dict[str, Any]]:
     return result, trace
 
 
+def test_the_exact_base_is_kept_by_the_methods_that_change_the_base(tiny_overrides, runs) -> None:
+    """build_components enables it from the method's capability flags (folds_residual with fed.residual,
+    merges_into_base), never from its name; what it holds is the run's base."""
+    from fedtalora.fed.build import build_components
+
+    def kept(*extra: str) -> bool:
+        return build_components(_cfg(tiny_overrides, *extra), 10).model.exact_base is not None
+
+    assert {name for name in METHODS.names() if kept(f"method={name}")} == {"fedtalora", "fedprox", "pilora"}
+    assert not kept("fed.residual=false") and kept("method=pilora", "fed.residual=false")
+
+    class Folding(METHODS.get("fedlora")):  # the same method, declaring that it folds the residual
+        folds_residual = True
+
+    assert Folding(None, build_method(_cfg(tiny_overrides)).ctx).changes_base
+    for name in ("fedtalora", "pilora"):
+        model, m = runs[name].model, runs[name].metrics
+        acc = model.exact_base
+        for p in model.lora_pairs():
+            assert acc.acc[p.layer].dtype == torch.float64 and acc.acc[p.layer].abs().sum() > 0, (name, p.layer)
+            assert torch.equal(model.base_weight(p.layer), (acc.w0[p.layer].double() + acc.acc[p.layer]).float())
+        assert m["max_aggregation_error_accumulated_rounding"] <= 2, name
+
+
 def test_pilora_keeps_earlier_tasks_lora_frozen_in_the_base(tiny_overrides) -> None:
     cfg = _cfg(tiny_overrides, "method=pilora")
     res, trace = _pilora_trace(cfg)
@@ -338,6 +368,9 @@ def test_pilora_keeps_earlier_tasks_lora_frozen_in_the_base(tiny_overrides) -> N
     for p in pairs:
         merged = trace["end0_base"][p.layer] + p.scaling * end0[p.b_key] @ end0[p.a_key]
         torch.testing.assert_close(trace["base_rounds"][(1, 0)][p.layer], merged, rtol=0, atol=1e-6)
+        # ... merged exactly: W0 + s B0 A0 in float64 (the exact base), rounded once to float32
+        exact = trace["initial_base"][p.layer].double() + p.scaling * (end0[p.b_key].double() @ end0[p.a_key].double())
+        assert torch.equal(trace["base_rounds"][(1, 0)][p.layer], exact.float())
         assert torch.equal(trace["base_rounds"][(1, 1)][p.layer], trace["base_rounds"][(1, 0)][p.layer])
         assert torch.equal(model.base_weight(p.layer), trace["base_rounds"][(1, 0)][p.layer])
     # Task 0's A is kept for the orthogonality loss; task 1 trained a fresh LoRA.

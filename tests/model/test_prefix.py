@@ -8,8 +8,15 @@ import torch
 from fedtalora.config import LoraConfig, ModelConfig
 from fedtalora.data import Split, TextTransform, tokenize_split
 from fedtalora.model import build_model
-from fedtalora.model.prefix import (Activations, block_index, compile_backbone, prefix, resume, set_fused_attention,
-                                    split_points, stochastic_modules)
+from fedtalora.model.prefix import (
+    Activations,
+    block_index,
+    compile_backbone,
+    prefix,
+    set_fused_attention,
+    split_points,
+    stochastic_modules,
+)
 
 
 def _images(n: int = 6) -> torch.Tensor:

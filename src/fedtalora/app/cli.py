@@ -1,7 +1,19 @@
 """Command line: ``fedtalora run | demo | resume | sweep | report | compare | export | presets | methods``.
 
-The only module that parses argv, configures logging, draws progress bars and prints. Every
-user-facing error (:class:`~fedtalora.errors.FedTaLoRAError`) becomes one line on stderr and exit code 2.
+The only module that parses argv, configures logging, draws progress bars and prints.
+
+Exit codes and stderr, whatever happens (:func:`main` is the one boundary):
+
+* **2**, one line ``fedtalora: error: ...``: the input was refused (a
+  :class:`~fedtalora.errors.FedTaLoRAError`: a bad config value, file, run directory or checkpoint);
+* **1**, one line ``fedtalora: error: unexpected <Type>: ... (traceback in LOG)``: anything else, e.g.
+  an error inside a third-party library that no check anticipated. The traceback goes to ``LOG``:
+  ``RUN_DIR/error.log`` when the run directory exists, else a new file under
+  ``$XDG_CACHE_HOME/fedtalora/logs`` (``~/.cache/...``; the temporary folder if that is not writable).
+  Exit 1, not 2, because it may be a bug of fedtalora: please report it with the log;
+* **130** on Ctrl-C, with the command that continues the run (its real directory), if one was started.
+
+Messages are one line and at most :data:`MAX_MESSAGE` characters.
 """
 
 from __future__ import annotations
@@ -25,6 +37,24 @@ if TYPE_CHECKING:
     from ..fed.history import History
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+MAX_MESSAGE = 1000
+"""Longest error message printed (longer ones are cut, saying how much was cut)."""
+SUPERLINK_PROBE_SECONDS = 5.0
+"""How long ``engine=flower`` waits for the SuperLink's address to accept a connection before refusing the run."""
+
+
+class _Session:
+    """What the command has done so far, for the messages of :func:`main` (no global state)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        """The command's arguments (written at the top of a traceback log)."""
+        self.run_dir: Path | None = None
+        """The run directory once it exists (the traceback log and the resume hint go there)."""
+        self.checkpoints = True
+        """Whether the run writes checkpoints (``output.checkpoints != none``)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     fa.add_argument("preset", nargs="?", default=None, metavar="PRESET_OR_PATH",
                     help="also write this run's config.yaml and partitions.json there (the app's default run config)")
     fa.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    fa.add_argument("--force", action="store_true", help="replace the app's files if DIR already holds them")
     sub.add_parser("presets", help="list the shipped presets")
     sub.add_parser("methods", help="list the methods")
     return p
@@ -92,50 +123,110 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    session = _Session(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "presets":
-            return _cmd_presets()
-        if args.command == "methods":
-            return _cmd_methods()
-        if args.command == "sweep":
-            return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
-                              workers=args.workers)
-        if args.command == "report":
-            return _cmd_report(args.run_dir, args.out)
-        if args.command == "compare":
-            return _cmd_compare(args.paths, args.out)
-        if args.command == "export":
-            return _cmd_export(args.run_dir, args.out)
-        if args.command == "flower-app":
-            return _cmd_flower_app(args.dest, args.preset, args.overrides)
-        if args.command == "resume":
-            return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose)
-        preset = "demo" if args.command == "demo" else args.preset
-        if getattr(args, "resume", None) is not None:
-            return _cmd_resume(args.resume, preset=preset, overrides=args.overrides, quiet=args.quiet,
-                               verbose=args.verbose)
-        return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose)
+        return _dispatch(args, session)
     except FedTaLoRAError as e:
-        sys.stderr.write(f"fedtalora: error: {one_line(e)}\n")
+        sys.stderr.write(f"fedtalora: error: {one_line(e, MAX_MESSAGE)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("fedtalora: interrupted; `fedtalora resume RUN_DIR` continues from the last completed "
-                         "round\n")
-        return 130
+        sys.stderr.write(f"fedtalora: interrupted; {_resume_hint(session)}\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `fedtalora presets | head -1`: stdout went away; nothing to report
+        _silence_stdout()
+        return EXIT_INTERNAL
+    except Exception as e:  # noqa: BLE001 - the one boundary: anything else is one line + a traceback log
+        log = _save_traceback(session)
+        where = f"traceback in {log}" if isinstance(log, Path) else f"traceback not saved: {log}"
+        sys.stderr.write(f"fedtalora: error: unexpected {type(e).__name__}: {one_line(e, MAX_MESSAGE)} ({where}; "
+                         "please report it)\n")
+        return EXIT_INTERNAL
 
 
 def _resolve(preset: str, overrides: list[str] | None = None) -> Any:
     """The validated config of a preset + overrides, its method and options included."""
     from ..config import resolve
+
+    cfg = resolve(preset, overrides)  # before torch is imported: a refused file or value costs milliseconds
+
     from ..fed.build import check_config
 
-    cfg = resolve(preset, overrides)
     check_config(cfg)
     return cfg
 
 
-def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
-    """Write the Flower app folder (and, with a preset, the run's config.yaml and partitions.json)."""
+def _resume_hint(session: _Session) -> str:
+    if session.run_dir is None:
+        return "no run directory had been created yet"
+    if not session.checkpoints:
+        return (f"the run wrote no checkpoints (output.checkpoints=none): `fedtalora resume {session.run_dir}` "
+                "starts it over")
+    return f"`fedtalora resume {session.run_dir}` continues from the last completed round"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # pragma: no cover - no real stdout (e.g. captured in a test)
+        pass
+
+
+def _log_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedtalora" / "logs"
+
+
+def _save_traceback(session: _Session) -> Path | str:
+    """Write the current exception's traceback to a log file; its path, or why it could not be written."""
+    import tempfile
+    import traceback
+
+    text = f"fedtalora {__version__}, arguments {session.argv!r}\n{traceback.format_exc()}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    candidates = []
+    if session.run_dir is not None and session.run_dir.is_dir():
+        candidates.append(session.run_dir / "error.log")
+    candidates += [_log_folder() / f"error-{stamp}.log", Path(tempfile.gettempdir()) / f"fedtalora-error-{stamp}.log"]
+    why = "no writable place"
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError as e:
+            why = f"{path}: {e.strerror or e}"
+    return why
+
+
+def _dispatch(args: argparse.Namespace, session: _Session) -> int:
+    if args.command == "presets":
+        return _cmd_presets()
+    if args.command == "methods":
+        return _cmd_methods()
+    if args.command == "sweep":
+        return _cmd_sweep(args.grid, args.overrides, dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
+                          workers=args.workers)
+    if args.command == "report":
+        return _cmd_report(args.run_dir, args.out)
+    if args.command == "compare":
+        return _cmd_compare(args.paths, args.out)
+    if args.command == "export":
+        return _cmd_export(args.run_dir, args.out)
+    if args.command == "flower-app":
+        return _cmd_flower_app(args.dest, args.preset, args.overrides, force=args.force)
+    if args.command == "resume":
+        return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose, session=session)
+    preset = "demo" if args.command == "demo" else args.preset
+    if getattr(args, "resume", None) is not None:
+        return _cmd_resume(args.resume, preset=preset, overrides=args.overrides, quiet=args.quiet,
+                           verbose=args.verbose, session=session)
+    return _cmd_run(preset, args.overrides, quiet=args.quiet, verbose=args.verbose, session=session)
+
+
+def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str], *, force: bool = False) -> int:
+    """Write the Flower app folder (and, with a preset, the run's config.yaml and partitions.json); files already
+    there are replaced only with ``--force``."""
     cfg = None
     if preset is not None:
         cfg = _resolve(preset, overrides)
@@ -143,7 +234,7 @@ def _cmd_flower_app(dest: str, preset: str | None, overrides: list[str]) -> int:
         raise ConfigError("flower-app: overrides need a PRESET_OR_PATH before them")
     from ..flower.deployment import write_app
 
-    path = write_app(dest, cfg)
+    path = write_app(dest, cfg, force=force)
     print(f"Flower app written to {path}: flwr run {path} SUPERLINK (see docs/flower.md)")
     return 0
 
@@ -176,12 +267,23 @@ def _run_dir_path(cfg: Any, preset: str) -> Path:
 
 
 def _check_run_dir(cfg: Any, preset: str) -> None:
+    """Refuse a run directory that is a file, or that holds files without ``output.overwrite=true`` (or, with
+    it, files that are not a run's: :func:`.runfiles.check_overwrite`). Checked before the run is built, and
+    again under the lock (another run may have written the directory meanwhile)."""
+    from .runfiles import check_overwrite, is_empty
+
     path = _run_dir_path(cfg, preset)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not cfg.output.overwrite:
-        raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
-                          "or set output.overwrite=true")
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output.dir/output.name: {path} exists and is not a directory")
+        if is_empty(path):
+            return
+        if not cfg.output.overwrite:
+            raise ConfigError(f"run directory {path} already exists and is not empty; choose another output.name "
+                              "or set output.overwrite=true")
+        check_overwrite(path)
+    except OSError as e:  # e.g. a name too long for the file system, a folder we may not list
+        raise ConfigError(f"output.dir/output.name: cannot use {path}: {e.strerror or e}") from None
 
 
 def _run_dir(cfg: Any, preset: str) -> Path:
@@ -194,20 +296,45 @@ def _run_dir(cfg: Any, preset: str) -> Path:
     return path
 
 
-def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -> int:
+def _check_superlink(cfg: Any) -> None:
+    """``engine=flower``: Flower installed and ``flower.superlink`` a connection of Flower's config, checked
+    read-only before anything is built or written (instead of ``flwr run``'s multi-line error box later)."""
+    if cfg.engine != "flower":
+        return
+    from ..fed.build import check_engine
+    from ..flower.deployment import flwr_config_path, superlink_problem
+
+    check_engine(cfg)
+    why = superlink_problem(cfg.flower.superlink, flwr_config_path(), probe_seconds=SUPERLINK_PROBE_SECONDS)
+    if why is not None:
+        raise ConfigError(why)
+
+
+def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool, session: _Session | None = None) -> int:
     cfg = _resolve(preset, overrides)  # validates before anything heavy is built
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    _check_superlink(cfg)
     _check_run_dir(cfg, preset)
     check_tensorboard(cfg)
 
     from ..api import prepare, run
+    from .runfiles import clear_for_overwrite, writer_lock
 
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
-    with ProgressBars(enabled=interactive) as progress:
-        result = run(setup, run_dir=run_dir, progress=progress)
-    _print_summary(result.history, run_dir)
+    with writer_lock(run_dir, cfg.engine):  # one writer: a second run into the same directory is refused
+        _check_run_dir(cfg, preset)  # again, now that no one else can write it
+        if cfg.output.overwrite:
+            cleared = clear_for_overwrite(run_dir)  # the old run's files go before the new run writes anything
+            if cleared:
+                logging.getLogger(__name__).info("output.overwrite=true: deleted %s from %s", ", ".join(cleared),
+                                                 run_dir)
+        if session is not None:
+            session.run_dir, session.checkpoints = run_dir, cfg.output.checkpoints != "none"
+        with ProgressBars(enabled=interactive) as progress:
+            result = run(setup, run_dir=run_dir, progress=progress)
+    _print_summary(result.history, run_dir, cfg)
     return 0
 
 
@@ -223,7 +350,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> bool:
 
 
 def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str] | None = None, quiet: bool,
-                verbose: bool) -> int:
+                verbose: bool, session: _Session | None = None) -> int:
     """Continue ``run_dir`` from its latest checkpoint, with the config saved in its ``config.yaml``."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -248,17 +375,27 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
             raise ConfigError(f"--resume {run_dir}: {key}={mine!r} from {preset} and the overrides, but the run "
                               f"has {key}={saved!r} in {cfg_file}; use `fedtalora resume {run_dir}`")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    _check_superlink(cfg)
     from ..api import prepare, run
     from ..fed.rundir import latest_path, load
+    from .runfiles import resume_state, writer_lock
 
-    latest = latest_path(path)
-    if latest is not None:
-        load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
-    setup = prepare(cfg)
-    interactive = _setup_logging(quiet, verbose)
-    with ProgressBars(enabled=interactive) as progress:
-        result = run(setup, run_dir=path, progress=progress, resume=True)
-    _print_summary(result.history, path)
+    with writer_lock(path, cfg.engine):  # one writer: a run or resume writing it now refuses this one
+        done = resume_state(path, cfg)  # complete: nothing to do; edited since its results: refused
+        if done is not None:
+            print(f"run {path} is already complete; nothing to resume (its results are unchanged)")
+            _print_summary(done, path, cfg)
+            return 0
+        if session is not None:
+            session.run_dir, session.checkpoints = path, cfg.output.checkpoints != "none"
+        latest = latest_path(path)
+        if latest is not None:
+            load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
+        setup = prepare(cfg)
+        interactive = _setup_logging(quiet, verbose)
+        with ProgressBars(enabled=interactive) as progress:
+            result = run(setup, run_dir=path, progress=progress, resume=True)
+    _print_summary(result.history, path, cfg)
     return 0
 
 
@@ -281,28 +418,49 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _print_summary(h: History, run_dir: Path) -> None:
+def _exactness(relative: float | None, rounding: float | None, of: str) -> str:
+    """An error of the global model as the summary shows it: relative, and in float32 roundings of the weight
+    (``u ||W||``, ``u = 2**-24``; up to 2 is float32 resolution and nothing more)."""
+    if relative is None:
+        return "n/a"
+    text = f"{relative:.2e} of {of}"
+    return text if rounding is None else f"{text} = {rounding:.2g} float32 roundings of the weight"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _print_summary(h: History, run_dir: Path, cfg: Any = None) -> None:
+    from ..fed.screening import screening_summary
+
     n = max(len(h.rounds), 1)
     pre = "pretrained" if h.pretrained else "NOT pretrained: random initialisation"
     rows = [
         ("backbone", f"{h.backbone} ({pre})"),
-        ("final average accuracy (F_AA)", f"{h.final_average_accuracy:.4f}"),
-        ("average incremental accuracy (AIA)", f"{h.average_incremental_accuracy:.4f}"),
+        ("final average accuracy (F_AA)", _fmt(h.final_average_accuracy, ".4f")),
+        ("average incremental accuracy (AIA)", _fmt(h.average_incremental_accuracy, ".4f")),
         ("forgetting", "n/a (one task)" if h.forgetting is None else f"{h.forgetting:.4f}"),
-        ("max aggregation error", f"{h.max_aggregation_error:.2e}"),
+        ("max aggregation error", _exactness(h.max_aggregation_error, h.max_aggregation_error_rounding,
+                                             "the update")),
+        *([("max error since the start", _exactness(h.max_aggregation_error_accumulated,
+                                                    h.max_aggregation_error_accumulated_rounding,
+                                                    "the accumulated update"))]
+          if h.max_aggregation_error_accumulated is not None else []),
         *([("naive averaging would lose (mean / max)",
             f"{h.naive_aggregation_loss_mean:.2e} / {h.naive_aggregation_loss_max:.2e}")]
           if h.naive_aggregation_loss_mean is not None else []),
         ("uplink per round", _fmt_bytes((h.uplink_bytes_total or 0) / n)),
         ("downlink per round", _fmt_bytes((h.downlink_bytes_total or 0) / n)),
-        ("trainable parameters", f"{h.trainable_parameters:,}"),
+        ("trainable parameters", _fmt(h.trainable_parameters, ",")),
         ("wall time", f"{h.wall_seconds or 0.0:.1f} s"),
+        *([("update screening", screening_summary(cfg.fed.max_update_norm, h))] if cfg is not None else []),
     ]
     rel = h.reliability or {}
     if any(rel.values()):
         rows.append(("dropped / corrupted / rejected / skipped rounds",
-                     f"{rel['dropped_clients']} / {rel['corrupted_updates']} / {rel['rejected_updates']} / "
-                     f"{rel['skipped_rounds']}"))
+                     " / ".join(str(rel.get(k, "?")) for k in ("dropped_clients", "corrupted_updates",
+                                                               "rejected_updates", "skipped_rounds"))))
     width = max(len(k) for k, _ in rows)
     print(f"{'metric':{width}s}  value")
     print(f"{'-' * width}  {'-' * 12}")

@@ -45,7 +45,8 @@ COMPARE_PX = (1500, 500)
 
 COLUMNS = (
     "run", "label", "method", "seed", "complete", "tasks_done", "num_tasks", "final_average_accuracy",
-    "average_incremental_accuracy", "forgetting", "max_aggregation_error", "trainable_parameters", "rounds",
+    "average_incremental_accuracy", "forgetting", "max_aggregation_error", "max_aggregation_error_rounding",
+    "max_aggregation_error_accumulated_rounding", "trainable_parameters", "rounds",
     "uplink_bytes_per_round", "downlink_bytes_per_round", "uplink_bytes_total", "downlink_bytes_total",
     "wall_seconds",
 )
@@ -130,6 +131,8 @@ def run_row(run: RunData, name: str, label: str) -> dict[str, Any]:
         "average_incremental_accuracy": h.average_incremental_accuracy,
         "forgetting": h.forgetting,
         "max_aggregation_error": run.max_aggregation_error,
+        "max_aggregation_error_rounding": run.max_of("aggregation_error_rounding"),
+        "max_aggregation_error_accumulated_rounding": run.max_of("aggregation_error_accumulated_rounding"),
         "trainable_parameters": h.trainable_parameters,
         "rounds": len(run.rounds),
         "uplink_bytes_per_round": run.per_round("uplink_bytes"),
@@ -192,14 +195,19 @@ def _pm(mean: float | None, std: float | None) -> str:
     return "n/a" if mean is None else (f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}")
 
 
+def _error(relative: float | None, rounding: float | None) -> str:
+    """The largest per-round error relative to the update, and in float32 roundings of the weight."""
+    return fmt(relative, ".3g") + ("" if rounding is None else f" ({rounding:.2g})")
+
+
 def markdown(rows: Sequence[dict[str, Any]], groups: Sequence[Group]) -> str:
     lines = ["# Comparison", "", f"{len(rows)} runs, {len(groups)} setting{'' if len(groups) == 1 else 's'}.", ""]
     lines += _md_table(
-        ("run", "setting", "seed", "F_AA", "AIA", "forgetting", "max agg. error", "trainable params",
+        ("run", "setting", "seed", "F_AA", "AIA", "forgetting", "max agg. error (u‖W‖)", "trainable params",
          "uplink/round", "downlink/round", "wall time"),
         [(r["run"] + ("" if r["complete"] else f" (incomplete: {r['tasks_done']}/{r['num_tasks']} tasks)"),
           r["label"], r["seed"], fmt(r["final_average_accuracy"]), fmt(r["average_incremental_accuracy"]),
-          fmt(r["forgetting"]), fmt(r["max_aggregation_error"], ".3g"),
+          fmt(r["forgetting"]), _error(r["max_aggregation_error"], r["max_aggregation_error_rounding"]),
           "n/a" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
           fmt_bytes(r["uplink_bytes_per_round"]), fmt_bytes(r["downlink_bytes_per_round"]),
           f"{fmt(r['wall_seconds'], '.1f')} s") for r in rows],

@@ -5,7 +5,8 @@
 ``model.safetensors``
     one merged weight file: the state dict of ``timm.create_model(backbone, num_classes=C, **timm_kwargs)``
     with, in every adapted layer, ``W = W_base + s B A`` (base with all residuals folded in, plus the
-    LoRA product) and the trained linear head as timm's ``head``.
+    LoRA product; the exact ``W0 + D + s B A`` rounded once when the model keeps the exact base) and the
+    trained linear head as timm's ``head``.
 ``base_model.safetensors`` and ``adapter/``
     the same timm classifier with the residual-merged base weights (no LoRA), and a peft adapter folder
     (LoRA factors; the head as ``modules_to_save``) that ``PeftModel.from_pretrained`` loads on it.
@@ -21,12 +22,20 @@ Loading, with ``info = json.load(open("OUT/export.json"))``::
     net = peft.PeftModel.from_pretrained(net, "OUT/adapter")
 
 Before returning, the export checks that both forms reproduce the run's final model's logits.
+
+Nothing is written until the model is known to be usable (a final model with a NaN or an infinity, or
+weights that overflow when merged, is refused first), and the files are written into a temporary folder
+beside ``OUT``, self-checked there, and only then renamed to ``OUT``: a failed export leaves no half-written
+folder, and a previous export in ``OUT`` stays until the new one is complete. ``OUT`` may be missing, empty,
+or a previous export (only the files above); anything else in it is refused, never deleted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +44,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, FedTaLoRAError, ModelError
 from ..fed.history import load_history
 from ..fed.rundir import load_final, run_config
 
@@ -74,7 +83,8 @@ def timm_state_dicts(model: FedModel) -> tuple[dict[str, torch.Tensor], dict[str
     Keys are those of ``timm.create_model(backbone, num_classes=C)``: peft's wrapper keys are unwrapped
     (``blocks.0.attn.qkv.base_layer.weight`` -> ``blocks.0.attn.qkv.weight``), LoRA factors dropped, and
     the head added as ``head.*``. ``merged`` differs from ``base`` only in the adapted layers' weights,
-    which hold ``W_base + s B A``.
+    which hold ``W_base + s B A`` (:meth:`FedModel.exact_weight`: with the exact base, ``W0 + D + s B A``
+    in float64 rounded once to float32).
     """
     layers = {p.layer.removeprefix("backbone."): p.layer for p in model.lora_pairs()}
     base: dict[str, torch.Tensor] = {}
@@ -89,7 +99,7 @@ def timm_state_dicts(model: FedModel) -> tuple[dict[str, torch.Tensor], dict[str
         base[key] = t
         merged[key] = t
     for short, full in layers.items():
-        merged[f"{short}.weight"] = model.effective_weight(full)
+        merged[f"{short}.weight"] = model.exact_weight(full).to(torch.float32)  # float64, rounded once
     for k, t in model.head.state_dict().items():
         base[f"head.{k}"] = t
         merged[f"head.{k}"] = t
@@ -168,11 +178,22 @@ def _save_adapter(cfg: RunConfig, model: FedModel, base_sd: dict[str, torch.Tens
     peft_model.save_pretrained(str(folder))
 
 
+def read_info(out: Path) -> dict[str, Any]:
+    """``OUT/export.json``, read with the guarded reader and checked against its schema.
+
+    Raises:
+        ModelError: one line naming the file and the first malformed field.
+    """
+    from ..schema import EXPORT_INFO, load_checked
+
+    return load_checked(Path(out) / INFO, EXPORT_INFO, error=ModelError)
+
+
 def load_merged(out: Path) -> nn.Module:
     """The merged classifier of an export folder (timm model, eval mode)."""
     from safetensors.torch import load_file
 
-    info = json.loads((out / INFO).read_text())
+    info = read_info(out)
     import timm
 
     net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
@@ -185,7 +206,7 @@ def load_adapter(out: Path) -> nn.Module:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    info = json.loads((out / INFO).read_text())
+    info = read_info(out)
     import timm
 
     net = timm.create_model(info["backbone"], pretrained=False, **info["timm_kwargs"])
@@ -197,7 +218,7 @@ def _class_order(run_dir: Path) -> list[int] | None:
     try:
         history = load_history(run_dir / "metrics.json")
         return [int(c) for task in history.tasks for c in task.classes]
-    except (OSError, ValueError, KeyError, TypeError):
+    except FedTaLoRAError:
         return None
 
 
@@ -223,13 +244,12 @@ def export(run_dir: Path, out: Path | None = None) -> Exported:
     cfg = run_config(run_dir)
     _require_timm(cfg)  # before the heavy work
     _require_linear_head(cfg)
-    model = load_final(run_dir)
+    _check_out(out)
+    model = load_final(run_dir)  # refuses a final model with non-finite weights
     C = model.head.out_features
     base_sd, merged_sd = timm_state_dicts(model)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create export folder {out}: {e.strerror}") from None
+    _check_finite(merged_sd, f"{run_dir}: the merged weights (W_base + s B A)")
+    final, out = out, _staging(out)
     save_file(merged_sd, str(out / MERGED), metadata={"format": FORMAT, "fedtalora": __version__})
     save_file(base_sd, str(out / BASE), metadata={"format": FORMAT, "fedtalora": __version__})
     _save_adapter(cfg, model, base_sd, out / ADAPTER)
@@ -248,8 +268,61 @@ def export(run_dir: Path, out: Path | None = None) -> Exported:
                                                                            for p in model.lora_pairs()]},
         "files": {"merged": MERGED, "base": BASE, "adapter": ADAPTER},
     }
-    (out / INFO).write_text(json.dumps(info, indent=1) + "\n")
-    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size, generator=torch.Generator().manual_seed(0))
-    diffs = {"merged": _max_diff(model, load_merged(out), x), "adapter": _max_diff(model, load_adapter(out), x)}
+    try:
+        (out / INFO).write_text(json.dumps(info, indent=1) + "\n")
+        x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size, generator=torch.Generator().manual_seed(0))
+        diffs = {"merged": _max_diff(model, load_merged(out), x), "adapter": _max_diff(model, load_adapter(out), x)}
+        _publish(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the staging folder (gone already once published)
+    out = final
     logger.info("exported %s to %s (self-check: max logit difference %s)", run_dir, out, diffs)
     return Exported(out, out / MERGED, out / BASE, out / ADAPTER, out / INFO, diffs)
+
+
+_EXPORT_NAMES = (MERGED, BASE, ADAPTER, INFO)
+
+
+def _check_out(out: Path) -> None:
+    """``out`` is missing, an empty folder or a previous export (:class:`ConfigError` otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export folder {out} exists and is not a folder")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_NAMES)
+        if other:
+            raise ConfigError(f"export folder {out} holds {other[0]!r}, which an export does not write; choose "
+                              "another --out (nothing there is replaced)")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    from ..core.integrity import nonfinite_message
+
+    why = nonfinite_message(tensors, source)
+    if why is not None:
+        raise ModelError(why)
+
+
+def _staging(out: Path) -> Path:
+    """A fresh temporary folder beside ``out`` (same file system, so it can be renamed into place)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise ConfigError(f"cannot create export folder {out}: {e.strerror or e}") from None
+    return tmp
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Rename the checked export ``staged`` to ``out``, replacing a previous export there."""
+    old = out.parent / f".{out.name}.{os.getpid()}.old.tmp"
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(staged, out)
+    except OSError as e:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the previous export back
+        raise ConfigError(f"cannot write export folder {out}: {e.strerror or e}") from None
+    shutil.rmtree(old, ignore_errors=True)

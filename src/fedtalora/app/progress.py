@@ -62,6 +62,8 @@ class ProgressBars:
             if loss is not None:
                 self._loss = loss
             info = "skipped" if err is None else f"loss {loss:.3f}  agg. error {err:.1e}"
+            if err is not None and event.get("aggregation_error_rounding") is not None:
+                info += f" ({event['aggregation_error_rounding']:.2g} u|W|)"  # float32 roundings of the weight
             bar.update(self._rounds, advance=1, info=info)
             bar.update(self._tasks, completed=t + (r + 1) / self._R, info=self._summary())
             if r + 1 < self._R:

@@ -9,7 +9,10 @@ display needed; every PNG has the fixed pixel size in :data:`PLOT_PX`):
     accuracy after each task on all classes seen so far (``A_t``) and on each task alone, whose fall
     from its first value is the forgetting;
 ``aggregation_error.png``
-    the per-round aggregation error on a log scale (exact zeros drawn at the bottom and counted);
+    the error of the global model on a log scale, per round and since the start of the run: relative to the
+    clients' averaged update (with what naive averaging of the factors would lose; exact zeros drawn at the
+    bottom and counted) and, below, in float32 roundings of the weight (``u ||W||``) against the bound of
+    float32 resolution;
 ``communication.png``
     uplink and downlink bytes per round (and the residual's factored size).
 
@@ -18,13 +21,13 @@ matplotlib is an optional dependency: ``pip install fedtalora[report]``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import safeio
 from ..errors import FedTaLoRAError
 from ..fed.history import History, RoundRecord, load_history
 
@@ -126,37 +129,35 @@ class RunData:
 
     @property
     def max_aggregation_error(self) -> float | None:
-        errs = [r.aggregation_error for r in self.rounds if r.aggregation_error is not None]
-        return max(errs) if errs else None
+        return self.max_of("aggregation_error")
+
+    def max_of(self, key: str) -> float | None:
+        """The largest value of a per-round field over the rounds run so far (None where none has one)."""
+        values = [getattr(r, key) for r in self.rounds if getattr(r, key) is not None]
+        return max(values) if values else None
 
 
 def load_run(run_dir: Path) -> RunData:
     """Read ``metrics.json`` (required) and ``config.yaml`` (optional) of a run directory.
 
     Raises:
-        ReportError: one line naming the directory, when metrics.json is missing or not valid JSON.
+        ReportError: one line naming the directory, when metrics.json is missing, unreadable, not valid JSON
+            or not a fedtalora metrics file (:func:`~fedtalora.fed.history.load_history`).
     """
-    import yaml
-
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory")
-    if not path.is_file():
+    if not path.exists():
         raise ReportError(f"{run_dir} is not a run directory (no metrics.json)")
-    try:
-        history = load_history(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path} cannot be read: {' '.join(str(e).split())}") from None
-    except (ValueError, TypeError, AttributeError):
-        raise ReportError(f"{path} is not a fedtalora metrics file") from None
+    history = load_history(path, error=ReportError)  # regular file, UTF-8, size/depth limits, History's schema
     config: dict[str, Any] = {}
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         try:
-            loaded = yaml.safe_load(cfg_path.read_text())
+            loaded = safeio.read_yaml(cfg_path)
             config = loaded if isinstance(loaded, dict) else {}
-        except (OSError, yaml.YAMLError):
+        except FedTaLoRAError:  # the config only labels the report; the metrics are what it shows
             config = {}
     return RunData(run_dir, history, config)
 
@@ -247,7 +248,35 @@ def _task_boundaries(ax: Any, run: RunData) -> None:
 
 
 def plot_aggregation_error(run: RunData, path: Path) -> Path:
-    fig, ax = new_figure()
+    rounding = [(i + 1, r.aggregation_error_rounding, r.aggregation_error_accumulated_rounding)
+                for i, r in enumerate(run.rounds) if r.aggregation_error is not None]
+    if not any(x is not None for _, *xs in rounding for x in xs):  # a run from before the truthful metrics
+        fig, ax = new_figure()
+        _relative_errors(ax, run)
+        return save_figure(fig, path)
+    figure = require_matplotlib()
+    fig = figure.Figure(figsize=(PLOT_PX[0] / DPI, PLOT_PX[1] / DPI), dpi=DPI, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    _relative_errors(top, run, xlabel=False)
+    for col, label, style in ((1, "per round", "-"), (2, "since the start", "--")):
+        pts = [(x, v[col - 1]) for x, *v in rounding if v[col - 1] is not None and v[col - 1] > 0]
+        if pts:
+            bottom.plot([x for x, _ in pts], [e for _, e in pts], linestyle=style, marker="o", markersize=2,
+                        linewidth=1, label=label)
+    bottom.axhline(2.0, color="tab:red", linestyle=":", linewidth=1, label="float32 resolution (2 u||W||)")
+    bottom.set_yscale("log")
+    values = [v for _, *vs in rounding for v in vs if v is not None and v > 0]
+    bottom.set_ylim(*_decades([*values, 2.0]))
+    _task_boundaries(bottom, run)
+    bottom.set_xlabel("round (over all tasks; dotted lines: task boundaries)")
+    bottom.set_ylabel("in u ||W|| (log)")
+    bottom.grid(alpha=0.3, which="both")
+    bottom.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _relative_errors(ax: Any, run: RunData, *, xlabel: bool = True) -> None:
+    """The per-round error relative to the update (and since the start, and what naive averaging loses)."""
     pts = [(i + 1, r.aggregation_error) for i, r in enumerate(run.rounds)]
     pos = [(x, e) for x, e in pts if e is not None and e > 0]
     zeros = [x for x, e in pts if e is not None and e == 0]
@@ -255,13 +284,19 @@ def plot_aggregation_error(run: RunData, path: Path) -> Path:
     floor = min((e for _, e in pos), default=1e-8) / 10
     if pos:
         ax.plot([x for x, _ in pos], [e for _, e in pos], marker="o", markersize=3, linewidth=1,
-                label="max over layers of relative error")
+                label="per round (of its update)")
     naive = [(i + 1, r.naive_aggregation_loss) for i, r in enumerate(run.rounds)]
     naive = [(x, e) for x, e in naive if e is not None and e > 0]
-    if naive and any(e != dict(pos).get(x) for x, e in naive):  # differs from the error: the residual is on
+    if naive and any(not math.isclose(e, dict(pos).get(x, 0.0), rel_tol=1e-6) for x, e in naive):  # the residual is on
         ax.plot([x for x, _ in naive], [e for _, e in naive], marker=".", markersize=3, linewidth=1,
                 linestyle="--", color="tab:gray", label="what naive averaging of the factors would lose")
         pos = pos + naive  # for the axis limits
+    acc = [(i + 1, r.aggregation_error_accumulated) for i, r in enumerate(run.rounds)]
+    acc = [(x, e) for x, e in acc if e is not None and e > 0]
+    if acc:
+        ax.plot([x for x, _ in acc], [e for _, e in acc], marker=".", markersize=3, linewidth=1, linestyle=":",
+                color="tab:purple", label="since the start (of the accumulated update)")
+        pos = pos + acc
     if zeros:
         ax.plot(zeros, [floor] * len(zeros), linestyle="none", marker="v", color="tab:green",
                 label=f"exactly 0 ({len(zeros)} rounds, drawn at {floor:.0e})")
@@ -271,13 +306,13 @@ def plot_aggregation_error(run: RunData, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylim(*_decades([e for _, e in pos] + [floor] * bool(zeros or skipped or not pos)))
     _task_boundaries(ax, run)
-    ax.set_xlabel("round (over all tasks; dotted lines: task boundaries)")
-    ax.set_ylabel("aggregation error (log scale)")
-    ax.set_title("Aggregation error per round")
+    if xlabel:
+        ax.set_xlabel("round (over all tasks; dotted lines: task boundaries)")
+    ax.set_ylabel("of the update (log)")
+    ax.set_title("Error of the global model (largest over adapted layers)")
     ax.grid(alpha=0.3, which="both")
     if pts:
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+        ax.legend(fontsize=7)
 
 
 def _bytes_axis(ax: Any) -> None:
@@ -317,6 +352,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def _error(relative: float | None, rounding: float | None, of: str) -> str:
+    if relative is None:
+        return "n/a"
+    text = f"{relative:.3g} of the {of}"
+    return text if rounding is None else f"{text} ({rounding:.2g} u‖W‖)"
+
+
 def summary_rows(run: RunData) -> list[tuple[str, str]]:
     h = run.history
     n_tasks = len(h.tasks)
@@ -328,7 +370,11 @@ def summary_rows(run: RunData) -> list[tuple[str, str]]:
         ("final average accuracy (F_AA)", fmt(h.final_average_accuracy)),
         ("average incremental accuracy (AIA)", fmt(h.average_incremental_accuracy)),
         ("forgetting", fmt(h.forgetting)),
-        ("max aggregation error", fmt(run.max_aggregation_error, ".3g")),
+        ("max aggregation error (per round)", _error(run.max_aggregation_error,
+                                                     run.max_of("aggregation_error_rounding"), "update")),
+        ("max error since the start", _error(run.max_of("aggregation_error_accumulated"),
+                                             run.max_of("aggregation_error_accumulated_rounding"),
+                                             "accumulated update")),
         ("naive averaging would lose (mean / max per round)",
          f"{fmt(h.naive_aggregation_loss_mean, '.3g')} / {fmt(h.naive_aggregation_loss_max, '.3g')}"),
         ("rounds", str(len(run.rounds))),
@@ -373,7 +419,11 @@ def render_markdown(run: RunData) -> str:
     errs = [r.aggregation_error for r in run.rounds]
     zeros = sum(1 for e in errs if e == 0)
     lines += ["## Aggregation error per round", "", "![aggregation error](aggregation_error.png)", "",
-              "Largest over adapted layers of ||dW_global - sum_k p_k dW_k||_F / ||sum_k p_k dW_k||_F."
+              "Largest over adapted layers of ||E_new - (E_old + sum_k p_k dE_k)||_F / ||sum_k p_k dE_k||_F, "
+              "with E the effective weight each layer computes with, as the model holds it after the round "
+              "(float64); below, the same in float32 roundings of the weight (u ||W||, u = 2^-24: up to 2 is "
+              "float32 resolution and nothing more), and the distance from the exact chain of weighted "
+              "averages since the start of the run (methods that fold the residual keep the base exactly)."
               + (f" Exactly 0 in {zeros} of {len(errs)} rounds." if zeros else ""), ""]
     lines += ["## Communication per round", "", "![communication](communication.png)", ""]
     env = h.environment

@@ -54,14 +54,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import safeio
 from ..config import RunConfig, apply_overrides, from_dict, load_preset, parse_override, read_yaml
 from ..errors import ConfigError, FedTaLoRAError, one_line
 from ..fed.build import check_config
 from ..fed.history import History, load_history
-from ..files import atomic_write_text
 from ..registry import Registry
+from ..safeio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -171,18 +170,17 @@ def grid_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _grid_text(name_or_path: str) -> tuple[str, Path | None, str]:
+def _grid_text(name_or_path: str) -> tuple[str | bytes, Path | None, str]:
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        try:
-            return path.read_text(), path, path.stem
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read grid file {name_or_path!r}: {e}") from None
+    if safeio.exists(path) and not path.is_dir():  # a FIFO or device is refused by the reader, not opened
+        data = safeio.read_bytes(path, what=f"grid file {safeio.short(name_or_path)}", max_bytes=safeio.MAX_YAML_BYTES,
+                                 error=ConfigError)
+        return data, path, path.stem
     if name_or_path in grid_names():
-        text = (resources.files("fedtalora") / "grids" / f"{name_or_path}.yaml").read_text()
+        text = (resources.files("fedtalora") / "grids" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
         return text, None, name_or_path
     shipped = ", ".join(grid_names()) or "none"
-    raise ConfigError(f"grid file {name_or_path!r} does not exist (shipped grids: {shipped})")
+    raise ConfigError(f"grid file {safeio.short(name_or_path)} does not exist (shipped grids: {shipped})")
 
 
 def _str_list(value: Any, where: str, *, allow_empty: bool) -> list[str]:
@@ -327,18 +325,11 @@ def plan(grid: Grid) -> list[RunSpec]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def _complete_history(run_dir: Path) -> History | None:
     """The run's history if its ``metrics.json`` says it is complete (None if absent, partial or malformed)."""
     try:
         history = load_history(run_dir / "metrics.json")
-    except (OSError, ValueError, TypeError):
+    except FedTaLoRAError:
         return None
     return history if history.complete is True else None
 
@@ -347,8 +338,8 @@ def _same_config(run_dir: Path, cfg: RunConfig) -> bool | None:
     """Whether ``run_dir/config.yaml`` holds ``cfg`` up to ``output.*`` (where the run lives may change:
     a sweep folder can be moved). None when there is no readable config."""
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = safeio.read_yaml(run_dir / "config.yaml")
+    except FedTaLoRAError:
         return None
     if not isinstance(saved, dict):
         return None
@@ -361,7 +352,9 @@ def _same_config(run_dir: Path, cfg: RunConfig) -> bool | None:
 
 def run_status(spec: RunSpec) -> str:
     """``complete``, ``partial`` (something to resume), ``new``, or ``foreign`` (another config's files)."""
-    if not spec.run_dir.is_dir() or not any(spec.run_dir.iterdir()):
+    from .runfiles import is_empty
+
+    if is_empty(spec.run_dir):  # missing, or only the lock file of a run that never wrote anything
         return "new"
     same = _same_config(spec.run_dir, spec.cfg)
     if same is False:
@@ -399,7 +392,11 @@ def run_sweep(grid: Grid, *, runner: Runner | None = None,
         raise ConfigError(f"workers={workers} is invalid: expected an integer >= 1")
     runs = plan(grid)
     result = SweepResult(grid, runs)
-    grid.sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        grid.sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the sweep folder {grid.sweep_dir} (output: {grid.output}): "
+                          f"{e.strerror or e}") from None
     try:
         if workers == 1:
             for i, spec in enumerate(runs):
@@ -460,28 +457,47 @@ def _run_in_worker(spec: RunSpec, runner: Runner | None) -> tuple[str, str, floa
     return spec.status, spec.error, spec.seconds
 
 
-def _run_one(spec: RunSpec, runner: Runner | None) -> None:
-    state = run_status(spec)
+def _settled(spec: RunSpec, state: str) -> bool:
+    """Settle a run that needs no runner (complete: skipped; foreign: failed); False for the others."""
     if state == "complete":
         spec.status = "skipped"
         logger.info("%s: complete, skipped", spec.name)
-        return
+        return True
     if state == "foreign":
         spec.status, spec.error = "failed", (f"{spec.run_dir} holds a run of another config; move it away or "
                                              "rename the sweep")
         logger.error("%s: %s", spec.name, spec.error)
+        return True
+    return False
+
+
+def _run_one(spec: RunSpec, runner: Runner | None) -> None:
+    from .runfiles import writer_lock
+
+    if _settled(spec, run_status(spec)):
         return
-    resume = state == "partial"
-    logger.info("%s: %s", spec.name, "resuming" if resume else "starting")
     t0 = time.perf_counter()
     try:
-        (runner or _runner_for(spec.cfg))(spec.cfg, spec.run_dir, resume)
+        try:
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {spec.run_dir}: {e.strerror or e}") from None
+        with writer_lock(spec.run_dir, spec.cfg.engine):  # one writer: another sweep running it is refused
+            state = run_status(spec)  # again, now that no one else can write it
+            if _settled(spec, state):
+                return
+            resume = state == "partial"
+            logger.info("%s: %s", spec.name, "resuming" if resume else "starting")
+            (runner or _runner_for(spec.cfg))(spec.cfg, spec.run_dir, resume)
     except Exception as e:  # noqa: BLE001 - one crashing run must not end the sweep
         spec.status = "failed"
         spec.error = one_line(f"{type(e).__name__}: {e}") if not isinstance(e, FedTaLoRAError) else one_line(e)
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
-        (spec.run_dir / "error.log").write_text(traceback.format_exc())
-        logger.error("%s failed: %s (traceback in %s)", spec.name, spec.error, spec.run_dir / "error.log")
+        try:
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            (spec.run_dir / "error.log").write_text(traceback.format_exc())
+            logger.error("%s failed: %s (traceback in %s)", spec.name, spec.error, spec.run_dir / "error.log")
+        except OSError:
+            logger.error("%s failed: %s (and its run directory cannot be written)", spec.name, spec.error)
     else:
         if _complete_history(spec.run_dir) is not None:
             spec.status = "complete"

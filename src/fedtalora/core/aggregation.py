@@ -23,6 +23,11 @@ so the residual has rank at most ``(K - 1) r`` and is computed from its factors
 GEMM, and ``(L, R)`` is also the compact form a server can send instead of the dense ``d_out x d_in``
 matrix (see :func:`residual_nbytes`): ``(d_out + d_in) (K-1) r`` numbers instead of ``d_out d_in``.
 
+**For the exact base** (:mod:`fedtalora.core.exact`) the residual is taken in float64 against the *rounded*
+averages the model holds (:func:`exact_residual`, one GEMM of the clients' own factors), and its compact form
+is the live clients' factors themselves with their weights (:class:`ResidualFactors`, ``K' r`` columns), from
+which a replica recomputes the averages and the residual bit for bit: ``aggregate_lora(..., exact=True)``.
+
 Every function here is pure: tensors in, new tensors out.
 """
 
@@ -35,7 +40,10 @@ import torch
 
 from ..errors import AggregationError
 
-__all__ = ["Aggregate", "LoraPair", "StateDict", "aggregate_lora", "aggregation_errors", "check_updates", "fedavg", "lora_residual", "normalize_weights", "relative_aggregation_error", "residual_factors", "residual_nbytes", "residual_rank", "state_nbytes", "weighted_average"]
+__all__ = ["Aggregate", "LoraPair", "ResidualFactors", "StateDict", "aggregate_lora", "aggregation_errors",
+           "check_updates", "exact_factors", "exact_factors_nbytes", "exact_residual", "fedavg", "lora_residual",
+           "normalize_weights", "relative_aggregation_error", "residual_factors", "residual_nbytes", "residual_rank",
+           "state_nbytes", "weighted_average"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -173,6 +181,92 @@ def _ratio(num: torch.Tensor, denom: torch.Tensor) -> float:
     return float(num / denom)
 
 
+# --- the exact residual and its factors (for the exact base, :mod:`fedtalora.core.exact`) ---------------
+
+
+def _live(weights: torch.Tensor) -> list[int]:
+    return [k for k, p in enumerate(weights.tolist()) if p > 0]
+
+
+def exact_residual(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor, scaling: float,
+    Bbar: torch.Tensor, Abar: torch.Tensor,
+) -> torch.Tensor:
+    """``R = s (sum_k p_k B_k A_k - Bbar Abar)`` in float64: the exact change of the base target (eq. (1) of
+    :mod:`fedtalora.core.exact`).
+
+    ``Bbar``, ``Abar`` are the averages *as the model holds them* (float32); clients of weight 0 drop out.
+    One float64 GEMM ``[p_k B_k ..., -Bbar] @ [A_k ...; Abar]`` of inner dimension ``(K'+1) r``: every
+    product of two float32 values is exact in float64, only the sums round (``2**-53``).
+
+    Shapes: ``B_k (d_out, r)``, ``A_k (r, d_in)`` -> ``(d_out, d_in)`` float64.
+    """
+    p = weights.tolist()
+    if len(Bs) != len(p) or len(As) != len(p):
+        raise AggregationError(f"{len(Bs)} B and {len(As)} A factors but {len(p)} weights")
+    live = _live(weights)
+    P = torch.cat([Bs[k].to(torch.float64) * p[k] for k in live] + [-Bbar.to(torch.float64)], dim=1)
+    Q = torch.cat([As[k].to(torch.float64) for k in live] + [Abar.to(torch.float64)], dim=0)
+    return (P @ Q).mul_(scaling)
+
+
+@dataclass(frozen=True)
+class ResidualFactors:
+    """What reproduces one round's residual bit for bit: the live clients' factors side by side.
+
+    ``B = [B_1 ... B_K']`` (``d_out x K' r``, float32 as the clients sent them), ``A = [A_1; ...; A_K']``
+    (``K' r x d_in``) and ``weights`` (``K'``, float64, all > 0). :meth:`dense` recomputes the averages
+    exactly as :func:`fedavg` does and returns :func:`exact_residual`.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank ``r``."""
+        return self.B.shape[1] // max(self.weights.numel(), 1)
+
+    def split(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The clients' ``B_k`` and ``A_k``."""
+        K, r = self.weights.numel(), self.rank
+        return ([self.B[:, i * r:(i + 1) * r] for i in range(K)], [self.A[i * r:(i + 1) * r] for i in range(K)])
+
+    def averages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Bbar, Abar)`` as the server's FedAvg computes them (float64 sums, rounded once)."""
+        Bs, As = self.split()
+        return weighted_average(Bs, self.weights), weighted_average(As, self.weights)
+
+    def dense(self, scaling: float) -> torch.Tensor:
+        """The round's residual ``R`` (float64, ``d_out x d_in``)."""
+        Bs, As = self.split()
+        Bbar, Abar = self.averages()
+        return exact_residual(Bs, As, self.weights, scaling, Bbar, Abar)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: ``4 (d_out + d_in) K' r + 8 K'``."""
+        return sum(t.numel() * t.element_size() for t in (self.B, self.A, self.weights))
+
+
+def exact_factors(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: torch.Tensor) -> ResidualFactors:
+    """The :class:`ResidualFactors` of one round (clients of weight 0 dropped; weights kept as given)."""
+    if len(Bs) != weights.numel() or len(As) != weights.numel():
+        raise AggregationError(f"{len(Bs)} B and {len(As)} A factors but {weights.numel()} weights")
+    live = _live(weights)
+    if not live:
+        raise AggregationError("aggregation weights sum to zero")
+    w = weights.to(torch.float64).flatten()
+    return ResidualFactors(B=torch.cat([Bs[k] for k in live], dim=1), A=torch.cat([As[k] for k in live], dim=0),
+                           weights=w[live].clone())
+
+
+def exact_factors_nbytes(d_out: int, d_in: int, rank: int, clients: int, element_size: int = 4) -> int:
+    """Bytes of :class:`ResidualFactors` for ``clients`` live clients (without building them)."""
+    return (d_out + d_in) * rank * clients * element_size + 8 * clients
+
+
 @dataclass(frozen=True)
 class LoraPair:
     """Keys of one adapted layer's factors in a state dict, and its LoRA scaling ``alpha / r``."""
@@ -196,9 +290,10 @@ class Aggregate:
     residual_ranks: dict[str, int]
     """Per adapted layer, the inner dimension ``(K' - 1) r`` of the factored residual (:func:`residual_factors`;
     ``K'`` the clients of nonzero weight)."""
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor] | ResidualFactors] = field(default_factory=dict)
     """Per adapted layer with a residual, its factors ``(L, R)``: ``residuals[layer] == (L @ R) * scaling``
-    (what a server sends instead of the dense matrix when it is smaller; empty without the residual)."""
+    (what a server sends instead of the dense matrix when it is smaller; empty without the residual).
+    With ``exact=True`` a :class:`ResidualFactors`: ``residuals[layer] == f.dense(scaling)``."""
 
     naive_errors: dict[str, float] = field(default_factory=dict)
     """Per adapted layer, what naive averaging of the factors would lose this round (equal to
@@ -215,6 +310,7 @@ class Aggregate:
 
 def aggregate_lora(
     updates: Sequence[StateDict], weights: torch.Tensor, pairs: Sequence[LoraPair], *, residual: bool,
+    exact: bool = False,
 ) -> Aggregate:
     """FedAvg of every tensor, plus (optionally) the exact residual of every LoRA pair.
 
@@ -223,6 +319,11 @@ def aggregate_lora(
         weights: normalised aggregation weights (see :func:`normalize_weights`).
         pairs: the LoRA layers whose ``(B, A)`` appear in the updates.
         residual: compute ``W_res`` (ResWU); without it the residuals dict is empty.
+        exact: the residual in float64 against the rounded averages (:func:`exact_residual`, for a model with
+            the exact base, :mod:`fedtalora.core.exact`), and its factors as :class:`ResidualFactors` (the live
+            clients' factors: ``residual_ranks`` is ``K' r``; a round with one live client has no residual, as
+            it is exactly zero). ``errors`` are still computed from the factors before the residual is applied;
+            the model's real error is :func:`fedtalora.core.exact.round_error`.
     """
     check_updates(updates)
     if len(updates) != weights.numel():
@@ -236,18 +337,26 @@ def aggregate_lora(
     errors: dict[str, float] = {}
     naive: dict[str, float] = {}
     ranks: dict[str, int] = {}
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor] | ResidualFactors] = {}
     for pair in pairs:
         Bs = [u[pair.b_key] for u in updates]
         As = [u[pair.a_key] for u in updates]
         Bbar, Abar = state[pair.b_key], state[pair.a_key]
         res = None
-        if residual:
+        ranks[pair.layer] = residual_rank(weights, Bbar.shape[1])
+        if residual and exact and ranks[pair.layer]:  # (one live client: Bbar Abar = B_1 A_1 exactly, R = 0)
+            f = exact_factors(Bs, As, weights)
+            if not all(torch.equal(x, y) for x, y in zip(f.averages(), (Bbar, Abar), strict=True)):
+                raise AggregationError(f"{pair.layer}: the residual's factors do not reproduce the averaged factors")
+            res = f.dense(pair.scaling)
+            residuals[pair.layer] = res
+            factors[pair.layer] = f
+            ranks[pair.layer] = f.B.shape[1]
+        elif residual and not exact:
             L, R = residual_factors(Bs, As, weights, Bbar, Abar)
             res = (L @ R).mul_(pair.scaling)
             residuals[pair.layer] = res
             factors[pair.layer] = (L, R)
-        ranks[pair.layer] = residual_rank(weights, Bbar.shape[1])
         errors[pair.layer], naive[pair.layer] = aggregation_errors(Bs, As, weights, pair.scaling, Bbar, Abar, res)
     return Aggregate(state=state, residuals=residuals, errors=errors, residual_ranks=ranks, factors=factors,
                      naive_errors=naive)

@@ -3,13 +3,35 @@
 Uplink is each sampled client's trainable state. Downlink is the global trainable state plus the
 part of the frozen base a client does not have yet: the residuals of every round since it last
 participated. Per adapted layer it receives whichever is smaller, the factors of the residuals it
-missed (``(d_out + d_in) (K+1) r`` floats each) or the dense accumulated delta (``d_out d_in``).
+missed or the dense state of the base. With the exact base (:mod:`fedtalora.core.exact`, every method that
+changes the base) the factors of a round are the live clients' own factors and weights
+(:class:`~fedtalora.core.aggregation.ResidualFactors`: ``4 (d_out + d_in) K' r + 8 K'`` bytes) and the dense
+state is the float64 accumulator ``D`` (``8 d_out d_in`` bytes); without it, ``(L, R)`` of inner dimension
+``(K' - 1) r`` and the float32 base (``4 d_out d_in``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
+
+import torch
+
+from .aggregation import ResidualFactors
+
+
+def dense_catch_up_nbytes(shape: tuple[int, ...] | torch.Size, *, exact: bool) -> int:
+    """Bytes of one layer's dense catch-up: the float64 accumulator ``D`` with the exact base, else the
+    float32 base weight."""
+    return math.prod(shape) * (8 if exact else 4)
+
+
+def factored_nbytes(factors: ResidualFactors | tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Bytes of one round's residual factors of one layer, as they travel."""
+    if isinstance(factors, ResidualFactors):
+        return factors.nbytes
+    return sum(t.numel() * t.element_size() for t in factors)
 
 
 class DownlinkLedger:

@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,8 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import safeio
 from ..errors import DataError, one_line
-from ..files import atomic_write_text
+from ..safeio import atomic_write_text
 from ..seeding import numpy_rng
 from .types import DATASETS, Dataset, Split, stratified_split
 
@@ -83,6 +85,9 @@ OMNIGLOT_PARTS = ("images_background_small1", "images_background_small2")
 #: A source of one encoded image: a file path, or the bytes of a file (e.g. a zip member).
 ImageSource = Path | bytes
 
+MAX_IMAGE_BYTES = 256 * 2**20
+"""Largest image file read (a dataset image is at most a few MB)."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Decoding
@@ -94,17 +99,26 @@ def _default_workers() -> int:
 
 
 def _decode_one(source: ImageSource, size: int, name: str) -> np.ndarray:
-    """One image as ``uint8 (3, size, size)``: RGB, shorter side resized to ``size``, centre-cropped."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """One image as ``uint8 (3, size, size)``: RGB, shorter side resized to ``size``, centre-cropped.
 
+    A path is read only if it is a regular file (:func:`fedtalora.safeio.read_bytes`: a FIFO named
+    ``x.png`` is refused instead of blocking). Whatever Pillow raises on the bytes (truncated or
+    forged files, decompression bombs: see :func:`decode_images`) becomes one :class:`DataError`.
+    """
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Path):
+        source = safeio.read_bytes(source, what=f"image {name}", max_bytes=MAX_IMAGE_BYTES, error=DataError)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with Image.open(io.BytesIO(source)) as img:
             img = img.convert("RGB")
             if img.size != (size, size):
                 img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot decode image {name}: {one_line(exc)}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {name} is too large to decode safely ({one_line(exc, 200)})") from None
+    except Exception as exc:  # any failure of the decoder on these bytes is a bad file, not a bug of ours
+        raise DataError(f"cannot decode image {name}: {type(exc).__name__}: {one_line(exc, 200)}") from None
     return arr.transpose(2, 0, 1)  # HWC -> CHW
 
 
@@ -123,7 +137,9 @@ def decode_images(
         The images; row ``i`` holds ``sources[i]``.
 
     Raises:
-        DataError: An image cannot be read or decoded (the message names it).
+        DataError: An image cannot be read or decoded (the message names it), is not a regular file,
+            or has more pixels than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``;
+            the warning Pillow gives between one and two times that limit is an error here).
     """
     if size <= 0:
         raise DataError(f"image size must be positive, got {size}")
@@ -136,14 +152,18 @@ def decode_images(
         name = names[i] if names is not None else (str(src) if isinstance(src, Path) else f"#{i}")
         view[i] = _decode_one(src, size, name)
 
+    from PIL import Image
+
     workers = workers or _default_workers()
-    if workers == 1 or n < 64:
-        for i in range(n):
-            fill(i)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(fill, range(n), chunksize=64):
-                pass
+    with warnings.catch_warnings():  # entered by this thread only; the decoding threads see the filter
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if workers == 1 or n < 64:
+            for i in range(n):
+                fill(i)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(fill, range(n), chunksize=64):
+                    pass
     return out
 
 
@@ -347,7 +367,8 @@ def load_tiny_imagenet(
         base = _tiny_base(root)
     if base is None:
         raise _tiny_missing(root)
-    wnids = sorted({w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()})
+    wnids_text = safeio.read_text(base / "wnids.txt", what=f"Tiny-ImageNet {base / 'wnids.txt'}", error=DataError)
+    wnids = sorted({w.strip() for w in wnids_text.split() if w.strip()})
     if not wnids:
         raise _tiny_missing(root, f"wnids.txt is empty in {base}")
     index = {w: i for i, w in enumerate(wnids)}
@@ -365,7 +386,8 @@ def load_tiny_imagenet(
         raise _tiny_missing(root, f"is incomplete: {annotations} is missing")
     val_paths: list[Path] = []
     val_labels: list[int] = []
-    for lineno, line in enumerate(annotations.read_text().splitlines(), start=1):
+    annotations_text = safeio.read_text(annotations, what=f"Tiny-ImageNet {annotations}", error=DataError)
+    for lineno, line in enumerate(annotations_text.splitlines(), start=1):
         fields = line.split("\t") if "\t" in line else line.split()
         if not line.strip():
             continue
@@ -401,13 +423,18 @@ def _imagenet_r_base(root: Path) -> Path | None:
     return None
 
 
-def _read_split_file(path: Path, base: Path, class_names: list[str]) -> tuple[list[str], list[str]]:
-    try:
-        data = json.loads(path.read_text())
-        train, test = list(data["train"]), list(data["test"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"ImageNet-R split file {path} is unreadable ({one_line(exc)}); delete it to redraw") from None
-    missing = [p for p in train + test if not (base / p).is_file()]
+def _read_split_file(path: Path, base: Path, class_names: list[str],
+                     known: set[str] | None = None) -> tuple[list[str], list[str]]:
+    data = safeio.read_json(path, what=f"ImageNet-R split file {path}", error=DataError)
+    lists = [data.get(k) for k in ("train", "test")] if isinstance(data, dict) else [None, None]
+    bad = [k for k, v in zip(("train", "test"), lists, strict=True) if not isinstance(v, list)
+           or not all(isinstance(p, str) and p and not Path(p).is_absolute() and ".." not in Path(p).parts
+                      for p in v)]
+    if bad:
+        raise DataError(f"ImageNet-R split file {path} is not a split: '{bad[0]}' must be a list of paths relative "
+                        "to imagenet-r/; delete it to redraw")
+    train, test = list(lists[0]), list(lists[1])  # type: ignore[arg-type]
+    missing = [p for p in train + test if (p not in known if known is not None else not (base / p).is_file())]
     if missing:
         raise DataError(f"ImageNet-R split file {path} lists {len(missing)} file(s) missing under {base} "
                         f"(e.g. {missing[0]}); delete it to redraw")
@@ -475,7 +502,7 @@ def load_imagenet_r(
     rel = [p.relative_to(base).as_posix() for p in paths]
     split_path = Path(split_file).expanduser() if split_file else None
     if split_path is not None and split_path.is_file():
-        train_rel, test_rel = _read_split_file(split_path, base, class_names)
+        train_rel, test_rel = _read_split_file(split_path, base, class_names, known=set(rel))
         logger.info("ImageNet-R split read from %s (seed and test_fraction ignored)", split_path)
         position = {r: i for i, r in enumerate(rel)}
         train_idx = np.asarray(sorted(position[r] for r in train_rel), dtype=np.int64)
@@ -483,7 +510,10 @@ def load_imagenet_r(
     else:
         train_idx, test_idx = _split_by_class(labels, test_fraction, seed, "imagenet-r")
         if split_path is not None:
-            split_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                split_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(f"cannot create the folder of split_file {split_path}: {e.strerror or e}") from None
             doc = {"dataset": "imagenet-r", "seed": seed, "test_fraction": test_fraction,
                    "train": [rel[i] for i in train_idx], "test": [rel[i] for i in test_idx]}
             atomic_write_text(split_path, json.dumps(doc, indent=0))

@@ -20,7 +20,6 @@ Class ids are the sorted label names: stable across runs and machines.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import safeio
 from ..errors import DataError
 from ..seeding import numpy_rng
 from .types import DATASETS, Dataset, Split, stratified_split
@@ -131,10 +131,7 @@ def load_clinc150(root: str | Path, *, seed: int, download: bool = False, use_va
     if not path.is_file():
         hint = " (this loader never downloads)" if download else ""
         raise DataError(f"clinc150 not found: download data_full.json from {CLINC150_URL} to {path}{hint}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
+    data = safeio.read_json(path, error=DataError)  # regular file, UTF-8, size and depth limits
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with train/val/test lists")
     train = _clinc_pairs(data, "train", path)

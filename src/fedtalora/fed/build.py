@@ -104,11 +104,19 @@ class Components:
 
 
 def build_components(cfg: RunConfig, num_classes: int, device: torch.device | str = "cpu") -> Components:
-    """Model from ``model.*``/``lora.*`` with a head over ``num_classes``, the method attached, on ``device``."""
+    """Model from ``model.*``/``lora.*`` with a head over ``num_classes``, the method attached, on ``device``.
+
+    When the method changes the adapted layers' base weights (:attr:`Method.changes_base`: the ResWU residual,
+    a merged LoRA) the model keeps them exactly (:meth:`FedModel.enable_exact_base`, ``docs/exactness.md``),
+    from the weights as built: the server, every Flower client and a reloaded final model start from the same
+    ``W0`` and an empty accumulator, before anything is restored into them.
+    """
     method = build_method(cfg)
     classifier = build_classifier(cfg)
     model = build_model(cfg.model, cfg.lora, num_classes, cfg.data.image_size, cfg.seed)
     method.attach(model)  # what the method trains beyond LoRA and head
+    if method.changes_base:
+        model.enable_exact_base()
     set_fused_attention(model.backbone, cfg.train.fused_attention)
     compile_backbone(model.backbone, cfg.train.compile)  # lazy: compiles at the first forward pass
     return Components(model.to(device), method, classifier)

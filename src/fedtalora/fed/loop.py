@@ -9,7 +9,8 @@
             collect:   for k in S: local training from the global state -> (state_k, n_k)  (or k drops
                        out: faults.*); the server screens each update on arrival (validation.py)
             aggregate: fewer than fed.min_clients valid -> skip the round; else p_k = n_k / sum n,
-                       FedAvg + residual, applied to the global model
+                       FedAvg + residual, applied to the global model; the error the model really has
+                       (per round and since the start, in float64: core/exact.py)
             (last round) end-of-task client work: method.on_task_end, classifier.on_task_end
             record:    a RoundRecord (history.py)
             (last round) evaluate on the test data of every task seen so far -> row t
@@ -33,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.aggregation import Aggregate, normalize_weights, residual_nbytes, state_nbytes
-from ..core.comm import DownlinkLedger
+from ..core.aggregation import Aggregate, LoraPair, normalize_weights, state_nbytes
+from ..core.comm import DownlinkLedger, dense_catch_up_nbytes, factored_nbytes
+from ..core.exact import max_error, max_naive, round_errors
 from ..core.scenario import Task
 from ..core.validation import check_update
 from ..seeding import numpy_rng
@@ -44,6 +46,7 @@ from .cache import cached_inputs
 from .client import accuracy_per_task, predict
 from .faults import corrupt, draw_fault
 from .history import History, RoundRecord, TaskRecord
+from .screening import warn_if_large
 from .tracking import fan_out, open_trackers
 from .transport import ClientResult, RoundJob, Transport
 
@@ -84,12 +87,15 @@ class _Round:
     dropped: list[int] = field(default_factory=list)
     corrupted: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    large: list[int] = field(default_factory=list)
     uplink: int = 0
     downlink: int = 0
     downlink_dense: int = 0
     agg: Aggregate | None = None
     weights: torch.Tensor | None = None
     factored: dict[str, int] = field(default_factory=dict)
+    exactness: dict[str, float | None] = field(default_factory=dict)
+    """The truthful errors of the round (``aggregation_error*`` fields of the :class:`RoundRecord`)."""
 
 
 class _Loop:
@@ -102,7 +108,8 @@ class _Loop:
         self.keys = method.trainable_keys(model)
         self.global_state = model.trainable_state(self.keys)
         self.pairs = model.lora_pairs()
-        self.dense = {p.layer: residual_nbytes(*model.base_weight(p.layer).shape, inner=0)[0] for p in self.pairs}
+        exact = model.exact_base is not None  # dense catch-ups carry its float64 accumulator
+        self.dense = {p.layer: dense_catch_up_nbytes(model.base_weight(p.layer).shape, exact=exact) for p in self.pairs}
         self.ledger = DownlinkLedger(self.dense)
         self.T, self.R = setup.exp.scenario.num_tasks, cfg.fed.rounds_per_task
         self.history = History(
@@ -185,6 +192,8 @@ class _Loop:
             rnd.uplink += state_nbytes(res.state)
             why = check_update(res.state, res.num_samples, self.global_state, max_norm=cfg.fed.max_update_norm)
             if why is None:
+                if warn_if_large(res.state, self.global_state, cfg.fed.max_update_norm, self._where(t, r), k):
+                    rnd.large.append(k)
                 self.buffer.add(res.state, res.num_samples if cfg.fed.weighting == "samples" else 1.0)
                 rnd.accepted.append(res)
             else:
@@ -205,14 +214,50 @@ class _Loop:
         else:
             rnd.weights = normalize_weights(buffer.counts)
             agg = method.aggregate_buffer(model, buffer)
-            del buffer
+            measured = [p for p in self.pairs if p.layer in agg.errors]  # the layers aggregated as LoRA factors
+            base_old = {p.layer: model.base_weight(p.layer).detach().clone() for p in measured}
             method.apply(model, agg)
+            rnd.exactness = self.exactness(measured, base_old, buffer.states if measured else [], rnd.weights)
+            del buffer, base_old
             self.global_state = {k: v.detach().clone() for k, v in agg.state.items()}
-            rnd.factored = {layer: residual_nbytes(*model.base_weight(layer).shape,
-                                                   inner=agg.residual_ranks[layer])[1] for layer in agg.residuals}
+            rnd.factored = {layer: factored_nbytes(agg.factors[layer]) for layer in agg.residuals}
             rnd.agg = agg
         self.ledger.record_round(rnd.factored)
         self.transport.after_round(rnd.agg)  # e.g. Flower: the next base the clients sync to
+
+    def exactness(self, pairs: list[LoraPair], base_old: dict[str, torch.Tensor],
+                  updates: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, float | None]:
+        """The round's truthful errors, from what the model holds after :meth:`Method.apply` (float64).
+
+        Per round (:func:`~fedtalora.core.exact.round_errors`): the change of every measured layer's effective
+        weight against the clients' averaged change, from the global state the clients started from
+        (``self.global_state``, not yet replaced) and their updates (a factor a method does not send, e.g.
+        ffa-lora's frozen A, is the model's). Since the start (:meth:`FedModel.accumulated_errors`): only with
+        the exact base. Largest over layers, relative and in units of one float32 rounding of the weight; and
+        what naive averaging of the factors loses, relative to the same update.
+        """
+        out: dict[str, float | None] = dict.fromkeys(
+            ("aggregation_error", "aggregation_error_rounding", "aggregation_error_accumulated",
+             "aggregation_error_accumulated_rounding", "naive_aggregation_loss"))
+        if not pairs:
+            return out
+        model = self.s.model
+        params = model.lora_parameters()
+        keys = [k for p in pairs for k in (p.b_key, p.a_key)]
+
+        def full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: state[k] if k in state else params[k].detach() for k in keys}
+
+        base_new = {p.layer: model.base_weight(p.layer).detach() for p in pairs}
+        state_new = {k: params[k].detach() for k in keys}  # the global factors after the round
+        errors = round_errors(pairs, base_old, base_new, full(self.global_state), state_new,
+                              [full(u) for u in updates], weights)
+        out["aggregation_error"], out["aggregation_error_rounding"] = max_error(errors)
+        out["naive_aggregation_loss"] = max_naive(errors)
+        accumulated = model.accumulated_errors()
+        if accumulated:
+            out["aggregation_error_accumulated"], out["aggregation_error_accumulated_rounding"] = max_error(accumulated)
+        return out
 
     def end_task(self, task: Task, rnd: _Round) -> int:
         """The reporting clients' end-of-task work (e.g. class feature sums): the method's, then the
@@ -229,11 +274,18 @@ class _Loop:
         rec = RoundRecord(
             task=t, round=r, clients=rnd.clients,
             aggregated=[res.client for res in rnd.accepted], num_samples=[res.num_samples for res in rnd.accepted],
-            dropped=rnd.dropped, corrupted=rnd.corrupted, rejected=rnd.rejected, skipped=agg is None,
+            dropped=rnd.dropped, corrupted=rnd.corrupted, rejected=rnd.rejected, large_updates=rnd.large,
+            skipped=agg is None,
             train_loss=None if rnd.weights is None else float(
                 np.average([res.loss for res in rnd.accepted], weights=rnd.weights.numpy())),
-            aggregation_error=None if agg is None else agg.max_error,
-            naive_aggregation_loss=None if agg is None else agg.max_naive_error,
+            aggregation_error=None if agg is None else (
+                rnd.exactness["aggregation_error"] if rnd.exactness["aggregation_error"] is not None else agg.max_error),
+            aggregation_error_rounding=rnd.exactness.get("aggregation_error_rounding"),
+            aggregation_error_accumulated=rnd.exactness.get("aggregation_error_accumulated"),
+            aggregation_error_accumulated_rounding=rnd.exactness.get("aggregation_error_accumulated_rounding"),
+            naive_aggregation_loss=None if agg is None else (
+                rnd.exactness["naive_aggregation_loss"] if rnd.exactness["aggregation_error"] is not None
+                else agg.max_naive_error),
             uplink_bytes=rnd.uplink, downlink_bytes=rnd.downlink, downlink_bytes_dense=rnd.downlink_dense,
             residual_bytes_dense=sum(self.dense[layer] for layer, n in rnd.factored.items() if n),  # 0: no residual
             residual_bytes_factored=sum(rnd.factored.values()),
@@ -242,8 +294,10 @@ class _Loop:
         )
         self.history.rounds.append(rec)
         if agg is not None:
-            logger.info("%s loss=%.4f aggregation_error=%.3g up=%d B down=%d B", self._where(t, r), rec.train_loss,
-                        rec.aggregation_error, rec.uplink_bytes, rec.downlink_bytes)
+            logger.info("%s loss=%.4f aggregation_error=%.3g (%s u||W||) up=%d B down=%d B", self._where(t, r),
+                        rec.train_loss, rec.aggregation_error,
+                        "-" if rec.aggregation_error_rounding is None else f"{rec.aggregation_error_rounding:.2g}",
+                        rec.uplink_bytes, rec.downlink_bytes)
         self.emit({"event": "round", **rec.to_dict()})
 
     # --- tasks and the run --------------------------------------------------------------------------
@@ -277,6 +331,7 @@ class _Loop:
             state = rundir.Checkpoint(
                 completed_rounds=t * self.R + r + 1, task=t, round=r, global_state=self.global_state,
                 base={p.layer: s.model.base_weight(p.layer) for p in self.pairs},
+                exact={} if s.model.exact_base is None else s.model.exact_base.acc,
                 method_state=rundir.method_state(s.method, s.classifier), ledger=self.ledger.state_dict(),
                 metrics=self.history.to_dict(), elapsed_seconds=self.history.wall_seconds, resumes=self.resumes)
             rundir.save(self.run_dir, state, s.cfg.to_dict(), keep=s.cfg.output.checkpoints)
@@ -287,7 +342,8 @@ class _Loop:
         self.transport.finish(self.history)
         self.history.wall_seconds = self._wall()
         if self.run_dir is not None:
-            rundir.save_final(self.s.model, self.run_dir / rundir.FINAL_MODEL)  # before metrics.json says complete
+            rundir.save_final(self.s.model, self.run_dir / rundir.FINAL_MODEL,  # before metrics.json says complete
+                              config_sha256=rundir.config_fingerprint(self.s.cfg.to_dict()))
             rundir.write_metrics(self.run_dir, self.history)
         self.emit({"event": "end", "metrics": self.history.to_dict()})
         return RunResult(history=self.history, run_dir=self.run_dir, model=self.s.model)

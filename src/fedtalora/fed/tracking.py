@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..files import atomic_write_text
+from ..safeio import atomic_write_text
 
 if TYPE_CHECKING:
 
@@ -42,7 +42,7 @@ TENSORBOARD_HINT = "pip install fedtalora[tensorboard]"
 
 ROUND_COLUMNS = (
     "task", "round", "global_round", "clients", "num_samples", "train_loss", "aggregation_error",
-    "uplink_bytes", "downlink_bytes", "residual_bytes_dense", "residual_bytes_factored", "seconds",
+    "aggregation_error_rounding", "uplink_bytes", "downlink_bytes", "residual_bytes_dense", "residual_bytes_factored", "seconds",
 )
 """Leading columns of ``rounds.csv``; scalar fields of a round event not listed here follow, sorted."""
 
@@ -180,7 +180,8 @@ class TensorBoardTracker:
             self._rounds_per_task = int(event["rounds_per_task"])
         elif kind == "round":
             step = int(event["task"]) * self._rounds_per_task + int(event["round"])
-            for key in ("train_loss", "aggregation_error", "uplink_bytes", "downlink_bytes",
+            for key in ("train_loss", "aggregation_error", "aggregation_error_rounding",
+                        "aggregation_error_accumulated_rounding", "uplink_bytes", "downlink_bytes",
                         "residual_bytes_dense", "residual_bytes_factored", "seconds"):
                 value = event.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

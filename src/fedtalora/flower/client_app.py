@@ -14,9 +14,10 @@ A client knows only what reaches it through Flower:
 
 It builds its own model from the config (same seeds: the same initial weights as the server's, checked
 by a fingerprint) and trains with :func:`fedtalora.fed.transport.client_round`, the function the in-process
-engine calls. Its frozen base and the base version live in ``context.state`` between messages (a
-SuperNode starts one ClientApp process per message). The dataset and model are cached per process (the
-simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
+engine calls. Its frozen base -- the float64 accumulator ``D`` of the exact base, beside the pre-trained
+``W0`` it rebuilds (:mod:`fedtalora.core.exact`) -- and the base version live in ``context.state`` between
+messages (a SuperNode starts one ClientApp process per message). The dataset and model are cached per process
+(the simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
 message, so nodes sharing a process never see each other's weights.
 
 Node config keys: ``partition-id`` (required), ``data-root`` (this machine's ``data.root``),
@@ -75,7 +76,7 @@ class ClientSide:
     transform: Callable[..., Any]
     device: torch.device
     pristine: dict[str, torch.Tensor]
-    """The adapted layers' base weights as built (version 0)."""
+    """The adapted layers' base weights as built (version 0; ``W0`` of the exact base)."""
     fingerprint: str
     partition_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
@@ -183,17 +184,30 @@ def _side(context: Context) -> ClientSide:
     return build_client_side(str(st["config"]), str(st["partitions"]), str(data_root) if data_root else "")
 
 
+def _load_base(side: ClientSide, context: Context) -> None:
+    """This node's base into the shared model: its accumulator ``D`` (zero while pristine) and
+    ``fl32(W0 + D)``; the pristine base for a method that never changes it."""
+    exact = side.model.exact_base
+    stored = context.state.array_records.get(P.STATE_BASE)
+    if exact is None:
+        with torch.no_grad():
+            for layer, w in side.pristine.items():
+                side.model.base_weight(layer).copy_(w)
+        return
+    if stored is not None:
+        exact.load_state_dict(P.from_record(stored))
+    else:
+        exact.load_state_dict({layer: torch.zeros_like(d) for layer, d in exact.acc.items()})
+    side.model.sync_base()
+
+
 def _sync(side: ClientSide, context: Context, msg: Message) -> int:
     """Load this node's base into the shared model, apply the message's catch-up, store it back; returns
     the base version the node now has."""
     st = _node_state(context)
     cr = msg.content.config_records[P.CONFIG]
     version = int(st["version"])
-    stored = context.state.array_records.get(P.STATE_BASE)
-    base = P.from_record(stored) if stored is not None else side.pristine
-    with torch.no_grad():
-        for layer, w in base.items():
-            side.model.base_weight(layer).copy_(w)
+    _load_base(side, context)
     target = int(cr["base-to"])
     if P.RESIDUAL in msg.content.array_records:
         frm = int(cr["base-from"])
@@ -204,8 +218,7 @@ def _sync(side: ClientSide, context: Context, msg: Message) -> int:
             raise FedTaLoRAError("the server sent a partial dense base to a node of unknown version")
         P.apply_catch_up(side.model, plan)
         version = target
-        context.state[P.STATE_BASE] = P.to_record({p.layer: side.model.base_weight(p.layer)
-                                                   for p in side.model.lora_pairs()})
+        context.state[P.STATE_BASE] = P.to_record(side.model.exact_base.acc)  # type: ignore[union-attr]
         st["version"] = version
     elif target != version:
         raise FedTaLoRAError(f"the server's base is at version {target}, this node's at {version}, and no "

@@ -7,8 +7,9 @@ message and waits for the replies; screening, aggregation (the method hooks and 
 functions of :mod:`fedtalora.core.aggregation`), evaluation, metrics and checkpoints stay in the loop.
 
 It also keeps what the wire needs: which node holds which partition (``query.hello`` at the start),
-the base version each client has, the factors of the recent residual rounds (enough to catch any
-client up, older rounds are dropped once a dense base is smaller), and the bytes of every message
+the base version each client has, the factors of the recent residual rounds (the live clients' own factors
+and weights, :class:`~fedtalora.core.aggregation.ResidualFactors`: enough to catch any client up bit for bit;
+older rounds are dropped once the dense accumulator ``D`` of the exact base is smaller), and the bytes of every message
 and reply as Flower serialises them (``wire_*`` fields of each round in ``metrics.json``).
 
 A client that fails (an exception, an injected crash, no reply within ``flower.round_timeout``)
@@ -30,6 +31,8 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from ..core.aggregation import ResidualFactors
+from ..core.comm import dense_catch_up_nbytes
 from ..errors import FedTaLoRAError
 from ..fed.client import ClientResult
 from ..fed.transport import ClientOutcome, RoundJob, Transport
@@ -84,8 +87,8 @@ class GridTransport(Transport):
         """Partition id -> node id."""
         self.version = 0
         """Residual rounds applied to the server's base in this session (0: the base as built)."""
-        self.history: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        """Version ``v`` -> per layer the factors ``(L, R)`` of the residual that made ``v`` from ``v - 1``."""
+        self.history: dict[int, dict[str, ResidualFactors]] = {}
+        """Version ``v`` -> per layer the factors of the residual that made ``v`` from ``v - 1``."""
         self.client_version: dict[int, int | None] = {}
         """The base version each client has (None: unknown, it gets the dense base)."""
         self.dense_nbytes: dict[str, int] = {}
@@ -97,7 +100,8 @@ class GridTransport(Transport):
         self.setup = setup
         cfg = setup.cfg
         model = setup.model
-        self.dense_nbytes = {p.layer: model.base_weight(p.layer).numel() * model.base_weight(p.layer).element_size()
+        exact = model.exact_base is not None  # a dense catch-up is its float64 accumulator D
+        self.dense_nbytes = {p.layer: dense_catch_up_nbytes(model.base_weight(p.layer).shape, exact=exact)
                              for p in model.lora_pairs()}
         self.version = 1 if resumed else 0  # a restored base is not the one the clients build
         if not self.partitions:
@@ -180,12 +184,11 @@ class GridTransport(Transport):
         known = have is not None and all(v in self.history for v in missed)
         for layer, dense in self.dense_nbytes.items():
             if known:
-                items = [(v, *self.history[v][layer]) for v in missed]
-                factored = sum((L.numel() + R.numel()) * L.element_size() for _, L, R in items)
-                if factored <= dense:
+                items = [(v, self.history[v][layer]) for v in missed]
+                if sum(f.nbytes for _, f in items) <= dense:
                     plan[layer] = items
                     continue
-            plan[layer] = model.base_weight(layer).detach()
+            plan[layer] = model.exact_base.acc[layer].detach()  # type: ignore[union-attr]  (residuals: exact base)
         if not known:
             return -1, P.catch_up_record(plan)
         return int(have), P.catch_up_record(plan)  # type: ignore[arg-type]
@@ -282,8 +285,14 @@ class GridTransport(Transport):
     def after_round(self, agg: Aggregate | None) -> None:
         if agg is None or not agg.residuals:
             return
+        if self._setup().model.exact_base is None or not all(isinstance(f, ResidualFactors)
+                                                             for f in agg.factors.values()):
+            raise FedTaLoRAError("the Flower engines carry the residual of an exact base only "
+                                 "(FedModel.enable_exact_base; fed.build.build_components enables it)")
         self.version += 1
-        self.history[self.version] = {layer: (L.detach().cpu(), R.detach().cpu()) for layer, (L, R) in agg.factors.items()}
+        self.history[self.version] = {
+            layer: ResidualFactors(B=f.B.detach().cpu(), A=f.A.detach().cpu(), weights=f.weights.detach().cpu())
+            for layer, f in agg.factors.items()}
         if set(self.history[self.version]) != set(self.dense_nbytes):  # no factors: only the dense base can sync
             self.history.clear()
         self._prune()
@@ -294,8 +303,8 @@ class GridTransport(Transport):
         total = dict.fromkeys(self.dense_nbytes, 0)
         keep_from = self.version + 1
         for v in sorted(self.history, reverse=True):
-            for layer, (L, R) in self.history[v].items():
-                total[layer] += (L.numel() + R.numel()) * L.element_size()
+            for layer, f in self.history[v].items():
+                total[layer] += f.nbytes
             if all(total[layer] > self.dense_nbytes[layer] for layer in total):
                 break
             keep_from = v

@@ -32,6 +32,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..errors import ConfigError
+from ..runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         logger.info("fedtalora ServerApp: run directory %s", run_dir)
         transport = GridTransport(grid, engine="flower", partitions=partitions or None, run_dir=run_dir)
-        result = run_loop(setup, run_dir, None, transport, resume=resume)
+        with RunLock(run_dir):  # the one writer of run_dir (the submitting command does not hold it)
+            result = run_loop(setup, run_dir, None, transport, resume=resume)
     logger.info("fedtalora ServerApp: done, final average accuracy %.4f, metrics in %s",
                 result.history.final_average_accuracy, run_dir / "metrics.json")

@@ -21,8 +21,8 @@ method's :attr:`Method.Options` dataclass by :meth:`Method.parse_options`) and a
 the few run settings a method may read (the ``train`` section, the root seed, ``fed.residual``,
 ``data.max_length``), never the whole run config. What a method can do that the engines must know about is
 said by explicit class flags (:attr:`Method.predicts_with_head`, :attr:`Method.needs_server_state`,
-:attr:`Method.trains_clients_together`, :attr:`Method.forward_through_model`), not
-detected by comparing its functions with the base class's.
+:attr:`Method.trains_clients_together`, :attr:`Method.forward_through_model`, :attr:`Method.folds_residual`,
+:attr:`Method.merges_into_base`), not detected by comparing its functions with the base class's.
 
 How the global model *predicts* is not a method hook but a separate component, the classifier
 (:mod:`.classifier`, ``classifier.kind``): the loop asks it for evaluation scores and gives it the end of
@@ -132,10 +132,24 @@ class Method:
     """Its clients need state the global trainable state and the base residuals do not carry (the model
     changed at a task start, server-side method state in the loss). Engines whose clients only receive
     messages (Flower) refuse such a method until that state travels."""
+    folds_residual: ClassVar[bool] = True
+    """Its aggregation folds the ResWU residual into the adapted layers' base weights when ``fed.residual`` is
+    on (the defaults of :meth:`aggregate` and :meth:`apply`)."""
+    merges_into_base: ClassVar[bool] = False
+    """Its hooks add into the adapted layers' base weights whatever ``fed.residual`` says (PILoRA merges a
+    finished task's LoRA at the next task's start)."""
 
     def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.options: Any = self.parse_options(dict(options or {}))
+
+    @property
+    def changes_base(self) -> bool:
+        """The adapted layers' base weights change during the run (:attr:`folds_residual` with
+        ``fed.residual``, or :attr:`merges_into_base`). Such bases are kept exactly: the model is built with
+        :meth:`FedModel.enable_exact_base` (:func:`fedtalora.fed.build.build_components`), and what a method
+        adds with :meth:`FedModel.add_to_base` should be float64 (``docs/exactness.md``)."""
+        return (self.folds_residual and self.ctx.residual) or self.merges_into_base
 
     @classmethod
     def parse_options(cls, data: dict[str, Any]) -> Any:
@@ -209,8 +223,11 @@ class Method:
 
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:
-        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``)."""
-        return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.ctx.residual)
+        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``; the
+        float64 residual and its :class:`~fedtalora.core.aggregation.ResidualFactors` when the model keeps the
+        exact base)."""
+        return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.ctx.residual,
+                              exact=model.exact_base is not None)
 
     def apply(self, model: FedModel, agg: Aggregate) -> None:
         """Make ``agg`` the new global model: load the averaged state, fold residuals into the base."""

@@ -32,6 +32,7 @@ class FedLoRA(Method):
     summary = "shared LoRA + head, naive FedAvg of A and B (FedIT-style, no residual)"
     trains_clients_together = True  # LoRA + head through model(x), the loss reads model.parameters_by_key()
     forward_through_model = True  # the input reaches only model(x) / model.features(x)
+    folds_residual = False  # naive FedAvg: fed.residual is ignored
 
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:

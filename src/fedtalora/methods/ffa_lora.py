@@ -33,6 +33,7 @@ class FFALoRA(Method):
     summary = "A frozen at init, only B + head trained and averaged (exact by construction)"
     trains_clients_together = True  # LoRA + head through model(x), the loss reads model.parameters_by_key()
     forward_through_model = True  # the input reaches only model(x) / model.features(x)
+    folds_residual = False  # exact by construction: nothing to fold
 
     def trainable_keys(self, model: FedModel) -> list[str]:
         return [p.b_key for p in model.lora_pairs()] + list(model.head_parameters())

@@ -69,6 +69,7 @@ class Finetune(Method):
     name = "finetune"
     summary = "full fine-tuning of backbone + head, FedAvg of everything (streamed on the server)"
     forward_through_model = True  # the input reaches only model(x) / model.features(x)
+    folds_residual = False  # the LoRA layers stay at B = 0; the backbone trains and travels
 
     def attach(self, model: FedModel) -> None:
         model.add_trainable({f"backbone.{n}": p for n, p in model.backbone.named_parameters()

@@ -29,6 +29,7 @@ class HeadOnly(Method):
     summary = "frozen backbone, only the linear head trained and averaged"
     trains_clients_together = True  # LoRA + head through model(x), the loss reads model.parameters_by_key()
     forward_through_model = True  # the input reaches only model(x) / model.features(x)
+    folds_residual = False  # no LoRA
 
     def trainable_keys(self, model: FedModel) -> list[str]:
         return list(model.head_parameters())

@@ -5,7 +5,8 @@ class-incremental learning", ECCV 2024; official code ``Ghy0501/PILoRA``):
 
 * **Incremental LoRA.** Each task trains a fresh LoRA; the LoRAs of earlier tasks stay frozen and keep
   contributing. Here the finished task's global LoRA is merged into the frozen base at the next task's
-  start (``W_base += s B A``, the same effective weight as PILoRA's sum of per-task LoRAs) and A, B are
+  start (``W_base += s B A``, the same effective weight as PILoRA's sum of per-task LoRAs; in float64 into
+  the exact base, :mod:`fedtalora.core.exact`, so merging never rounds the sum) and A, B are
   re-initialised (A ~ kaiming-uniform seeded by ``(seed, "pilora-lora", task, layer)``, B = 0). During a
   task the base therefore never changes: aggregation is naive FedAvg (as in PILoRA), without residual.
 * **Orthogonality + sparsity of A.** The local loss adds ``ortho * sum_{j<t} |A_j A_t^T|_1`` (every
@@ -152,6 +153,8 @@ class PILoRA(Method):
     Options = PILoRAOptions
     predicts_with_head = False  # nearest prototype (its head rows hold the prototypes)
     needs_server_state = True  # the task-start merge and the previous tasks' A (orthogonality) live on the server
+    folds_residual = False  # naive FedAvg within a task (as in PILoRA)
+    merges_into_base = True  # the finished task's LoRA, at the next task's start (kept exactly: float64)
 
     def __init__(self, options: Any, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
@@ -175,7 +178,9 @@ class PILoRA(Method):
             return
         params = model.parameters_by_key()
         pairs = model.lora_pairs()
-        model.add_to_base({p.layer: p.scaling * (params[p.b_key] @ params[p.a_key]) for p in pairs})
+        # s B A in float64 (exact products of float32 factors): the exact base adds it without rounding
+        model.add_to_base({p.layer: (params[p.b_key].double() @ params[p.a_key].double()).mul_(p.scaling)
+                           for p in pairs})
         self.previous_A.append({p.layer: params[p.a_key].detach().to("cpu", copy=True) for p in pairs})
         self._previous_dev = []
         for p in pairs:

@@ -119,6 +119,7 @@ class Prompt(Method):
                "(options: pool_size, length, top_k, key_weight)")
     Options = PromptOptions
     predicts_with_head = False  # the head reads prompt-conditioned features
+    folds_residual = False  # no LoRA residual: prompts, keys and head are averaged
 
     def __init__(self, options: Any, ctx: MethodContext) -> None:
         super().__init__(options, ctx)

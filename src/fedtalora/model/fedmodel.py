@@ -6,7 +6,9 @@
       --> head (Linear(num_features, num_classes over the whole scenario)) --> logits
 
 Only the LoRA factors and the head train and travel. The base weights of adapted layers change only
-through the server's residual (:meth:`FedModel.add_to_base`), which accumulates over rounds and tasks.
+through the server's residual (:meth:`FedModel.add_to_base`), which accumulates over rounds and tasks;
+with the exact base (:meth:`FedModel.enable_exact_base`, :mod:`fedtalora.core.exact`) it accumulates in
+float64 beside the untouched pre-trained weight and the float32 weight is rewritten from both.
 
 The simulation keeps ONE model; a client is nothing but a state dict of trainable tensors that is
 copied into it before local training (:meth:`FedModel.load_trainable`).
@@ -24,6 +26,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..core.aggregation import LoraPair
+from ..core.exact import ExactBase, ExactnessError, accumulated_error
 from ..errors import ConfigError, ModelError
 from ..seeding import seeded_torch
 from .prefix import Activations, resume
@@ -109,6 +112,8 @@ class FedModel(nn.Module):
             f"backbone.{n}": m for n, m in backbone.named_modules() if _is_lora_layer(m)
         }
         self._extra: dict[str, nn.Parameter] = {}
+        self._exact: ExactBase | None = None
+        self._exact_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor] | Activations) -> torch.Tensor:
         """Logits over all classes of the scenario (``x``: images, or token ids for text backbones, or cached
@@ -173,18 +178,92 @@ class FedModel(nn.Module):
     # --- the frozen base ----------------------------------------------------------------------
 
     def base_weight(self, layer: str) -> torch.Tensor:
+        """The float32 base weight the layer computes with."""
         return self._lora[layer].base_layer.weight
 
     @torch.no_grad()
+    def enable_exact_base(self) -> ExactBase:
+        """Keep the adapted layers' base weights exactly from now on (:mod:`fedtalora.core.exact`).
+
+        The current base weights become ``W0`` of an :class:`~fedtalora.core.exact.ExactBase` (and the current
+        LoRA factors the start of the exact chain); from then on :meth:`add_to_base` adds into its float64
+        accumulator and rewrites each base weight as ``fl32(W0 + D)``. Idempotent. Call it on a freshly
+        built model, before any residual (and before restoring a checkpoint's accumulator):
+        :func:`fedtalora.fed.build.build_components` does, for methods that change the base.
+        """
+        if self._exact is None:
+            self._exact = ExactBase({layer: self.base_weight(layer) for layer in self._lora})
+            params = self.lora_parameters()
+            self._exact_start = {p.layer: (params[p.b_key].detach().clone(), params[p.a_key].detach().clone())
+                                 for p in self.lora_pairs()}
+        return self._exact
+
+    @property
+    def exact_base(self) -> ExactBase | None:
+        """The exact accumulator (None unless :meth:`enable_exact_base` was called)."""
+        return self._exact
+
+    @torch.no_grad()
     def add_to_base(self, deltas: Mapping[str, torch.Tensor]) -> None:
-        """``W_base += delta`` for each adapted layer (the residual; accumulates)."""
+        """Add ``delta`` (the residual; accumulates) to each adapted layer's base.
+
+        With the exact base (:meth:`enable_exact_base`) ``D += delta`` in float64 (give float64 deltas: a
+        float32 one is widened as it is) and the base weight becomes ``fl32(W0 + D)``; otherwise
+        ``W_base += delta`` in float32 (rounded every time).
+        """
+        if self._exact is not None:
+            self._exact.add(deltas)
+            self.sync_base(list(deltas))
+            return
         for layer, d in deltas.items():
             w = self._lora[layer].base_layer.weight
             w.add_(d.to(device=w.device, dtype=w.dtype))
 
     @torch.no_grad()
-    def effective_weight(self, layer: str) -> torch.Tensor:
-        """``W_base + s B A`` of one adapted layer (for tests and export)."""
+    def sync_base(self, layers: list[str] | None = None) -> None:
+        """Rewrite the base weights of ``layers`` (default: all) from the exact accumulator (after loading
+        its state); a no-op without it."""
+        if self._exact is None:
+            return
+        for layer in self._exact.layers() if layers is None else layers:
+            self._exact.materialise_into(layer, self.base_weight(layer))
+
+    def _lora_product(self, layer: str) -> torch.Tensor:
         m = self._lora[layer]
-        s = float(m.scaling[ADAPTER])
-        return m.base_layer.weight + s * m.lora_B[ADAPTER].weight @ m.lora_A[ADAPTER].weight
+        B, A = m.lora_B[ADAPTER].weight, m.lora_A[ADAPTER].weight
+        return (B.detach().to(torch.float64) @ A.detach().to(torch.float64)).mul_(float(m.scaling[ADAPTER]))
+
+    @torch.no_grad()
+    def effective_weight(self, layer: str) -> torch.Tensor:
+        """``W_base + s B A`` of one adapted layer as the layer computes with it, in float64 (exact up to
+        the float64 rounding of the LoRA product)."""
+        return self._lora_product(layer).add_(self.base_weight(layer).detach())
+
+    @torch.no_grad()
+    def exact_weight(self, layer: str) -> torch.Tensor:
+        """``W0 + D + s B A`` in float64: the exact global weight (what export rounds once to float32);
+        :meth:`effective_weight` without the exact base."""
+        if self._exact is None:
+            return self.effective_weight(layer)
+        return self._lora_product(layer).add_(self._exact.target(layer))
+
+    def accumulated_errors(self) -> dict[str, ExactnessError]:
+        """Per adapted layer, the model's distance from the exact chain since the exact base was enabled
+        (:func:`fedtalora.core.exact.accumulated_error`); empty without the exact base."""
+        if self._exact is None:
+            return {}
+        params = self.lora_parameters()
+        return {p.layer: accumulated_error(self.base_weight(p.layer).detach(), self._exact.w0[p.layer],
+                                           self._exact.acc[p.layer],
+                                           (params[p.b_key].detach(), params[p.a_key].detach()),
+                                           self._exact_start[p.layer], p.scaling)
+                for p in self.lora_pairs()}
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to(device)`` and friends also move the exact accumulator (never its dtype)."""
+        super()._apply(fn, recurse)
+        if self._exact is not None:
+            device = self.head.weight.device
+            self._exact.to(device)
+            self._exact_start = {k: (B.to(device), A.to(device)) for k, (B, A) in self._exact_start.items()}
+        return self

@@ -8,16 +8,22 @@ where to download them (instead of huggingface_hub's ~50 s of retries).
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, one_line
+from ..safeio import short
 from ..seeding import seeded_torch
 from .fedmodel import BackboneSpec
 from .weights import load_checkpoint, read_checkpoint
 
 # Placement vocabulary -> module paths inside one timm ViT block.
 TIMM_VIT_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+logger = logging.getLogger(__name__)
 
 
 def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[nn.Module, BackboneSpec]:
@@ -34,21 +40,29 @@ def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[n
     from_hub = pretrained and not cfg.checkpoint  # a local checkpoint is loaded below, strictly
     if cfg.checkpoint:
         checkpoint = read_checkpoint(cfg.checkpoint)  # fail on a bad file before building anything
-    if from_hub and not _pretrained_available(cfg.backbone):
-        raise ModelError(_offline_message(cfg.backbone))
+    if from_hub:
+        _check_vit_architecture(cfg.backbone)  # before fetching weights of a model that cannot be used
+        if not _pretrained_available(cfg.backbone):
+            raise ModelError(_offline_message(cfg.backbone))
     try:
         with seeded_torch(seed, "backbone-init"):
             model = timm.create_model(cfg.backbone, pretrained=from_hub, num_classes=0, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"model.kwargs={cfg.kwargs!r} rejected by timm for {cfg.backbone}: {e}") from None
+        _check_vit_architecture(cfg.backbone)  # "unexpected keyword argument 'img_size'" from a ResNet: say so
+        raise ConfigError(f"model.kwargs={short(cfg.kwargs)} rejected by timm for {cfg.backbone}: "
+                          f"{_first_line(e)}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if not from_hub:
-            raise ModelError(f"cannot build {cfg.backbone}: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"cannot build {cfg.backbone}: {_first_line(e)}") from None
         raise ModelError(_offline_message(cfg.backbone)) from None
+    except Exception as e:  # e.g. timm's AssertionError "dim should be divisible by num_heads": the kwargs
+        raise ConfigError(f"timm cannot build {cfg.backbone} with model.kwargs={short(cfg.kwargs)} and "
+                          f"data.image_size={image_size}: {type(e).__name__}: {_first_line(e)}") from None
     if cfg.checkpoint:
         load_checkpoint(model, checkpoint, source=f"model.checkpoint={cfg.checkpoint!r}", name=cfg.backbone)
-    if not hasattr(model, "blocks"):
-        raise ConfigError(f"model.backbone={cfg.backbone!r} has no transformer 'blocks'; use a timm ViT")
+    check_vit(model, cfg.backbone)
+    check_geometry(model, image_size, f"model.backbone={cfg.backbone!r}, model.kwargs={short(cfg.kwargs)}, "
+                                      f"data.image_size={image_size}")
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
@@ -62,6 +76,69 @@ def build_timm_backbone(cfg: ModelConfig, image_size: int, seed: int) -> tuple[n
         pretrained=pretrained,
     )
     return model, spec
+
+
+def _first_line(e: BaseException) -> str:
+    return one_line(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 300)
+
+
+def _not_a_vit(backbone: str, why: str) -> str:
+    return (f"model.backbone={backbone!r} is not a ViT ({why}); fedtalora adapts the transformer blocks of a timm "
+            f"ViT (blocks.N.attn.qkv, attn.proj, mlp.fc1, mlp.fc2): use e.g. vit_base_patch16_224.dino")
+
+
+def check_vit(model: nn.Module, backbone: str) -> None:
+    """Raise :class:`ConfigError` unless ``model`` is a timm ViT: a list of ``blocks`` whose first has an
+    ``attn.qkv`` ``Linear`` (the other LoRA targets are checked when LoRA is placed, for the chosen
+    ``lora.targets`` only, so ViT variants without e.g. ``mlp.fc2`` stay usable with other targets)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise ConfigError(_not_a_vit(backbone, f"{type(model).__name__} has no list of transformer 'blocks'"))
+    path = TIMM_VIT_TARGETS["qkv"]
+    try:
+        layer = blocks[0].get_submodule(path)
+    except AttributeError:
+        raise ConfigError(_not_a_vit(backbone, f"its blocks have no {path}")) from None
+    if not isinstance(layer, nn.Linear):
+        raise ConfigError(_not_a_vit(backbone, f"its {path} is a {type(layer).__name__}, not a Linear"))
+
+
+def _check_vit_architecture(backbone: str) -> None:
+    """:func:`check_vit` on ``backbone`` built with timm's defaults on the ``meta`` device (no memory, no
+    weights: a fraction of a second), to tell "not a ViT" from "bad model.kwargs"."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(backbone, pretrained=False, num_classes=0)
+    except Exception:  # cannot tell: let the caller report the kwargs
+        return
+    check_vit(model, backbone)
+
+
+def check_geometry(model: nn.Module, image_size: int, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``model`` takes ``(1, 3, image_size, image_size)`` images.
+
+    One forward pass on the ``meta`` device, with meta copies of the weights (no memory, no arithmetic:
+    ~0.1 s for ViT-B/16), so that a patch larger than the image or an ``img_size`` that disagrees with
+    ``data.image_size`` fails here, before the run directory exists, not in round 1.
+    """
+    from torch.func import functional_call
+
+    params = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+    x = torch.empty(1, 3, image_size, image_size, device="meta")
+    try:
+        with torch.no_grad():
+            out = functional_call(model, params, (x,), strict=False)
+    except NotImplementedError:  # pragma: no cover - an op without a meta kernel: no geometry check
+        logger.debug("geometry check skipped: an op of %s has no meta kernel", type(model).__name__)
+        return
+    except Exception as e:  # the shapes do not fit: the config's fault
+        raise ConfigError(f"{what}: the model cannot take {image_size}x{image_size} images "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise ConfigError(f"{what}: the backbone returns {getattr(out, 'shape', type(out).__name__)}, "
+                          "not one feature vector per image")
 
 
 def _weights_source(backbone: str) -> tuple[str | None, str | None]:

@@ -1,19 +1,23 @@
 """Local weight files of a backbone: read safely, loaded strictly.
 
 ``.safetensors`` files are read with safetensors; ``.pth``/``.pt``/``.bin``/``.ckpt`` files with
-``torch.load(weights_only=True)``, so no arbitrary code runs. Loading checks every key and shape and
-says in one line what does not fit.
+``torch.load(weights_only=True)``, so no arbitrary code runs (a file holding pickled objects is refused
+without the usual advice to set ``weights_only=False``). Every tensor read must be finite. Loading checks
+every key and shape and says in one line what does not fit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..core.integrity import nonfinite_message
+from ..errors import ModelError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +33,11 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     is removed.
 
     Raises:
-        ModelError: The file is missing, of an unknown type, unreadable, or holds no tensors.
+        ModelError: The file is missing, of an unknown type, unreadable, holds no tensors, or holds a tensor
+            with a NaN or an infinity.
     """
     import pickle
     from pathlib import Path
-
-    from safetensors import SafetensorError
 
     source = f"model.checkpoint={path!r}"
     p = Path(path).expanduser()
@@ -44,6 +47,8 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     if suffix not in _CHECKPOINT_SUFFIXES:
         raise ModelError(f"{source}: unsupported file type {suffix or '(no suffix)'}; "
                          f"use one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+    if not os.access(p, os.R_OK):
+        raise ModelError(f"{source} is not a readable regular file")
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -51,9 +56,16 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
             state = load_file(str(p), device="cpu")
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
-        first = " ".join(str(e).split())[:200]
-        raise ModelError(f"cannot read {source}: {type(e).__name__}: {first}") from None
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            # torch's message ends by suggesting weights_only=False, i.e. running the file's code: not here
+            raise ModelError(f"{source} holds pickled Python objects besides tensors, which fedtalora never "
+                             "unpickles (that could run code from the file); save the weights as .safetensors "
+                             "or as a plain state dict of tensors") from None
+        raise ModelError(f"cannot read {source}: not a PyTorch weight file ({_first_line(e)})") from None
+    except Exception as e:  # torch.load or safetensors on a file that is something else (text, truncated...)
+        raise ModelError(f"cannot read {source}: not a valid {suffix} weight file "
+                         f"({type(e).__name__}: {one_line(_strip_ansi(str(e)), 200)})") from None
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = [k for k in ("state_dict", "model", "module") if isinstance(state.get(k), Mapping)]
         if not inner:
@@ -66,7 +78,18 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         raise ModelError(f"{source} holds no tensors (keys: {', '.join(map(str, list(state)[:5]))})")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    bad = nonfinite_message(tensors, source)
+    if bad is not None:
+        raise ModelError(bad)
     return tensors
+
+
+def _first_line(e: BaseException) -> str:
+    return one_line(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 300)
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -98,7 +121,7 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], *, sour
     if callable(filter_fn):
         try:
             state = dict(filter_fn(state, model))
-        except (KeyError, RuntimeError, ValueError, AttributeError, TypeError) as e:
+        except Exception as e:  # timm's converter on tensors it does not expect (e.g. a 1-D pos_embed)
             raise ModelError(f"{source} does not fit {name}: timm's converter failed "
                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     expected = model.state_dict()
