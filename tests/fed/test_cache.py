@@ -168,3 +168,114 @@ def test_parallel_clients_and_the_cache_together(tiny_overrides) -> None:
     for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
     assert setup.cache.stats["batches"] > 0
+
+
+def test_a_cut_at_a_block_is_cleared_only_by_changes_below_it(make_tiny_model) -> None:
+    """Cut at block 2 (LoRA in block 2 only): the residual folded into block 2 and a trained head keep the cache;
+    an in-place change, a replaced parameter or a loaded state below block 2 clear it, and what is served then
+    equals the changed model's own prefix."""
+    from fedtalora.model.prefix import prefix
+
+    # Prepare
+    method = build_method(from_dict({"method": "fedtalora"}))
+    model = make_tiny_model(depth=3, blocks=(2,))
+    cache = _fresh_cache(model, method)
+    assert cache.point == 2
+    split, idx = _split(), np.arange(10)
+
+    def served() -> torch.Tensor:
+        s, t = cached_inputs(cache, "train", split, TRANSFORM, idx, train=False)
+        return t(s.inputs[torch.arange(10)]).hidden
+
+    def own() -> torch.Tensor:
+        with torch.no_grad():
+            return prefix(model.backbone, model.spec.blocks_path, TRANSFORM(split.inputs, train=False), 2).hidden
+
+    first = served()
+
+    # Execute + Assert: changes at or above the cut keep it
+    layer = model.lora_pairs()[0].layer
+    assert ".blocks.2." in layer
+    model.add_to_base({layer: torch.full_like(model.base_weight(layer), 0.01)})
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)
+        model.backbone.blocks[2].norm1.weight.add_(1.0)
+    assert torch.equal(served(), first) and cache.stats["invalidations"] == 0
+
+    # ... each change below it clears it (a new tensor, an in-place change, a loaded state dict)
+    changes = [
+        lambda: setattr(model.backbone.blocks[1].norm2, "weight",
+                        torch.nn.Parameter(model.backbone.blocks[1].norm2.weight.detach() + 0.5, requires_grad=False)),
+        lambda: model.backbone.blocks[0].attn.qkv.weight.detach().mul_(1.5),  # a detached view shares the counter
+        lambda: model.backbone.patch_embed.proj.bias.add_(0.1),
+        lambda: model.backbone.load_state_dict({k: v * 0.9 for k, v in model.backbone.state_dict().items()}),
+    ]
+    for n, change in enumerate(changes, start=1):
+        before = served()
+        with torch.no_grad():
+            change()
+        now = served()
+        assert cache.stats["invalidations"] == n
+        assert not torch.equal(now, before)
+        assert torch.allclose(now, own(), rtol=0, atol=1e-5)  # fill batches of 4 vs one batch of 10
+
+
+def test_batch_normalisation_below_the_cut_turns_the_cache_off(make_tiny_model) -> None:
+    method = build_method(from_dict({"method": "head-only"}))
+    model = make_tiny_model()
+    assert cache_point(model, method, TRANSFORM)[0]
+    model.backbone.norm_pre = torch.nn.BatchNorm1d(5)  # 4 patches + cls token as channels: only its kind matters
+    ok, _, why = cache_point(model, method, TRANSFORM)
+    assert not ok and "batch statistics" in why and "norm_pre" in why
+
+
+def test_a_bf16_cached_run_matches_the_uncached_one(tiny_overrides) -> None:
+    """The fill runs under the same bf16 autocast as training: the cached activations are what the uncached
+    bf16 forward computes (the block outputs stay float32 under autocast), so the runs agree."""
+    extra = ["method=fedtalora", "lora.blocks=[1]", "train.precision=bf16", "train.optimizer=sgd"]
+    plain, _ = _cache_run(extra, tiny_overrides)
+    cached, setup = _cache_run(["train.feature_cache=device", *extra], tiny_overrides)
+    a, b = without_timing(cached), without_timing(plain)
+    assert setup.cache.usable and setup.cache.point == 1 and setup.cache.stats["batches"] > 0
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-3)  # bf16: ~3 significant digits
+
+
+def test_cached_training_reads_nothing_back_from_the_device(make_tiny_model) -> None:
+    """GPU readiness on the CPU: filling the cache and training from it, one client and several together, with
+    the model and the cache on ``meta`` (every read-back from the device raises); the bookkeeping of what is
+    filled stays on the host."""
+    from fedtalora.fed.client import ClientJob, make_optimizer, train_steps
+    from fedtalora.fed.parallel import train_steps_together
+    from fedtalora.seeding import torch_generator
+
+    # Prepare: LoRA in blocks 1-2 (cut at block 1), the model and the cache on meta
+    meta = torch.device("meta")
+    method = build_method(from_dict({"method": "fedprox"}))
+    model = make_tiny_model(depth=3, blocks=(1, 2)).to(meta)
+    cache = FeatureCache(model, method, TRANSFORM, TrainConfig(feature_cache="device", batch_size=4), meta)
+    split, idx = _split(24), np.arange(24)
+    cfg = TrainConfig(batch_size=5, local_epochs=2, optimizer="adamw")
+    keys = method.trainable_keys(model)
+    state = model.trainable_state(keys)
+
+    # Execute: fill, one client's inner loop, three clients together
+    s, t = cached_inputs(cache, "train", split, TRANSFORM, idx, train=True)
+    model.load_trainable(state)
+    for k, p in model.parameters_by_key().items():
+        p.requires_grad_(k in keys)
+    method.on_local_start(model, state)
+    total, n = train_steps(model, method, make_optimizer(method.param_groups(model, keys), cfg), s.inputs,
+                           torch.arange(24), torch.as_tensor(split.labels), None, transform=t, cfg=cfg,
+                           generator=torch.Generator().manual_seed(0), device=meta)
+    jobs = [ClientJob(k, idx[k * 8:(k + 1) * 8], split.labels[k * 8:(k + 1) * 8], None,
+                      torch_generator(0, "local", 0, 0, k)) for k in range(3)]
+    states, totals, steps = train_steps_together(model, method, state, jobs, split=s, transform=t, cfg=cfg, device=meta)
+
+    # Assert: every sample filled once per variant, on the device; the loops ran to the end there
+    assert t is not TRANSFORM and cache.stats["computed"] == 2 * 24
+    store = cache.stores["train"]
+    assert store.values is not None and store.values.device.type == "meta" and store.have.device.type == "cpu"
+    assert n == 2 * 5 and total.device.type == "meta"
+    assert steps == [4, 4, 4] and all(v.device.type == "meta" for st in states for v in st.values())

@@ -238,6 +238,14 @@ def _dropout_configs() -> tuple[ModelConfig, LoraConfig]:
             LoraConfig(rank=4, blocks=[0], dropout=0.1))
 
 
+def test_a_model_that_normalises_by_batch_statistics_trains_serially(make_tiny_model) -> None:
+    method = build_method(from_dict({}))
+    model = make_tiny_model()
+    model.backbone.norm_pre = torch.nn.BatchNorm1d(5)  # only its kind matters here
+    why = why_serial(model, method, method.trainable_keys(model))
+    assert why is not None and "batch statistics" in why and "norm_pre" in why
+
+
 @pytest.mark.parametrize("method_name", ["pilora", "prompt"])
 def test_the_engine_falls_back_to_serial_by_the_flag(method_name, tiny_overrides, caplog) -> None:
     cfg = resolve("demo", [*tiny_overrides, f"method={method_name}", "train.parallel_clients=3"])

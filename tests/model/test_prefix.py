@@ -10,6 +10,7 @@ from fedtalora.data import Split, TextTransform, tokenize_split
 from fedtalora.model import build_model
 from fedtalora.model.prefix import (
     Activations,
+    batch_statistics_modules,
     block_index,
     compile_backbone,
     prefix,
@@ -105,6 +106,14 @@ def test_stochastic_modules_are_found(tiny_configs) -> None:
     model_cfg.kwargs = {**model_cfg.kwargs, "drop_path_rate": 0.1}
     lora_cfg.dropout = 0.0
     assert any("drop_path" in n for n in stochastic_modules(build_model(model_cfg, lora_cfg, 10, 8, 0)))
+
+
+def test_batch_statistics_modules_are_found(make_tiny_model) -> None:
+    model = make_tiny_model()
+    assert batch_statistics_modules(model) == []
+    model.backbone.blocks[1].norm1 = torch.nn.BatchNorm1d(5)
+    assert batch_statistics_modules(model) == ["backbone.blocks.1.norm1"]
+    assert batch_statistics_modules(model.backbone) == ["blocks.1.norm1"]
 
 
 def test_fused_and_eager_attention_agree(make_tiny_model, tiny_bert) -> None:

@@ -13,7 +13,8 @@ activations at a *cut point* once per sample and feeds them to the rest of the m
   cut (no cache) when the method trains a tensor outside the blocks (``finetune``), when its forward does not go
   through ``model(x)`` / ``model.features(x)`` (:attr:`Method.forward_through_model`, e.g. ``prompt``), when
   the first block is adapted (nothing worth caching below it), when a layer below the cut draws random numbers
-  (dropout, drop-path) or when the input augmentation is not a finite set of variants.
+  (dropout, drop-path) or normalises by batch statistics (batch norm: training differs from the fill), or when
+  the input augmentation is not a finite set of variants.
 * **How a change below is caught.** Every use checks a fingerprint of every parameter and buffer of the
   backbone below the cut: its storage address and its version counter, which torch bumps on every in-place
   change (an optimiser step, ``copy_``, ``add_``). A changed fingerprint clears the cache; it is refilled on
@@ -51,7 +52,14 @@ from ..config import TrainConfig
 from ..data import Split
 from ..methods import Method
 from ..model import FedModel
-from ..model.prefix import Activations, block_index, prefix, split_points, stochastic_modules
+from ..model.prefix import (
+    Activations,
+    batch_statistics_modules,
+    block_index,
+    prefix,
+    split_points,
+    stochastic_modules,
+)
 from .client import Transform, autocast, to_device
 
 logger = logging.getLogger(__name__)
@@ -111,10 +119,13 @@ def cache_point(model: FedModel, method: Method, transform: Any) -> tuple[bool, 
             return False, None, "block 0 is adapted: nothing frozen below it is worth caching"
         if not split_points(model.backbone):
             return False, None, f"the backbone ({type(model.backbone).__name__}) cannot be cut at a block"
-    below = [n for n in stochastic_modules(model.backbone)
-             if point is None or (b := block_index(f"backbone.{n}", bp)) is None or b < point]
-    if below:
-        return False, None, f"a layer below the cut draws random numbers in training ({below[0]})"
+    def below(names: list[str]) -> list[str]:
+        return [n for n in names if point is None or (b := block_index(f"backbone.{n}", bp)) is None or b < point]
+
+    if random := below(stochastic_modules(model.backbone)):
+        return False, None, f"a layer below the cut draws random numbers in training ({random[0]})"
+    if mixing := below(batch_statistics_modules(model.backbone)):
+        return False, None, f"a layer below the cut normalises by batch statistics in training ({mixing[0]})"
     return True, point, "the pooled features" if point is None else f"the input of block {point}"
 
 

@@ -29,7 +29,7 @@ clients at once:
 What can run this way is said by the method (:attr:`Method.trains_clients_together
 <fedtalora.methods.Method.trains_clients_together>`) and by the model: :func:`why_serial` names the reason
 when it cannot (a method that trains other tensors or computes otherwise; dropout or drop-path, whose draws
-would differ). Results equal the serial path to float rounding (the tests compare every returned tensor and
+would differ; batch normalisation, which would mix the clients' samples). Results equal the serial path to float rounding (the tests compare every returned tensor and
 loss). Memory: activations of ``G x train.batch_size`` samples and ``G`` copies of the trainable tensors and
 their optimiser state.
 """
@@ -49,7 +49,7 @@ from ..config import TrainConfig
 from ..data import Split
 from ..methods import Method
 from ..model import ADAPTER, FedModel
-from ..model.prefix import Activations, stochastic_modules
+from ..model.prefix import Activations, batch_statistics_modules, stochastic_modules
 from .client import ClientJob, ClientResult, Transform, autocast, batches, make_optimizer, to_device
 
 __all__ = ["ClientView", "GroupedLinear", "combine_batches", "grouped_modules", "length_buckets", "train_steps_together",
@@ -64,6 +64,9 @@ def why_serial(model: FedModel, method: Method, keys: Sequence[str]) -> str | No
     if stochastic:
         return (f"the model draws random numbers in training ({stochastic[0]}"
                 f"{f' and {len(stochastic) - 1} more' if len(stochastic) > 1 else ''}; e.g. lora.dropout > 0)")
+    mixing = batch_statistics_modules(model)
+    if mixing:
+        return f"the model normalises by batch statistics ({mixing[0]}): a batch of several clients would mix them"
     stackable = set(model.lora_parameters()) | set(model.head_parameters())
     other = [k for k in keys if k not in stackable]
     if other:

@@ -17,7 +17,8 @@ Activations travel as :class:`Activations`, which :meth:`FedModel.features <fedt
 recognises in place of raw inputs, so a method whose forward calls ``model(x)`` or ``model.features(x)``
 needs no change (:attr:`Method.forward_through_model <fedtalora.methods.Method.forward_through_model>`).
 
-Also here: what makes a model draw random numbers in training (:func:`stochastic_modules`), the attention
+Also here: what makes a model draw random numbers in training (:func:`stochastic_modules`) or mix the samples
+of a batch (:func:`batch_statistics_modules`), the attention
 kernel (:func:`set_fused_attention`) and ``torch.compile`` of the backbone (:func:`compile_backbone`).
 """
 
@@ -33,8 +34,8 @@ from torch import nn
 
 from .hf import HFEncoder
 
-__all__ = ["Activations", "block_index", "compile_backbone", "prefix", "resume", "set_fused_attention",
-           "split_points", "stochastic_modules"]
+__all__ = ["Activations", "batch_statistics_modules", "block_index", "compile_backbone", "prefix", "resume",
+           "set_fused_attention", "split_points", "stochastic_modules"]
 
 
 @dataclass
@@ -79,6 +80,14 @@ def stochastic_modules(module: nn.Module) -> list[str]:
         elif float(getattr(m, "drop_prob", 0.0) or 0.0) > 0:
             out.append(name)
     return out
+
+
+def batch_statistics_modules(module: nn.Module) -> list[str]:
+    """Names of the submodules whose training-mode output depends on the other samples of the batch and
+    which update state as they run: batch normalisation (it normalises by the batch's statistics and moves its
+    running averages). Such a layer gives other values for a batch of several clients (or padded rows) than
+    for each client's own batch, and other values in training than in the evaluation mode a cache is filled in."""
+    return [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 # --- where the backbone can be cut --------------------------------------------------------------------
