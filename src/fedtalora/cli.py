@@ -201,7 +201,7 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
     run_dir = _run_dir(cfg, preset)
     with _Progress(enabled=interactive) as progress:
         result = run(setup, run_dir=run_dir, progress=progress)
-    _print_summary(result.metrics, run_dir)
+    _print_summary(result.metrics, run_dir, setup)
     return 0
 
 
@@ -254,7 +254,7 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
     interactive = _setup_logging(quiet, verbose)
     with _Progress(enabled=interactive) as progress:
         result = run(setup, run_dir=path, progress=progress, resume=True)
-    _print_summary(result.metrics, path)
+    _print_summary(result.metrics, path, setup)
     return 0
 
 
@@ -337,44 +337,16 @@ class _Progress:
                 bar.reset(self._clients, total=self._m, description="round 1 clients")
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+def _print_summary(m: dict[str, Any], run_dir: Path, setup: Any = None) -> None:
+    """What ran, the metrics and any precomputed reference lines (:mod:`fedtalora.run_summary`)."""
+    from .run_summary import data_facts, find_reference, format_summary
 
-
-def _print_summary(m: dict[str, Any], run_dir: Path) -> None:
-    rounds = m["rounds"]
-    n = max(len(rounds), 1)
-    fgt = m.get("forgetting")
-    pre = "pretrained" if m["pretrained"] else "NOT pretrained: random initialisation"
-    rows = [
-        ("backbone", f"{m['backbone']} ({pre})"),
-        ("final average accuracy (F_AA)", f"{m['final_average_accuracy']:.4f}"),
-        ("average incremental accuracy (AIA)", f"{m['average_incremental_accuracy']:.4f}"),
-        ("forgetting", "n/a (one task)" if fgt is None else f"{fgt:.4f}"),
-        ("max aggregation error", f"{m['max_aggregation_error']:.2e}"),
-        *([("naive averaging would lose (mean / max)",
-            f"{m['naive_aggregation_loss_mean']:.2e} / {m['naive_aggregation_loss_max']:.2e}")]
-          if m.get("naive_aggregation_loss_mean") is not None else []),
-        ("uplink per round", _fmt_bytes(m["uplink_bytes_total"] / n)),
-        ("downlink per round", _fmt_bytes(m["downlink_bytes_total"] / n)),
-        ("trainable parameters", f"{m['trainable_parameters']:,}"),
-        ("wall time", f"{m['wall_seconds']:.1f} s"),
-    ]
-    rel = m.get("reliability") or {}
-    if any(rel.values()):
-        rows.append(("dropped / corrupted / rejected / skipped rounds",
-                     f"{rel['dropped_clients']} / {rel['corrupted_updates']} / {rel['rejected_updates']} / "
-                     f"{rel['skipped_rounds']}"))
-    width = max(len(k) for k, _ in rows)
-    print(f"{'metric':{width}s}  value")
-    print(f"{'-' * width}  {'-' * 12}")
-    for k, v in rows:
-        print(f"{k:{width}s}  {v}")
-    print(f"run directory: {run_dir}")
+    cfg = data = ref = None
+    if setup is not None:
+        cfg, ds = setup.cfg.to_dict(), setup.exp.dataset
+        data = data_facts(ds.name, ds.num_classes, ds.train.labels, ds.test.labels, ds.modality)
+        ref = find_reference(cfg)
+    print(format_summary(m, run_dir, cfg, data, ref))
 
 
 def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: bool, verbose: bool,
