@@ -20,6 +20,7 @@ Usage (from the repository root)::
     PYTHONPATH=src python benchmarks/demo_reference.py                 # reference lines only
     PYTHONPATH=src python benchmarks/demo_reference.py --time 3        # and 3 timed CLI runs
     PYTHONPATH=src python benchmarks/demo_reference.py --only-time 3   # timing only
+    PYTHONPATH=src python benchmarks/demo_reference.py --only-time 3 --compare demo   # interleaved with `demo`
 """
 
 from __future__ import annotations
@@ -85,28 +86,35 @@ def reference(preset: str) -> dict[str, Any]:
     return out
 
 
-def time_cli(preset: str, repeats: int) -> list[dict[str, Any]]:
+def _cli_once(preset: str, label: str) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        load = os.getloadavg()[0]
+        before = os.times()
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "fedtalora", "run", preset, "-q", f"output.dir={tmp}",
+                              "output.name=timed"], env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        after = os.times()
+        if res.returncode != 0:
+            sys.exit(f"fedtalora run {preset} failed:\n{res.stderr}")
+        m = json.loads((Path(tmp) / "timed" / "metrics.json").read_text())
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    rec = {"run": label, "preset": preset, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+           "run_seconds": round(m["wall_seconds"], 1), "load_before": round(load, 2),
+           "load_after": round(os.getloadavg()[0], 2), "final_average_accuracy": round(m["final_average_accuracy"], 4)}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def time_cli(preset: str, repeats: int, compare: str | None = None) -> list[dict[str, Any]]:
+    """``repeats`` timed CLI runs of ``preset``; with ``compare``, each preceded by a run of that preset
+    (interleaved, so both see the same load: their ratio is the load-robust number)."""
     records = []
     for i in range(repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            load = os.getloadavg()[0]
-            before = os.times()
-            t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-m", "fedtalora", "run", preset, "-q", f"output.dir={tmp}",
-                                  "output.name=timed"], env=env, capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - t0
-            after = os.times()
-            if res.returncode != 0:
-                sys.exit(f"fedtalora run {preset} failed:\n{res.stderr}")
-            m = json.loads((Path(tmp) / "timed" / "metrics.json").read_text())
-        cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-        rec = {"run": f"cli {i + 1}/{repeats}", "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-               "run_seconds": round(m["wall_seconds"], 1), "load_before": round(load, 2),
-               "load_after": round(os.getloadavg()[0], 2),
-               "final_average_accuracy": round(m["final_average_accuracy"], 4)}
-        print(json.dumps(rec), flush=True)
-        records.append(rec)
+        if compare:
+            records.append(_cli_once(compare, f"{compare} {i + 1}/{repeats}"))
+        records.append(_cli_once(preset, f"{preset} {i + 1}/{repeats}"))
     return records
 
 
@@ -124,12 +132,19 @@ def write_markdown(preset: str, ref: dict[str, Any] | None, timing: list[dict[st
             lines.append(f"| {label} | {r['final_average_accuracy']:.4f} | {r['average_incremental_accuracy']:.4f} | "
                          f"{fgt} | {r['run_seconds']:.1f} |")
         lines += [""]
-    if timing:
-        walls, cpus = [r["wall_seconds"] for r in timing], [r["cpu_seconds"] for r in timing]
+    mine = [r for r in timing if r["preset"] == preset]
+    if mine:
+        walls, cpus = [r["wall_seconds"] for r in mine], [r["cpu_seconds"] for r in mine]
         lines += [f"Whole CLI (`python -m fedtalora run {preset} -q`, fresh process, imports and model loading "
-                  f"included), {len(timing)} runs on a shared 2-core machine: wall median {median(walls):.1f} s "
-                  f"(min {min(walls):.1f}, max {max(walls):.1f}), user+sys CPU median {median(cpus):.1f} s.", "",
-                  "| run | wall s | CPU s | load avg before / after | F_AA |", "|---|---|---|---|---|"]
+                  f"included), {len(mine)} runs on a shared 2-core machine: wall median {median(walls):.1f} s "
+                  f"(min {min(walls):.1f}, max {max(walls):.1f}), user+sys CPU median {median(cpus):.1f} s."]
+        others = [r for r in timing if r["preset"] != preset]
+        if others:
+            ratio = [b["wall_seconds"] / a["wall_seconds"] for a, b in zip(others, mine, strict=False)]
+            cratio = [b["cpu_seconds"] / a["cpu_seconds"] for a, b in zip(others, mine, strict=False)]
+            lines += ["", f"Interleaved with `{others[0]['preset']}` (same load): {preset} / {others[0]['preset']} = "
+                      f"{median(ratio):.2f} in wall time, {median(cratio):.2f} in CPU time (medians)."]
+        lines += ["", "| run | wall s | CPU s | load avg before / after | F_AA |", "|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['wall_seconds']} | {r['cpu_seconds']} | {r['load_before']} / {r['load_after']} | "
                   f"{r['final_average_accuracy']:.4f} |" for r in timing]
         lines += [""]
@@ -141,13 +156,15 @@ def main() -> int:
     ap.add_argument("--preset", default="text-demo")
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time the whole CLI N times")
     ap.add_argument("--only-time", type=int, default=0, metavar="N", help="only time the whole CLI N times")
+    ap.add_argument("--compare", default=None, metavar="PRESET",
+                    help="interleave each timed run with one of this preset (e.g. demo) and report the ratio")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ref = None
     if not args.only_time:
         ref = reference(args.preset)
         (PRESETS / f"{args.preset}.reference.json").write_text(json.dumps(ref, indent=1) + "\n")
-    timing = time_cli(args.preset, args.only_time or args.time)
+    timing = time_cli(args.preset, args.only_time or args.time, args.compare)
     if ref is None and (PRESETS / f"{args.preset}.reference.json").is_file():
         ref = json.loads((PRESETS / f"{args.preset}.reference.json").read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)

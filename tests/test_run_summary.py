@@ -54,7 +54,8 @@ def test_describe_the_text_demo() -> None:
     fed = cfg["fed"]
     assert f"{fed['num_clients']} clients ({fed['clients_per_round']} per round)" in rows["federation"]
     assert f"Dirichlet(beta={cfg['partition']['beta']:g}) non-IID" in rows["federation"]
-    assert rows["method"].startswith("fedtalora, LoRA rank") and "residual on" in rows["method"]
+    assert f"Dirichlet(beta={cfg['partition']['beta']:g}) non-IID; 1 round x 1 local epoch per task" in rows["federation"]
+    assert rows["method"].startswith("fedtalora, LoRA rank 4 in layers 0-2 (qkv, proj, fc1, fc2), residual on")
     assert rows["method"].endswith("classifier: nearest class prototype")
 
 
@@ -64,6 +65,9 @@ def test_describe_uneven_counts_and_frozen_backbone() -> None:
     assert "1-2 train / 1 test samples per class" in rows["data"] and rows["data"].startswith("mine:")
     assert "LoRA" not in rows["method"] and "IID" in rows["federation"]
     assert "NOT pretrained" in rows["model"]
+    cfg = resolve("demo", ["fed.rounds_per_task=2", "lora.blocks=[0,2]"]).to_dict()
+    rows = dict(describe_run(cfg, data_facts("digits", 2, [0, 1], [0, 1]), _metrics()))
+    assert "2 rounds x 3 local epochs per task" in rows["federation"] and "in blocks 0, 2 (" in rows["method"]
 
 
 def test_comparable_config_ignores_only_where_and_how_fast() -> None:

@@ -73,6 +73,10 @@ def _blocks(blocks: Sequence[int]) -> str:
     return ", ".join(str(i) for i in b)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _partition(p: dict[str, Any]) -> str:
     if p["kind"] == "dirichlet":
         return f"Dirichlet(beta={p['beta']:g}) non-IID"
@@ -90,21 +94,22 @@ def describe_run(cfg: dict[str, Any], data: DataFacts, metrics: dict[str, Any]) 
     unit = "utterances" if data.modality == "text" else "samples"
     per_task = data.num_classes // max(scen["num_tasks"], 1)
     order = "random" if scen["class_order"] == "random" else "natural"
-    epochs = train["local_epochs"]
+    epochs, rounds = train["local_epochs"], fed["rounds_per_task"]
     rows = [
         ("model", f"{name} ({pre})"),
         ("data", f"{_DATA_NAMES.get(data.name, data.name)}: {data.num_classes} classes, "
                  f"{_counts(data.train_counts, 'train')} / {_counts(data.test_counts, 'test')} {unit} per class; "
                  f"{scen['num_tasks']} tasks x {per_task} classes ({order} order)"),
         ("federation", f"{fed['num_clients']} clients ({fed['clients_per_round']} per round), "
-                       f"{_partition(cfg['partition'])}; {fed['rounds_per_task']} round(s) x {epochs} local "
-                       f"epoch(s) per task"),
+                       f"{_partition(cfg['partition'])}; {_plural(rounds, 'round')} x {_plural(epochs, 'local epoch')} "
+                       "per task"),
     ]
     method = cfg["method"]
     trains_lora = method not in ("head-only", "prompt")
     what = method
     if trains_lora:
-        what += (f", LoRA rank {lora['rank']} in blocks {_blocks(lora['blocks'])} ({', '.join(lora['targets'])}), "
+        where = "layers" if data.modality == "text" else "blocks"
+        what += (f", LoRA rank {lora['rank']} in {where} {_blocks(lora['blocks'])} ({', '.join(lora['targets'])}), "
                  f"residual {'on' if fed['residual'] else 'off'}")
     kind = cfg.get("classifier", {}).get("kind", "head")
     what += "; classifier: " + {"head": "linear head", "prototype": "nearest class prototype"}.get(kind, kind)
