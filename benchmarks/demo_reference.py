@@ -9,7 +9,7 @@ Runs, on the preset's own data, seed and test set:
 
 and writes ``src/fedtalora/presets/PRESET.reference.json`` (the resolved config, the SHA-256 of the shipped data,
 and the three results), which the CLI prints beside F_AA when a run's config equals it
-(:mod:`fedtalora.run_summary`). ``--time N`` also times the whole CLI (``python -m fedtalora run PRESET``, a fresh
+(:mod:`fedtalora.app.summary`). ``--time N`` also times the whole CLI (``python -m fedtalora run PRESET``, a fresh
 process each, imports and model loading included) N times: wall and user+sys CPU seconds, with the load average
 (other jobs on the machine inflate the wall time; the CPU time is the load-robust number).
 
@@ -53,7 +53,7 @@ def data_digests(cfg: Any) -> dict[str, str]:
     """SHA-256 of the shipped demo data (empty for other datasets)."""
     if cfg.data.dataset != "banking77-demo":
         return {}
-    from fedtalora.text_data import banking77_demo_path
+    from fedtalora.data.text import banking77_demo_path
 
     folder = banking77_demo_path()
     return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ("train.csv", "test.csv")}
@@ -67,8 +67,8 @@ def summary(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def reference(preset: str) -> dict[str, Any]:
+    from fedtalora.api import run
     from fedtalora.config import resolve
-    from fedtalora.engine import run
 
     cfg = resolve(preset)
     out: dict[str, Any] = {"preset": preset, "config": cfg.to_dict(), "data_sha256": data_digests(cfg)}

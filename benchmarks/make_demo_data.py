@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fedtalora.seeding import numpy_rng
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "fedtalora" / "datasets" / "banking77_demo"
+OUT = Path(__file__).resolve().parents[1] / "src" / "fedtalora" / "data" / "banking77_demo"
 TRAIN_PER_INTENT = 24
 TEST_PER_INTENT = 8
 SEED = 0
