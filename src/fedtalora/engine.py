@@ -166,7 +166,7 @@ def prepare(cfg: RunConfig) -> Setup:
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    method: Method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
+    method: Method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier, seed=cfg.seed)
     if cfg.engine != "inprocess":  # Flower installed, the method's clients need no server-side state
         from .flower import check_engine
 
