@@ -219,11 +219,11 @@ def solve_ridge(gram: torch.Tensor, corr: torch.Tensor, lam: float) -> torch.Ten
     return v @ ((v.T @ c) / (e.clamp_min(0) + lam).unsqueeze(1))
 
 
-def gcv_curve(gram: torch.Tensor, corr: torch.Tensor, num_samples: int,
-              lambdas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gcv_curve(gram: torch.Tensor, corr: torch.Tensor, num_samples: int, lambdas: Sequence[float], *,
+              eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(RSS, df, GCV)`` (float64, one per ``lambdas``) of the ridge fit with one-hot targets of
-    ``num_samples`` samples (module notes)."""
-    e, v = torch.linalg.eigh(gram.to(torch.float64))
+    ``num_samples`` samples (module notes). ``eig``: ``torch.linalg.eigh(gram)`` if already computed."""
+    e, v = torch.linalg.eigh(gram.to(torch.float64)) if eig is None else eig
     e = e.clamp_min(0)
     q = ((v.T @ corr.to(torch.float64)) ** 2).sum(1)
     lam = torch.tensor(list(lambdas), dtype=torch.float64, device=e.device).unsqueeze(1)  # (L, 1)
@@ -249,16 +249,17 @@ class RidgeSelection:
     """GCV of every candidate, in grid order."""
 
 
-def select_ridge(stats: RidgeStatistics, grid: Sequence[float] = RIDGE_GRID) -> RidgeSelection:
+def select_ridge(stats: RidgeStatistics, grid: Sequence[float] = RIDGE_GRID, *,
+                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> RidgeSelection:
     """``ridge=auto``: the lambda of ``grid`` (relative to ``tr(G) / M``) with the smallest GCV. Ties go
-    to the larger lambda; a choice at either end of the grid is logged."""
+    to the larger lambda; a choice at either end of the grid is logged. ``eig`` as in :func:`gcv_curve`."""
     if stats.num_samples < 1:
         raise AggregationError("no samples: cannot choose the ridge lambda")
     scale = float(torch.diagonal(stats.gram).sum()) / stats.dim
     if not scale > 0:
         raise AggregationError("the features are all zero: cannot choose the ridge lambda")
     rel = sorted(float(s) for s in grid)
-    _, _, gcv = gcv_curve(stats.gram, stats.corr, stats.num_samples, [s * scale for s in rel])
+    _, _, gcv = gcv_curve(stats.gram, stats.corr, stats.num_samples, [s * scale for s in rel], eig=eig)
     best = int(len(rel) - 1 - torch.argmin(gcv.flip(0)))  # the last minimum: the larger lambda on ties
     if best in (0, len(rel) - 1) and len(rel) > 1:
         log.info("ridge=auto chose lambda = %g x tr(G)/M, the %s end of the grid", rel[best],

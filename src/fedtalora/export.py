@@ -118,8 +118,8 @@ def _require_linear_head(cfg: RunConfig) -> None:
     from .methods import METHODS, Method
 
     if cfg.classifier.kind != "head":
-        raise ConfigError(f"export: classifier.kind={cfg.classifier.kind!r} predicts by class prototypes, which a "
-                          "plain timm classifier cannot reproduce (export a run with classifier.kind=head)")
+        raise ConfigError(f"export: classifier.kind={cfg.classifier.kind!r} predicts from federated feature "
+                          "statistics (prototypes or a ridge solve), which a plain timm classifier cannot reproduce (export a run with classifier.kind=head)")
     if METHODS.get(cfg.method).forward is not Method.forward:
         raise ConfigError(f"export: method {cfg.method!r} computes its logits its own way (not backbone + linear "
                           "head), which a plain timm classifier cannot reproduce")
