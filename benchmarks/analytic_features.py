@@ -7,8 +7,8 @@ project's own model and feature extraction and stored as ``.npz`` under ``--cach
 1. **Validation split**: 20 % of the training split, stratified by class and drawn from the seed
    (``numpy_rng(seed, "analytic-val")``); every choice below is made on it, never on test data.
 2. **Settings**: ridge on the raw features (384 dims) and on a fixed random ReLU projection to
-   ``M`` dims (RanPAC-style, :func:`fedtalora.analytic.random_projection`), fit on the other 80 %. For every
-   lambda of :data:`fedtalora.analytic.RIDGE_GRID` (relative to ``tr(G) / M``): validation accuracy and
+   ``M`` dims (RanPAC-style, :func:`fedtalora.core.analytic.random_projection`), fit on the other 80 %. For every
+   lambda of :data:`fedtalora.core.analytic.RIDGE_GRID` (relative to ``tr(G) / M``): validation accuracy and
    squared error, and the GCV of the fit statistics. Three ways to pick lambda are compared: best
    validation accuracy (the reference), best validation squared error, and GCV on the training sums
    alone (what ``classifier.ridge=auto`` does). Nearest class mean and a joint multinomial logistic
@@ -18,11 +18,11 @@ project's own model and feature extraction and stored as ``.npz`` under ``--cach
    are listed too, marked as not used for any choice.
 4. **Federated class-incremental**: the chosen projection, 7 tasks x 11 intents in the preset's class
    order, 10 clients, Dirichlet(0.1) and quantity(alpha=2) partitions drawn exactly as a run draws them
-   (``Experiment.build``): per client and task the statistics :func:`~fedtalora.analytic.ridge_statistics`,
+   (``Experiment.build``): per client and task the statistics :func:`~fedtalora.core.analytic.ridge_statistics`,
    summed on the "server", solved after every task with ``ridge=auto`` and with the fixed lambda chosen
    on validation. The centralized class-incremental run (one client) and the joint fit must give the
    same ``W`` and predictions; the script checks it numerically and reports the largest difference.
-   Uplink: bytes per client per task (:func:`~fedtalora.analytic.statistics_nbytes`).
+   Uplink: bytes per client per task (:func:`~fedtalora.core.analytic.statistics_nbytes`).
 
     python benchmarks/analytic_features.py --data ../shared/data/banking77
     python benchmarks/analytic_features.py --data ../shared/data/banking77 --dims 0 1000 2000   # fewer settings
@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtalora.analytic import (
+from fedtalora.config import RunConfig, resolve
+from fedtalora.core.analytic import (
     RIDGE_GRID,
     RidgeStatistics,
     project,
@@ -57,8 +58,7 @@ from fedtalora.analytic import (
     statistics_nbytes,
     sum_statistics,
 )
-from fedtalora.config import RunConfig, resolve
-from fedtalora.metrics import summarize
+from fedtalora.core.metrics import summarize
 from fedtalora.seeding import numpy_rng
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,8 +71,8 @@ def cached_features(cfg: RunConfig, cache: Path) -> dict[str, np.ndarray]:
     """Frozen pooled features of the whole train and test splits, head-position targets, task structure."""
     path = cache / f"banking77-minilm-seed{cfg.seed}.npz"
     if not path.is_file():
-        from fedtalora.client import extract_features
-        from fedtalora.engine import prepare
+        from fedtalora.api import prepare
+        from fedtalora.fed.client import extract_features
 
         setup = prepare(cfg)
         exp = setup.exp
@@ -223,7 +223,7 @@ def class_incremental(f: dict[str, np.ndarray], partitions: list[list[np.ndarray
 
 
 def federated(f: dict[str, np.ndarray], args: argparse.Namespace, dim: int, fixed_lambda: float) -> list[dict[str, Any]]:
-    from fedtalora.engine import Experiment
+    from fedtalora.fed.build import Experiment
 
     out = []
     for ridge in ("auto", fixed_lambda):
@@ -384,7 +384,7 @@ def main() -> int:
     c = int(f["offsets"][-1] + f["sizes"][-1])
     val = stratified_split(y, args.val_fraction, numpy_rng(args.seed, "analytic-val"))
 
-    from fedtalora.engine import Experiment
+    from fedtalora.fed.build import Experiment
 
     exp = Experiment.build(resolve("banking77", [f"data.root={args.data}", f"seed={args.seed}", "fed.num_clients=10"]))
     held = [int(len(np.unique(y[p]))) for parts in exp.partitions for p in parts if len(p)]
