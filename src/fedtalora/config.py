@@ -291,13 +291,30 @@ class OutputConfig:
 
 @dataclass
 class ClassifierConfig:
-    kind: Literal["head", "prototype"] = "head"
+    kind: Literal["head", "prototype", "analytic"] = "head"
     """How the global model predicts: ``head`` -- argmax of the method's logits (the linear head for
     Fed-TaLoRA); ``prototype`` -- nearest class prototype, the exact federated mean of each class's
     features, which the clients of each task's last round send once per task as per-class feature sums
-    and counts (:mod:`fedtalora.methods.classifier`). Training is unchanged; only prediction differs."""
+    and counts; ``analytic`` -- a ridge classifier solved in closed form from the exact federated sums
+    ``sum phi phi^T`` and ``sum phi y^T`` the same clients send once per task
+    (:mod:`fedtalora.methods.classifier`, :mod:`fedtalora.core.analytic`). Training is unchanged; only
+    prediction differs."""
     metric: Literal["cosine", "euclidean"] = "cosine"
     """Similarity used by the prototype classifier."""
+    projection_dim: int = 4000
+    """``analytic``: expand the features by a fixed random ReLU projection to this many dimensions, drawn
+    from the seed (RanPAC); 0: the raw features. A client uploads ``M (M + 1) / 2`` float64 numbers per
+    task (4000: 64 MB; 2000: 16 MB; 0 with MiniLM: 0.6 MB). 4000: the cheapest within one standard error
+    of the best validation accuracy on Banking77 (benchmarks/results/analytic_features.md)."""
+    ridge: float | Literal["auto"] = "auto"
+    """``analytic``: the ridge lambda (> 0), or ``auto``: chosen per task end by generalized
+    cross-validation on the federated sums (no validation data leaves a client, no extra uplink)."""
+
+    def validate(self) -> None:
+        _check(self.projection_dim >= 0, "classifier.projection_dim", self.projection_dim,
+               "an integer >= 0 (0: raw features)")
+        _check(self.ridge == "auto" or (math.isfinite(self.ridge) and self.ridge > 0), "classifier.ridge",
+               self.ridge, "a number > 0 or auto")
 
 
 @dataclass
@@ -423,6 +440,8 @@ def _type_name(hint: Any) -> str:
     origin = get_origin(hint)
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
     if origin is Sequence:
         return "list[" + ", ".join(_type_name(a) for a in get_args(hint)) + "]"
     if origin in (list, dict):

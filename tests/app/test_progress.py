@@ -31,7 +31,7 @@ def test_not_a_terminal_gives_plain_log_lines_and_no_bar(run_cli, tiny_overrides
     rounds = [(int(t), int(r)) for t, r in ROUND_LINE.findall(err)]
     assert rounds == [(1, 1), (1, 2), (2, 1), (2, 2)]  # one plain line per round, in order
     assert err.count("accuracy on seen classes") == 2  # and one per task
-    assert out.startswith("metric ")  # stdout holds only the summary
+    assert out.startswith("model ") and "\nmetric " in out  # stdout holds only the summary: what ran, the metrics
     assert "final average accuracy (F_AA)" in out
 
 
@@ -84,8 +84,8 @@ def test_quiet_draws_nothing_even_on_a_terminal(tiny_overrides, tmp_path, cli_en
                            tmp_path, cli_env)
     plain = ANSI.sub("", text)
     assert rc == 0, plain[-2000:]
-    assert BAR not in plain and "INFO" not in plain and "eta" not in plain
-    assert plain.lstrip().startswith("metric ")  # only the result is printed
+    assert BAR not in plain and "INFO" not in plain and not re.search(r"\beta\b", plain)  # ("beta=" is data)
+    assert plain.lstrip().startswith("model ") and "\nmetric " in plain  # only the result is printed
     assert "final average accuracy (F_AA)" in plain
 
 

@@ -269,6 +269,36 @@ def test_in_memory_grid_matches_inprocess_with_partial_participation_crashes_and
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["wire"] == got["wire"]
 
 
+def test_in_memory_grid_carries_the_analytic_statistics_not_the_features(tmp_path: Path, tiny_overrides) -> None:
+    """classifier.kind=analytic over Flower messages: each reporting node sends its ridge sums (computed on
+    the node), never its features; the run computes what the in-process engine computes."""
+    overrides = ["fed.num_clients=4", "fed.clients_per_round=3", "classifier.kind=analytic",
+                 "classifier.projection_dim=24", "classifier.ridge=auto", "partition.min_samples=3"]
+    ref = run(tiny(tiny_overrides, *overrides)).metrics
+    grid = InMemoryGrid(4)
+    replies: list[Message] = []
+    send = grid.send_and_receive
+
+    def spy(messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        got = list(send(messages, timeout=timeout))
+        replies.extend(got)
+        return got
+
+    grid.send_and_receive = spy  # type: ignore[method-assign]
+    got = run_on_grid(tiny(tiny_overrides, *overrides, "engine=flower"), grid, tmp_path / "run")
+    assert_same_numbers(ref, got)
+    end_of_task = [m for m in replies if m.has_content() and P.CONFIG in m.content.config_records
+                   and (P.STATISTICS_RECORD in m.content.array_records or P.FEATURES_RECORD in m.content.array_records)]
+    last = [r for r in got["rounds"] if r["round"] == 1]
+    assert len(end_of_task) == sum(len(r["aggregated"]) for r in last)
+    assert all(P.FEATURES_RECORD not in m.content.array_records for m in end_of_task)
+    assert all(set(m.content.array_records[P.STATISTICS_RECORD]) == {"gram", "corr", "counts", "classes"}
+               for m in end_of_task)
+    for r in last:  # the wire carries at least the statistics counted in the round's uplink
+        assert r["wire_uplink_bytes"] >= r["uplink_bytes"] - sum(
+            x["uplink_bytes"] for x in got["rounds"] if x["task"] == r["task"] and x["round"] == 0)
+
+
 def test_catch_up_is_factored_when_smaller_and_dense_otherwise(tmp_path: Path, tiny_overrides) -> None:
     """A client that missed few rounds gets the factors of those rounds; one whose factors would outweigh
     the dense base gets the base. The client's base always equals the server's afterwards."""
@@ -360,6 +390,35 @@ def test_flower_sim_matches_inprocess(tmp_path: Path, tiny_overrides) -> None:
     # Round 2 of each task: every client catches up on one residual round, factored.
     for r_prev, r in zip(got["rounds"], got["rounds"][1:], strict=False):
         assert r["wire_residual_bytes"] >= len(r["clients"]) * r_prev["residual_bytes_factored"]
+
+
+@pytest.mark.parametrize("partition", [
+    ["partition.kind=iid", "fed.num_clients=1", "fed.clients_per_round=1"],
+    ["partition.kind=dirichlet", "partition.beta=0.05", "fed.num_clients=10", "fed.clients_per_round=10"],
+])
+def test_flower_sim_analytic_equals_inprocess_and_the_frozen_reference(tmp_path: Path, tiny_overrides,
+                                                                      partition: list[str]) -> None:
+    """Item 6 across engines: a frozen backbone with a fixed lambda gives the same ridge sums (1e-6) and the
+    same accuracies on Flower's simulation as in-process, for one client or ten Dirichlet(0.05) clients,
+    and the same as the one-client in-process run (the centralized reference of the analytic tests)."""
+    pytest.importorskip("ray")
+    from fedtalora.fed import rundir
+
+    frozen = ["method=head-only", "fed.rounds_per_task=1", "classifier.kind=analytic", "classifier.ridge=0.5",
+              "classifier.projection_dim=40", "partition.min_samples=2"]
+    central = run(tiny(tiny_overrides, *frozen, "partition.kind=iid", "fed.num_clients=1", "fed.clients_per_round=1"),
+                  tmp_path / "central")
+    cfg = tiny(tiny_overrides, *frozen, *partition, "engine=flower-sim")
+    got = run(cfg, tmp_path / "sim").metrics
+    assert got["engine"] == "flower-sim" and got["complete"]
+    assert got["accuracy_matrix"] == central.metrics["accuracy_matrix"]
+    a = rundir.load_latest(tmp_path / "sim", cfg.to_dict())
+    b = rundir.load_latest(tmp_path / "central", tiny(tiny_overrides, *frozen, "partition.kind=iid",
+                                                      "fed.num_clients=1", "fed.clients_per_round=1").to_dict())
+    assert a is not None and b is not None
+    for key in ("classifier.gram", "classifier.corr"):
+        torch.testing.assert_close(a.method_state[key], b.method_state[key], rtol=1e-6, atol=1e-6)
+    assert torch.equal(a.method_state["classifier.counts"], b.method_state["classifier.counts"])
 
 
 def test_flower_sim_survives_a_client_crash_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_overrides) -> None:

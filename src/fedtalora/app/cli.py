@@ -334,7 +334,7 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool, s
             session.run_dir, session.checkpoints = run_dir, cfg.output.checkpoints != "none"
         with ProgressBars(enabled=interactive) as progress:
             result = run(setup, run_dir=run_dir, progress=progress)
-    _print_summary(result.history, run_dir, cfg)
+    _print_summary(result.history, run_dir, cfg, setup)
     return 0
 
 
@@ -395,7 +395,7 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
         interactive = _setup_logging(quiet, verbose)
         with ProgressBars(enabled=interactive) as progress:
             result = run(setup, run_dir=path, progress=progress, resume=True)
-    _print_summary(result.history, path, cfg)
+    _print_summary(result.history, path, cfg, setup)
     return 0
 
 
@@ -410,63 +410,18 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+def _print_summary(h: History, run_dir: Path, cfg: Any = None, setup: Any = None) -> None:
+    """What ran (when the data was loaded: ``setup``), the metrics and any precomputed reference lines
+    (:mod:`fedtalora.app.summary`)."""
+    from .summary import data_facts, find_reference, format_summary
 
-
-def _exactness(relative: float | None, rounding: float | None, of: str) -> str:
-    """An error of the global model as the summary shows it: relative, and in float32 roundings of the weight
-    (``u ||W||``, ``u = 2**-24``; up to 2 is float32 resolution and nothing more)."""
-    if relative is None:
-        return "n/a"
-    text = f"{relative:.2e} of {of}"
-    return text if rounding is None else f"{text} = {rounding:.2g} float32 roundings of the weight"
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _print_summary(h: History, run_dir: Path, cfg: Any = None) -> None:
-    from ..fed.screening import screening_summary
-
-    n = max(len(h.rounds), 1)
-    pre = "pretrained" if h.pretrained else "NOT pretrained: random initialisation"
-    rows = [
-        ("backbone", f"{h.backbone} ({pre})"),
-        ("final average accuracy (F_AA)", _fmt(h.final_average_accuracy, ".4f")),
-        ("average incremental accuracy (AIA)", _fmt(h.average_incremental_accuracy, ".4f")),
-        ("forgetting", "n/a (one task)" if h.forgetting is None else f"{h.forgetting:.4f}"),
-        ("max aggregation error", _exactness(h.max_aggregation_error, h.max_aggregation_error_rounding,
-                                             "the update")),
-        *([("max error since the start", _exactness(h.max_aggregation_error_accumulated,
-                                                    h.max_aggregation_error_accumulated_rounding,
-                                                    "the accumulated update"))]
-          if h.max_aggregation_error_accumulated is not None else []),
-        *([("naive averaging would lose (mean / max)",
-            f"{h.naive_aggregation_loss_mean:.2e} / {h.naive_aggregation_loss_max:.2e}")]
-          if h.naive_aggregation_loss_mean is not None else []),
-        ("uplink per round", _fmt_bytes((h.uplink_bytes_total or 0) / n)),
-        ("downlink per round", _fmt_bytes((h.downlink_bytes_total or 0) / n)),
-        ("trainable parameters", _fmt(h.trainable_parameters, ",")),
-        ("wall time", f"{h.wall_seconds or 0.0:.1f} s"),
-        *([("update screening", screening_summary(cfg.fed.max_update_norm, h))] if cfg is not None else []),
-    ]
-    rel = h.reliability or {}
-    if any(rel.values()):
-        rows.append(("dropped / corrupted / rejected / skipped rounds",
-                     " / ".join(str(rel.get(k, "?")) for k in ("dropped_clients", "corrupted_updates",
-                                                               "rejected_updates", "skipped_rounds"))))
-    width = max(len(k) for k, _ in rows)
-    print(f"{'metric':{width}s}  value")
-    print(f"{'-' * width}  {'-' * 12}")
-    for k, v in rows:
-        print(f"{k:{width}s}  {v}")
-    print(f"run directory: {run_dir}")
+    cfg_dict = cfg.to_dict() if cfg is not None else None
+    data = None
+    if setup is not None:
+        ds = setup.exp.dataset
+        data = data_facts(ds.name, ds.num_classes, ds.train.labels, ds.test.labels, ds.modality)
+    ref = find_reference(cfg_dict) if cfg_dict is not None else None
+    print(format_summary(h, run_dir, cfg_dict, data, ref))
 
 
 def _cmd_sweep(grid_arg: str, overrides: list[str], *, dry_run: bool, quiet: bool, verbose: bool,

@@ -129,8 +129,9 @@ def _require_linear_head(cfg: RunConfig) -> None:
     from ..methods import METHODS
 
     if cfg.classifier.kind != "head":
-        raise ConfigError(f"export: classifier.kind={cfg.classifier.kind!r} predicts by class prototypes, which a "
-                          "plain timm classifier cannot reproduce (export a run with classifier.kind=head)")
+        raise ConfigError(f"export: classifier.kind={cfg.classifier.kind!r} predicts from federated feature "
+                          "statistics (class prototypes or a ridge solve), which a plain timm classifier cannot "
+                          "reproduce (export a run with classifier.kind=head)")
     if not METHODS.get(cfg.method).predicts_with_head:
         raise ConfigError(f"export: method {cfg.method!r} computes its logits its own way (not backbone + linear "
                           "head), which a plain timm classifier cannot reproduce")

@@ -4,6 +4,9 @@ Registered in :data:`~fedtalora.data.types.DATASETS`:
 
 * ``banking77``: the CSV layout of PolyAI's Banking77 (``train.csv`` and ``test.csv`` with columns
   ``text,category``), 77 intents;
+* ``banking77-demo``: a small seeded subset of Banking77 (all 77 intents) shipped inside the package
+  (``fedtalora/data/banking77_demo``, CC BY 4.0, drawn by ``benchmarks/make_demo_data.py``); the
+  demo's data, offline, ``data.root`` is ignored;
 * ``clinc150``: the official ``data_full.json`` of CLINC150 (lists of ``[text, intent]`` under
   ``train``, ``val`` and ``test``; the out-of-scope lists are ignored), 150 intents;
 * ``text-csv``: any CSV with a text and a label column (``data.options``: ``text_column``,
@@ -22,6 +25,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from .types import DATASETS, Dataset, Split, stratified_split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_banking77", "load_clinc150", "load_text_csv"]
+__all__ = ["banking77_demo_path", "load_banking77", "load_banking77_demo", "load_clinc150", "load_text_csv"]
 
 BANKING77_URL = "https://github.com/PolyAI-LDN/task-specific-datasets/tree/master/banking_data"
 CLINC150_URL = "https://github.com/clinc/oos-eval/raw/master/data/data_full.json"
@@ -103,6 +107,25 @@ def load_banking77(root: str | Path, *, seed: int, download: bool = False) -> Da
                         f"into {root} (data.root){hint}")
     return _text_dataset("banking77", _read_csv(files[0], "text", "category"),
                          _read_csv(files[1], "text", "category"), "banking77")
+
+
+def banking77_demo_path() -> Path:
+    """The folder of the Banking77 subset shipped in the package (``train.csv``, ``test.csv``, LICENSE)."""
+    return Path(str(resources.files("fedtalora.data") / "banking77_demo"))
+
+
+@DATASETS.register("banking77-demo")
+def load_banking77_demo(root: str | Path, *, seed: int, download: bool = False) -> Dataset:
+    """The demo's data: a seeded subset of Banking77 (all 77 intents) shipped in the package; ``root`` is
+    ignored. Source, licence (CC BY 4.0) and how the rows were drawn: the folder's README.md."""
+    del root, download
+    path = banking77_demo_path()
+    if not all((path / f).is_file() for f in ("train.csv", "test.csv")):
+        raise DataError(f"banking77-demo: the package data is missing from {path} (a broken install? "
+                        "reinstall fedtalora)")
+    dataset = load_banking77(path, seed=seed)
+    dataset.name = "banking77-demo"
+    return dataset
 
 
 def _clinc_pairs(data: dict[str, Any], key: str, path: Path) -> tuple[list[str], list[str]]:

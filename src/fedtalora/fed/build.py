@@ -64,7 +64,7 @@ def build_method(cfg: RunConfig) -> Method:
 
 def build_classifier(cfg: RunConfig) -> Classifier:
     """The configured prediction component (``classifier.*``)."""
-    return CLASSIFIERS.get(cfg.classifier.kind)(cfg.classifier.metric)
+    return CLASSIFIERS.get(cfg.classifier.kind).from_config(cfg.classifier, seed=cfg.seed)
 
 
 FLOWER_INSTALL_HINT = "pip install 'fedtalora[flower]'"

@@ -244,4 +244,7 @@ class InProcessTransport(Transport):
             return client_features(s.model, split, idx, exp.train_targets[idx], transform=transform,
                                    cfg=s.cfg, device=s.device)
 
-        return TaskData(clients=clients, features=features)
+        def statistics(k: int) -> dict[str, torch.Tensor]:  # what client k computes from its features and sends
+            return s.classifier.client_statistics(exp.scenario.tasks[t], *features(k))
+
+        return TaskData(clients=clients, features=features, statistics=statistics)

@@ -46,6 +46,7 @@ from ..errors import FedTaLoRAError, PartitionError
 from ..fed.build import torch_threads
 from ..fed.transport import client_features, client_round
 from ..methods import Method
+from ..methods.classifier import Classifier
 from ..model import FedModel
 from . import protocol as P
 
@@ -72,6 +73,8 @@ class ClientSide:
     """Head-output label of every training sample (position of its class in the manifest's class order)."""
     model: FedModel
     method: Method
+    classifier: Classifier
+    """The run's classifier: computes what a node sends at the end of a task (``Classifier.client_statistics``)."""
     keys: list[str]
     transform: Callable[..., Any]
     device: torch.device
@@ -142,8 +145,8 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
     keys = method.trainable_keys(model)
     side = ClientSide(
         cfg=cfg, manifest=manifest, tasks=tasks, num_classes=len(order), split=split,
-        train_targets=position[dataset.train.labels], model=model, method=method, keys=keys,
-        transform=transform, device=device,
+        train_targets=position[dataset.train.labels], model=model, method=method, classifier=parts.classifier,
+        keys=keys, transform=transform, device=device,
         pristine={p.layer: model.base_weight(p.layer).detach().clone() for p in model.lora_pairs()},
         fingerprint=P.frozen_fingerprint(model, keys),
     )
@@ -313,8 +316,9 @@ def features(msg: Message, context: Context) -> Message:
     with torch_threads(side.cfg.train.threads):
         feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
                                          transform=side.transform, cfg=side.cfg, device=side.device)
-    content = RecordDict({
-        P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets}),
-        P.CONFIG: ConfigRecord({"version": version}),
-    })
+        if str(cr.get("reply", "")) == P.REPLY_STATISTICS:  # the classifier's sums, computed here
+            record = {P.STATISTICS_RECORD: P.to_record(side.classifier.client_statistics(side.tasks[t], feats, targets))}
+        else:
+            record = {P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets})}
+    content = RecordDict({**record, P.CONFIG: ConfigRecord({"version": version})})
     return Message(content, reply_to=msg)

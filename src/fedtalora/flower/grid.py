@@ -331,7 +331,24 @@ class GridTransport(Transport):
                         cache[j] = (torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
             return cache[k]
 
-        return TaskData(clients=clients, features=features)
+        stats_cache: dict[int, dict[str, torch.Tensor]] = {}
+
+        def statistics(k: int) -> dict[str, torch.Tensor]:
+            if not stats_cache:  # every reporting client computes its classifier statistics on its node
+                global_record = P.to_record(setup.model.trainable_state(setup.method.trainable_keys(setup.model)))
+                msgs = {j: self._message(P.FEATURES, j, t, -1, global_record, {"reply": P.REPLY_STATISTICS})
+                        for j in clients}
+                for j, reply in self._exchange(msgs).items():
+                    try:
+                        if not isinstance(reply, Message):
+                            raise ValueError(reply)
+                        stats_cache[j] = P.from_record(reply.content.array_records[P.STATISTICS_RECORD])
+                    except (KeyError, TypeError, ValueError) as e:
+                        self._fail(j, t, -1, f"statistics: {e}", False)
+                        stats_cache[j] = {}
+            return stats_cache[k]
+
+        return TaskData(clients=clients, features=features, statistics=statistics)
 
     def round_stats(self) -> dict[str, Any]:
         stats, self._stats = self._stats, self._zero_stats()

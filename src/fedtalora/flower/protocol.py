@@ -14,7 +14,10 @@ Three messages, each answered by one reply (Flower 1.42 Message API):
     client -> server: ``update`` ArrayRecord (the trained tensors), ``metrics`` MetricRecord
     (``num-samples``, ``loss``, ``steps``), ``fedtalora`` ConfigRecord (``version``).
 ``query.features`` (end of a task, to the clients that report)
-    as ``train``, but the client answers ``features`` ArrayRecord ``{features, targets}``.
+    as ``train``, but the client answers ``features`` ArrayRecord ``{features, targets}``; with ``reply:
+    statistics`` in the ConfigRecord it answers ``statistics`` ArrayRecord instead: what the run's
+    classifier computes from those features on the client (the analytic classifier's ridge sums,
+    ``Classifier.client_statistics``), so the features themselves never leave the node.
 
 **The residual on the wire.** A method whose residual changes the base keeps it exactly
 (:mod:`fedtalora.core.exact`): the server adds every round's float64 residual into the accumulator ``D`` beside
@@ -54,6 +57,8 @@ RESIDUAL = "residual"
 UPDATE = "update"
 METRICS = "metrics"
 FEATURES_RECORD = "features"
+STATISTICS_RECORD = "statistics"
+REPLY_STATISTICS = "statistics"
 
 STATE_CONFIG = "fedtalora"
 """``context.state`` ConfigRecord of a client: the run's YAML, the manifest path and the base version."""

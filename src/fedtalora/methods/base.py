@@ -59,6 +59,10 @@ class TaskData:
     features: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
     """``features(k)`` -> ``(features (n_k, d), targets (n_k,))``: client ``k``'s training data of the task
     through the current global model (:meth:`FedModel.features`, eval mode, no augmentation), on the CPU."""
+    statistics: Callable[[int], dict[str, torch.Tensor]] | None = None
+    """``statistics(k)`` -> what client ``k`` computes from those features for the classifier and sends in
+    their place (:meth:`fedtalora.methods.classifier.Classifier.client_statistics`, e.g. the analytic
+    classifier's ridge sums): computed where the client runs (Flower: on the client node). None: not offered."""
 
     def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
