@@ -251,8 +251,12 @@ class LocalDeployment:
     superlink_name = "local-deployment"
 
     def __init__(self, num_nodes: int, workdir: str | Path, *, env: dict[str, str] | None = None,
-                 node_config: dict[str, str] | None = None) -> None:
+                 node_config: dict[str, str] | None = None, warm: bool = True, poll: float | None = None) -> None:
         self.num_nodes = num_nodes
+        self.warm = warm
+        """Nodes are :mod:`fedtalora.flower.node` (SuperNode + warm executor); else plain ``flower-supernode``
+        (one ``flwr-clientapp`` process per message)."""
+        self.poll = poll
         self.workdir = Path(workdir)
         self.env = dict(os.environ if env is None else env)
         self.node_config = dict(node_config or {})
@@ -288,10 +292,16 @@ class LocalDeployment:
         self._wait_port(self.port, timeout)
         for k in range(self.num_nodes):
             cfg = " ".join([f"partition-id={k}", *(f"{key}={json.dumps(v)}" for key, v in self.node_config.items())])
-            self._spawn([flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                         "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", cfg],
-                        f"supernode-{k}.log")
+            self._spawn(self.node_command(["--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                                           "--port", str(free_port()), "--node-config", cfg]), f"supernode-{k}.log")
         return self
+
+    def node_command(self, args: list[str]) -> list[str]:
+        """One client node: ``flower-supernode ARGS``, or the warm node launcher with the same arguments."""
+        if not self.warm:
+            return [flwr_bin("flower-supernode"), *args]
+        poll = [] if self.poll is None else ["--poll", str(self.poll)]
+        return [sys.executable, "-m", "fedtalora.flower.node", *poll, *args]
 
     def _wait_port(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
