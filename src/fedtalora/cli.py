@@ -88,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from .flower.procs import interrupt_on_signals
+
+    with interrupt_on_signals():  # SIGTERM as SIGINT: KeyboardInterrupt, so cleanups run (Flower's processes)
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "presets":
             return _cmd_presets()
@@ -195,7 +202,9 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool) -
     check_tensorboard(cfg)
 
     from .engine import prepare, run
+    from .flower.simulation import prestart
 
+    prestart(cfg)  # engine=flower-sim: Ray starts (in the background) while the data and the model load
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
@@ -250,6 +259,9 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
     latest = latest_path(path)
     if latest is not None:
         load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
+    from .flower.simulation import prestart
+
+    prestart(cfg)  # engine=flower-sim: Ray starts (in the background) while the data and the model load
     setup = prepare(cfg)
     interactive = _setup_logging(quiet, verbose)
     with _Progress(enabled=interactive) as progress:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FedTaLoRAError
+from .procs import alive as _alive
+from .procs import descendants, kill_tree
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -179,65 +181,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from /proc."""
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def descendants(pids: list[int]) -> list[int]:
-    """``pids`` and every process below them (children that detached into their own sessions included)."""
-    tree = _children()
-    seen: list[int] = []
-    stack = list(pids)
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        stack.extend(tree.get(pid, []))
-    return seen
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def kill_tree(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM ``pids`` and all their descendants, then SIGKILL what is left after ``grace`` seconds."""
-    targets = descendants(pids)
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in targets):
-        targets = list(dict.fromkeys(targets + descendants([p for p in targets if _alive(p)])))
-        time.sleep(0.1)
-    for pid in descendants([p for p in targets if _alive(p)]) + targets:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 class LocalDeployment:

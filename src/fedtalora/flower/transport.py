@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,11 +70,17 @@ class GridTransport(Transport):
         engine: ``flower-sim`` or ``flower`` (recorded in ``metrics.json``).
         partitions: the manifest path the clients are told (they may override it with their node or run
             config); None: the run directory's ``partitions.json``, or a temporary copy without one.
+        run_dir: the run directory (its ``partitions.json``).
+        stop: an event another thread sets to interrupt the run: the wait for replies (or for nodes at the
+            start) raises :class:`KeyboardInterrupt`, so the loop stops after the last completed round's
+            checkpoint (``flower-sim`` on SIGTERM/SIGINT).
     """
 
     def __init__(self, grid: Grid, *, engine: str, partitions: str | Path | None = None,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, stop: threading.Event | None = None) -> None:
         self.grid = grid
+        self.stop = stop
+        """Set by another thread to interrupt the run (waiting for replies raises KeyboardInterrupt)."""
         self.name = engine
         self.partitions = str(partitions) if partitions else ""
         self.run_dir = run_dir
@@ -116,6 +123,8 @@ class GridTransport(Transport):
     def _connect(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt("the run was interrupted while waiting for its clients")
             have = len(list(self.grid.get_node_ids()))
             if have >= n:
                 return
@@ -212,6 +221,8 @@ class GridTransport(Transport):
         replies: list[Message] = []
         wait = 0.05
         while pending:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt("the run was interrupted while waiting for its clients")
             got = list(self.grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
