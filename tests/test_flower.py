@@ -18,12 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +47,7 @@ from fedtalora.engine import prepare, run  # noqa: E402
 from fedtalora.errors import ConfigError  # noqa: E402
 from fedtalora.flower import protocol as P  # noqa: E402
 from fedtalora.flower.client_app import app as client_app  # noqa: E402
+from fedtalora.flower.procs import ProcessRecorder, interrupt_on_signals, start_time  # noqa: E402
 from fedtalora.flower.transport import GridTransport, short_error  # noqa: E402
 
 REL = 1e-5  # float tolerance between engines (the runs below agree bit for bit on one machine)
@@ -101,6 +109,86 @@ def test_catch_up_on_the_wire_reproduces_the_servers_base_bit_for_bit(make_tiny_
     record = P.catch_up_record(plan)
     payload = sum(t.numel() * t.element_size() for t in P.from_record(record).values())
     assert payload <= P.wire_nbytes(record) <= 1.3 * payload + 4096
+
+
+def test_packed_tensors_hand_example_and_round_trip() -> None:
+    """One packed array per record: an 8-byte header length, a JSON header, the raw bytes."""
+    buf = P.pack_tensors({"a": torch.tensor([1.0])})
+    header = b'[["a", "float32", [1]]]'
+    assert buf.tobytes() == len(header).to_bytes(8, "little") + header + bytes([0, 0, 0x80, 0x3F])
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "w": torch.randn(3, 5, generator=g), "i": torch.arange(7, dtype=torch.int64).reshape(7, 1),
+        "h": torch.randn(4, generator=g).to(torch.bfloat16), "s": torch.tensor(2.5, dtype=torch.float64),
+        "e": torch.zeros(0, 3), "t": torch.randn(6, 4, generator=g).t(),  # not contiguous
+        "b": torch.tensor([True, False]),
+    }
+    record = P.to_record(state)
+    assert list(record.keys()) == [P.PACKED]
+    back = P.from_record(record)
+    assert list(back) == list(state)  # key order kept
+    for k, t in state.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+    back["w"] += 1  # writable, owns its memory
+    assert not torch.equal(back["w"], state["w"])
+    assert P.from_record(P.to_record({})) == {}
+    # A record of one array per tensor (another app, an older fedtalora) still reads.
+    from flwr.app import Array, ArrayRecord
+
+    plain = ArrayRecord({"x": Array.from_torch_tensor(torch.ones(2))})
+    assert torch.equal(P.from_record(plain)["x"], torch.ones(2))
+    for bad in (buf[:-1], np.concatenate([buf, np.zeros(1, np.uint8)]), buf[:5]):
+        with pytest.raises(ValueError, match="malformed packed"):
+            P.unpack_tensors(bad)
+
+
+def test_process_recorder_ends_orphans_and_processes_that_ignore_sigterm() -> None:
+    """What Ray leaves behind: a child re-parented to init once its parent exits, one that ignores SIGTERM."""
+    script = "trap '' TERM; (trap '' TERM; exec sleep 300) & sleep 300 & sleep 1.5; exit 0"
+    with ProcessRecorder(interval=0.05) as rec:
+        parent = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+        parent.wait(timeout=30)
+    assert len(rec.procs) >= 3  # sh and its two sleeps
+    orphans = rec.alive()
+    assert len(orphans) == 2 and all(start_time(p) == rec.procs[p] for p in orphans)
+    killed = rec.stop_all(grace=0.5)
+    assert killed and set(killed) <= set(orphans)  # the one ignoring SIGTERM needed SIGKILL
+    assert rec.alive() == []
+    # A recorded pid whose start time differs (the pid was reused) is left alone: here, this process.
+    rec.procs[os.getpid()] = (start_time(os.getpid()) or 0) + 1
+    assert rec.stop_all(grace=0.1) == [] and rec.alive() == []
+
+
+def test_interrupt_on_signals_raises_once_and_restores_the_handlers() -> None:
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupt_on_signals(stop) as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this thread
+    assert stop.is_set() and received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == before
+    stop.clear()
+    with interrupt_on_signals(stop) as received:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal only sets the event (cleanups run on)
+        time.sleep(0.1)
+    assert received == [signal.SIGINT, signal.SIGINT]
+
+
+def test_the_warm_executor_runs_only_the_fedtalora_app() -> None:
+    from fedtalora.flower.deployment import APP_PYPROJECT
+    from fedtalora.flower.worker import DEFAULT_APP, clientapp_ref, load_clientapp
+
+    fab = BytesIO()
+    with zipfile.ZipFile(fab, "w") as z:
+        z.writestr("pyproject.toml", APP_PYPROJECT)
+    assert clientapp_ref(fab.getvalue()) == DEFAULT_APP == "fedtalora.flower.client_app:app"
+    assert load_clientapp(DEFAULT_APP) is client_app
+    with pytest.raises(TypeError, match="not a flwr ClientApp"):
+        load_clientapp("fedtalora.flower.protocol:PACKED")
 
 
 def test_malformed_catch_up_is_refused(make_tiny_model) -> None:
@@ -385,3 +473,92 @@ def test_loopback_deployment(tmp_path: Path) -> None:
     assert len(metrics["accuracy_matrix"]) == 1 and not math.isnan(metrics["final_average_accuracy"])
     ref = run(resolve("demo", overrides)).metrics
     assert_same_numbers(ref, metrics)
+
+
+# --- stopping a run: SIGTERM / SIGINT mid-round, every process gone, resume finishes it ---------------
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, proc: subprocess.Popen[Any] | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def _completed_rounds(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "metrics.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _interrupt_mid_round(cmd: list[str], run_dir: Path, sig: int, env: dict[str, str], log: Path,
+                         what: str) -> tuple[int, dict[int, str]]:
+    """Start ``cmd``, send ``sig`` once its first round is checkpointed (it is then in a later round),
+    wait for it to exit; returns its exit status and the processes it started that still run (pid ->
+    command line; ended before returning, so a failing test leaks nothing)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    recorder = ProcessRecorder(interval=0.1, roots=[proc.pid]).start()
+    try:
+        assert _wait_for(lambda: _completed_rounds(run_dir) >= 1, 600, proc), log.read_text()[-3000:]
+        recorder.scan()
+        started = {p: _cmdline(p) for p in recorder.procs}
+        assert any(what in c for c in started.values()), (what, started)
+        assert _completed_rounds(run_dir) < 12, "the run finished before the signal"
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=180)
+        recorder.stop()
+        _wait_for(lambda: not recorder.alive(), 15)  # exiting children may take a moment
+        leftover = {p: _cmdline(p) for p in recorder.alive()}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        recorder.stop()
+        recorder.stop_all(grace=1)
+    return rc, leftover
+
+
+def _assert_resumable(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert not metrics["complete"] and 1 <= len(metrics["rounds"]) < 12
+    assert list((run_dir / "checkpoints").glob("*.json")), sorted(p.name for p in run_dir.iterdir())
+
+
+INTERRUPTED_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith(("scenario.num_tasks", "fed.rounds_per_task"))] + \
+    ["scenario.num_tasks=1", "fed.rounds_per_task=12", "train.local_epochs=2"]
+
+
+def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the_run(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *INTERRUPTED_OVERRIDES, "engine=flower-sim",
+           f"output.dir={tmp_path}", "output.name=run"]
+    rc, leftover = _interrupt_mid_round(cmd, run_dir, signal.SIGTERM, cli_env(), tmp_path / "run.log",
+                                        "ClientAppActor")
+    log = (tmp_path / "run.log").read_text()
+    assert rc == 130, log[-3000:]
+    assert leftover == {}, leftover  # Ray's GCS, raylet, agents and actors included
+    assert "fedtalora resume" in log
+    _assert_resumable(run_dir)
+    with open(tmp_path / "resume.log", "wb") as out, ProcessRecorder(interval=0.1) as rec:
+        proc = subprocess.run([sys.executable, "-m", "fedtalora", "resume", str(run_dir), "--quiet"], env=cli_env(),
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=900)
+    assert proc.returncode == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert _wait_for(lambda: not rec.alive(), 15), {p: _cmdline(p) for p in rec.alive()}
+    got = json.loads((run_dir / "metrics.json").read_text())
+    assert got["complete"] and got["engine"] == "flower-sim"
+    assert_same_numbers(run(resolve("demo", INTERRUPTED_OVERRIDES)).metrics, got)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,12 +140,43 @@ def flwr_run_command(app: str | Path, superlink: str, run_config: dict[str, Any]
     return [*cmd, "--run-config", run_config_arg(run_config), "--stream"]
 
 
+_RUN_ID = re.compile(r"started run (\d+)")
+
+
+def flwr_stop(run_id: int, superlink: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> bool:
+    """``flwr stop RUN_ID [SUPERLINK]``: stop a run on the SuperLink (its ServerApp and ClientApp tasks)."""
+    cmd = [flwr_bin("flwr"), "stop", str(run_id), *([superlink] if superlink else [])]
+    try:
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        logger.error("flwr stop %d did not answer within %g s", run_id, timeout)
+        return False
+    if proc.returncode != 0:
+        logger.error("flwr stop %d failed: %s", run_id, (proc.stdout + proc.stderr).strip()[-500:])
+    return proc.returncode == 0
+
+
+def _tee(stream: Any, found: list[int]) -> None:
+    """Copy ``flwr run``'s output to ours, noting the run id it reports."""
+    for line in iter(stream.readline, ""):
+        if not found:
+            m = _RUN_ID.search(line)
+            if m:
+                found.append(int(m.group(1)))
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    stream.close()
+
+
 def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
            env: dict[str, str] | None = None) -> RunResult:
     """Submit the run to the SuperLink ``flower.superlink`` with ``flwr run`` and wait for it.
 
     The ServerApp writes ``run_dir`` on the SuperLink's machine; when that is this machine (or a shared
-    file system), the result is read back from it.
+    file system), the result is read back from it. Interrupted (SIGINT, or SIGTERM through the CLI), it
+    stops the run on the SuperLink (``flwr stop``: the ServerApp ends after its last completed round's
+    checkpoint, ``fedtalora resume`` continues it) and ends ``flwr run``; KeyboardInterrupt propagates.
     """
     from ..engine import RunResult
 
@@ -154,14 +186,34 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / ("config.yaml" if not resume else "config.flower.yaml")
     config_file.write_text(cfg.to_yaml())
+    run_id: list[int] = []
     with tempfile.TemporaryDirectory(prefix="fedtalora-flower-app-") as tmp:
         app = write_app(Path(tmp) / APP_NAME)
         cmd = flwr_run_command(app, cfg.flower.superlink, {"config": str(config_file), "run-dir": str(run_dir),
                                                            "resume": resume})
         logger.info("submitting: %s", shlex.join(cmd))
-        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise FedTaLoRAError(f"flwr run exited with status {proc.returncode} (see its output above)")
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                bufsize=1, start_new_session=True)  # our SIGINT is ours to forward
+        tee = threading.Thread(target=_tee, args=(proc.stdout, run_id), daemon=True)
+        tee.start()
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            if run_id:
+                logger.warning("stopping Flower run %d on the SuperLink", run_id[0])
+                flwr_stop(run_id[0], cfg.flower.superlink, env)
+            else:
+                logger.warning("interrupted before the SuperLink reported a run id: nothing to stop there")
+            try:
+                proc.wait(timeout=15)  # `flwr run --stream` ends with the run
+            except subprocess.TimeoutExpired:
+                pass
+            kill_tree([proc.pid])
+            raise
+        finally:
+            tee.join(timeout=5)
+    if returncode != 0:
+        raise FedTaLoRAError(f"flwr run exited with status {returncode} (see its output above)")
     metrics_file = run_dir / "metrics.json"
     try:
         metrics = json.loads(metrics_file.read_text())

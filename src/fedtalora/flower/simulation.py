@@ -29,6 +29,7 @@ stops waiting for replies (the run directory keeps the last completed round's ch
 from __future__ import annotations
 
 import atexit
+import copy
 import importlib.util
 import logging
 import os
@@ -78,7 +79,7 @@ class RayCluster:
     ``ray.shutdown()`` and then ends whatever of them still runs."""
 
     def __init__(self, init_args: dict[str, Any]) -> None:
-        self.init_args = dict(init_args)
+        self.init_args = copy.deepcopy(init_args)
         self.recorder = ProcessRecorder()
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -115,7 +116,7 @@ class RayCluster:
                     import ray
 
                     if not ray.is_initialized():
-                        ray.init(**self.init_args)
+                        ray.init(**copy.deepcopy(self.init_args))  # (ray.init changes _system_config)
             finally:
                 ray_worker_log.setLevel(level)
         except BaseException as e:  # noqa: BLE001 - reported by wait()
@@ -133,7 +134,7 @@ class RayCluster:
         if self.error is not None:
             raise FedTaLoRAError(f"could not start Ray for engine=flower-sim: {self.error}") from self.error
 
-    def shutdown(self, grace: float = 5.0) -> list[int]:
+    def shutdown(self, grace: float = 2.0) -> list[int]:
         """``ray.shutdown()``, then end every recorded process still running; returns the pids killed."""
         if self._closed:
             return []
