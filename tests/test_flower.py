@@ -191,6 +191,29 @@ def test_the_warm_executor_runs_only_the_fedtalora_app() -> None:
         load_clientapp("fedtalora.flower.protocol:PACKED")
 
 
+def test_certificates_and_node_keys_for_tls_and_supernode_auth(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from fedtalora.flower.tls import make_certificates, make_node_key
+
+    files = make_certificates(tmp_path / "tls", ("127.0.0.1", "server.example"))
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["server.example"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert oct(files.server_key.stat().st_mode & 0o777) == "0o600"
+    private, public = make_node_key(tmp_path / "keys" / "node_0")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    pub = load_ssh_public_key(public.read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1)  # a NIST curve
+    assert key.public_key().public_numbers() == pub.public_numbers()  # type: ignore[union-attr]
+
+
 def test_malformed_catch_up_is_refused(make_tiny_model) -> None:
     layer = make_tiny_model().lora_pairs()[0].layer
     with pytest.raises(ValueError, match="malformed"):
@@ -464,6 +487,10 @@ def test_loopback_deployment(tmp_path: Path) -> None:
     finally:
         dep.stop()
     assert dep.alive() == []
+    # Warm nodes: each node's one executor process ran its hello and both rounds (no flwr-clientapp).
+    for k in range(3):
+        node_log = (tmp_path / "deployment" / f"supernode-{k}.log").read_text()
+        assert node_log.count("fedtalora.flower.worker: task done") == 3, node_log[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["complete"] and metrics["engine"] == "flower"
     assert [(r["task"], r["round"]) for r in metrics["rounds"]] == [(0, 0), (0, 1)]
@@ -504,8 +531,8 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _interrupt_mid_round(cmd: list[str], run_dir: Path, sig: int, env: dict[str, str], log: Path,
-                         what: str) -> tuple[int, dict[int, str]]:
+def _interrupt_mid_round(cmd: list[str], run_dir: Path, sig: int, env: dict[str, str], log: Path, what: str,
+                         rounds: int) -> tuple[int, dict[int, str]]:
     """Start ``cmd``, send ``sig`` once its first round is checkpointed (it is then in a later round),
     wait for it to exit; returns its exit status and the processes it started that still run (pid ->
     command line; ended before returning, so a failing test leaks nothing)."""
@@ -518,7 +545,7 @@ def _interrupt_mid_round(cmd: list[str], run_dir: Path, sig: int, env: dict[str,
         recorder.scan()
         started = {p: _cmdline(p) for p in recorder.procs}
         assert any(what in c for c in started.values()), (what, started)
-        assert _completed_rounds(run_dir) < 12, "the run finished before the signal"
+        assert _completed_rounds(run_dir) < rounds, "the run finished before the signal"
         proc.send_signal(sig)
         rc = proc.wait(timeout=180)
         recorder.stop()
@@ -532,28 +559,30 @@ def _interrupt_mid_round(cmd: list[str], run_dir: Path, sig: int, env: dict[str,
     return rc, leftover
 
 
-def _assert_resumable(run_dir: Path) -> None:
+def _assert_resumable(run_dir: Path, rounds: int) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert not metrics["complete"] and 1 <= len(metrics["rounds"]) < 12
+    assert not metrics["complete"] and 1 <= len(metrics["rounds"]) < rounds
     assert list((run_dir / "checkpoints").glob("*.json")), sorted(p.name for p in run_dir.iterdir())
 
 
-INTERRUPTED_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith(("scenario.num_tasks", "fed.rounds_per_task"))] + \
-    ["scenario.num_tasks=1", "fed.rounds_per_task=12", "train.local_epochs=2"]
+def interrupted_overrides(rounds: int) -> list[str]:
+    """One task of ``rounds`` rounds, long enough to be interrupted in the middle."""
+    return [o for o in TINY_OVERRIDES if not o.startswith(("scenario.num_tasks", "fed.rounds_per_task"))] + \
+        ["scenario.num_tasks=1", f"fed.rounds_per_task={rounds}"]
 
 
 def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the_run(tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *INTERRUPTED_OVERRIDES, "engine=flower-sim",
+    run_dir, overrides = tmp_path / "run", [*interrupted_overrides(12), "train.local_epochs=2"]
+    cmd = [sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides, "engine=flower-sim",
            f"output.dir={tmp_path}", "output.name=run"]
     rc, leftover = _interrupt_mid_round(cmd, run_dir, signal.SIGTERM, cli_env(), tmp_path / "run.log",
-                                        "ClientAppActor")
+                                        "ClientAppActor", 12)
     log = (tmp_path / "run.log").read_text()
     assert rc == 130, log[-3000:]
     assert leftover == {}, leftover  # Ray's GCS, raylet, agents and actors included
     assert "fedtalora resume" in log
-    _assert_resumable(run_dir)
+    _assert_resumable(run_dir, 12)
     with open(tmp_path / "resume.log", "wb") as out, ProcessRecorder(interval=0.1) as rec:
         proc = subprocess.run([sys.executable, "-m", "fedtalora", "resume", str(run_dir), "--quiet"], env=cli_env(),
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=900)
@@ -561,4 +590,38 @@ def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the
     assert _wait_for(lambda: not rec.alive(), 15), {p: _cmdline(p) for p in rec.alive()}
     got = json.loads((run_dir / "metrics.json").read_text())
     assert got["complete"] and got["engine"] == "flower-sim"
-    assert_same_numbers(run(resolve("demo", INTERRUPTED_OVERRIDES)).metrics, got)
+    assert_same_numbers(run(resolve("demo", overrides)).metrics, got)
+
+
+def test_deployment_sigint_mid_round_stops_the_run_on_the_superlink_and_resume_finishes_it(tmp_path: Path) -> None:
+    """``fedtalora run ... engine=flower`` interrupted: its ``flwr run`` is gone, the run is stopped on the
+    SuperLink (its ServerApp process ends), the nodes stay up for the next run, which resumes it."""
+    from fedtalora.flower.deployment import LocalDeployment
+
+    overrides = [*interrupted_overrides(4), "flower.connect_timeout=120"]
+    run_dir = tmp_path / "run"
+    dep = LocalDeployment(3, tmp_path / "deployment", env=cli_env())
+    try:
+        with dep:
+            nodes = set(dep.alive())
+            cmd = [sys.executable, "-m", "fedtalora", "run", "demo", *overrides, "engine=flower",
+                   f"output.dir={tmp_path}", "output.name=run"]
+            rc, leftover = _interrupt_mid_round(cmd, run_dir, signal.SIGINT, dep.env, tmp_path / "run.log", "flwr", 4)
+            log = (tmp_path / "run.log").read_text()
+            assert rc == 130, log[-3000:]
+            assert leftover == {}, leftover
+            assert "Stopping Flower run" in log or "stopping Flower run" in log, log[-3000:]
+            # The ServerApp process of the stopped run ends; the SuperLink and the nodes stay.
+            assert _wait_for(lambda: not [p for p in dep.alive() if "flwr-serverapp" in _cmdline(p)], 60), \
+                {p: _cmdline(p) for p in dep.alive()}
+            assert nodes <= set(dep.alive())
+            _assert_resumable(run_dir, 4)
+            proc = subprocess.run([sys.executable, "-m", "fedtalora", "resume", str(run_dir)], env=dep.env,
+                                  capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+            assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    finally:
+        dep.stop()
+    assert dep.alive() == []
+    got = json.loads((run_dir / "metrics.json").read_text())
+    assert got["complete"] and got["engine"] == "flower"
+    assert_same_numbers(run(resolve("demo", overrides)).metrics, got)

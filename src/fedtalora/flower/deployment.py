@@ -236,34 +236,53 @@ def free_port() -> int:
 
 
 class LocalDeployment:
-    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0..N-1) on 127.0.0.1, insecure.
+    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0..N-1) on 127.0.0.1.
 
     Use as a context manager; :meth:`stop` (also on errors) ends every process it started and their
     descendants (the SuperExecs, ServerApp and ClientApp processes). ``FLWR_HOME`` is a private folder
     with a ``config.toml`` whose default SuperLink connection is this one (:attr:`superlink_name`).
+
+    Args:
+        warm: nodes are :mod:`fedtalora.flower.node` (SuperNode + warm ClientApp executor, capped polls);
+            False: plain ``flower-supernode`` (one ``flwr-clientapp`` process per message).
+        executors: with ``warm``, run this many shared executors (:class:`~fedtalora.flower.worker.WarmExecutor`
+            processes, each serving ``num_nodes / executors`` SuperNodes) instead of one per node: many nodes
+            on one machine without one copy of torch, the data and the model per node.
+        tls: the SuperLink serves TLS with a certificate from a fresh CA (:func:`~fedtalora.flower.tls.make_certificates`,
+            in ``workdir/tls``); the nodes and ``flwr`` verify it.
+        auth: SuperNode authentication (needs ``tls``): ``--enable-supernode-auth`` on the SuperLink, one
+            key pair per node (``workdir/keys``), each public key registered with ``flwr supernode register``.
     """
 
     superlink_name = "local-deployment"
 
     def __init__(self, num_nodes: int, workdir: str | Path, *, env: dict[str, str] | None = None,
-                 node_config: dict[str, str] | None = None, warm: bool = True, poll: float | None = None) -> None:
+                 node_config: dict[str, str] | None = None, warm: bool = True, poll: float | None = None,
+                 executors: int | None = None, tls: bool = False, auth: bool = False) -> None:
+        if auth and not tls:
+            raise ConfigError("SuperNode authentication needs TLS (tls=True)")
+        if executors is not None and not (warm and 1 <= executors <= num_nodes):
+            raise ConfigError(f"executors={executors}: needs warm nodes and 1 <= executors <= {num_nodes}")
         self.num_nodes = num_nodes
         self.warm = warm
-        """Nodes are :mod:`fedtalora.flower.node` (SuperNode + warm executor); else plain ``flower-supernode``
-        (one ``flwr-clientapp`` process per message)."""
         self.poll = poll
+        self.executors = executors
+        self.tls = tls
+        self.auth = auth
         self.workdir = Path(workdir)
         self.env = dict(os.environ if env is None else env)
         self.node_config = dict(node_config or {})
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pids: list[int] = []
+        self.roles: dict[int, str] = {}
+        """Pid of every process started here -> ``superlink``, ``node-K`` or ``executor-J``."""
         self.port = 0
         self.flwr_home = self.workdir / "flwr-home"
         self.env["FLWR_HOME"] = str(self.flwr_home)
         # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
 
-    def _spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], log: str, role: str) -> subprocess.Popen[bytes]:
         out = open(self.workdir / log, "wb")  # noqa: SIM115 - closed with the process
         try:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -272,31 +291,71 @@ class LocalDeployment:
             out.close()
         self.procs.append(proc)
         self.pids.append(proc.pid)
+        self.roles[proc.pid] = role
         return proc
 
     def start(self, timeout: float = 60.0) -> LocalDeployment:
-        """Start the SuperLink, wait until it listens, start the SuperNodes."""
+        """Start the SuperLink, wait until it listens, (register the node keys,) start the SuperNodes."""
+        from .tls import make_certificates, make_node_key
+
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        link = ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)]
+        connection = f'address = "127.0.0.1:{self.port}"\n'
+        if self.tls:
+            certs = make_certificates(self.workdir / "tls", ("127.0.0.1", "localhost"))
+            link += ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+                     "--ssl-keyfile", str(certs.server_key)]
+            connection += f"root-certificates = {json.dumps(str(certs.ca_cert))}\n"
+            node_tls = ["--root-certificates", str(certs.ca_cert)]
+        else:
+            link.insert(0, "--insecure")
+            connection += "insecure = true\n"
+            node_tls = ["--insecure"]
+        if self.auth:
+            link.append("--enable-supernode-auth")
         (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{self.superlink_name}"\n\n[superlink.{self.superlink_name}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        self._spawn([flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                     "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
+            f'[superlink]\ndefault = "{self.superlink_name}"\n\n[superlink.{self.superlink_name}]\n{connection}')
+        self._spawn([flwr_bin("flower-superlink"), *link], "superlink.log", "superlink")
         self._wait_port(self.port, timeout)
+        keys = [make_node_key(self.workdir / "keys" / f"node_{k}") for k in range(self.num_nodes)] if self.auth else []
+        if keys:
+            self.register([public for _, public in keys])
+        ports = [free_port() for _ in range(self.num_nodes)]
         for k in range(self.num_nodes):
             cfg = " ".join([f"partition-id={k}", *(f"{key}={json.dumps(v)}" for key, v in self.node_config.items())])
-            self._spawn(self.node_command(["--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-                                           "--port", str(free_port()), "--node-config", cfg]), f"supernode-{k}.log")
+            args = [*node_tls, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(ports[k]),
+                    "--node-config", cfg]
+            if keys:
+                args += ["--auth-supernode-private-key", str(keys[k][0])]
+            self._spawn(self.node_command(args), f"supernode-{k}.log", f"node-{k}")
+        for j in range(self.executors or 0):
+            served = [f"127.0.0.1:{p}" for p in ports[j::self.executors]]
+            cmd = [sys.executable, "-m", "fedtalora.flower.worker", *(a for addr in served
+                                                                        for a in ("--runtime-api-address", addr))]
+            self._spawn(cmd, f"executor-{j}.log", f"executor-{j}")
         return self
 
+    def register(self, public_keys: list[Path], timeout: float = 120.0) -> None:
+        """``flwr supernode register`` each key with this SuperLink (in parallel)."""
+        procs = [subprocess.Popen([flwr_bin("flwr"), "supernode", "register", str(key), self.superlink_name],
+                                  env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for key in public_keys]
+        for key, proc in zip(public_keys, procs, strict=True):
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise FedTaLoRAError(f"flwr supernode register {key.name} failed: {out.strip()[-500:]}")
+
     def node_command(self, args: list[str]) -> list[str]:
-        """One client node: ``flower-supernode ARGS``, or the warm node launcher with the same arguments."""
+        """One client node: ``flower-supernode ARGS``, or the warm node launcher with the same arguments
+        (without its own executor when the deployment shares executors)."""
         if not self.warm:
             return [flwr_bin("flower-supernode"), *args]
-        poll = [] if self.poll is None else ["--poll", str(self.poll)]
-        return [sys.executable, "-m", "fedtalora.flower.node", *poll, *args]
+        extra = [] if self.poll is None else ["--poll", str(self.poll)]
+        if self.executors is not None:
+            extra.append("--no-executor")
+        return [sys.executable, "-m", "fedtalora.flower.node", *extra, *args]
 
     def _wait_port(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -116,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=DEFAULT_POLL,
                    help=f"idle poll of the SuperNode and the executor, seconds (default {DEFAULT_POLL}; Flower's: 3)")
     p.add_argument("--app", action="append", default=None, help="ClientApp reference the executor runs (repeatable)")
+    p.add_argument("--no-executor", action="store_true",
+                   help="run only the SuperNode (needs --port); a shared executor serves it "
+                        "(python -m fedtalora.flower.worker --runtime-api-address HOST:PORT ...)")
     return p
 
 
@@ -132,6 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .deployment import free_port
     from .worker import DEFAULT_APP, WarmExecutor
 
+    if args.no_executor:
+        if not args.port:
+            raise SystemExit("--no-executor needs --port (the executor must know the Runtime API address)")
+        run_supernode(args.poll, [*supernode_args, "--isolation", "process", "--host", args.host,
+                                  "--port", str(args.port)])
+        return 0
     port = args.port or free_port()
     stop = threading.Event()
     signalled: list[int] = []
@@ -155,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(target=watch, daemon=True).start()
     executor = WarmExecutor(f"{args.host}:{port}", allowed_apps=args.app or (DEFAULT_APP,), poll=min(args.poll, 0.05))
     try:
+        t0 = time.perf_counter()
         executor.preload()
+        logger.info("ClientApp modules loaded in %.2f s; serving the SuperNode at %s:%d", time.perf_counter() - t0,
+                    args.host, port)
         executor.serve(stop)
     except KeyboardInterrupt:
         pass

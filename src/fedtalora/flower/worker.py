@@ -111,10 +111,16 @@ def error_reason(ex: BaseException) -> str:
 
 
 class WarmExecutor:
-    """Claims and runs the ClientApp tasks of one SuperNode, in this process, until stopped.
+    """Claims and runs the ClientApp tasks of one SuperNode (or several), in this process, until stopped.
+
+    Serving several SuperNodes of one machine (a simulation of many clients, a host with many data
+    partitions), one process holds the modules, the data and the model once for all of them, as a Ray
+    actor of ``flower-sim`` does; their tasks run one at a time. Each node's own state stays in its
+    Context.
 
     Args:
-        runtime_api_address: the SuperNode's Runtime API (``--host``/``--port`` of ``flower-supernode``).
+        runtime_api_address: the SuperNode's Runtime API (``--host``/``--port`` of ``flower-supernode``),
+            or a list of them.
         insecure: plain HTTP to the Runtime API (the SuperNode's default); else TLS verified against
             ``root_certificates`` (a PEM path).
         allowed_apps: ClientApp references this executor runs; a task of another app is answered with an
@@ -122,9 +128,12 @@ class WarmExecutor:
         poll: seconds between ``AcquireTask`` calls while idle.
     """
 
-    def __init__(self, runtime_api_address: str, *, insecure: bool = True, root_certificates: str | None = None,
-                 allowed_apps: Sequence[str] = (DEFAULT_APP,), poll: float = 0.05) -> None:
-        self.address = runtime_api_address
+    def __init__(self, runtime_api_address: str | Sequence[str], *, insecure: bool = True,
+                 root_certificates: str | None = None, allowed_apps: Sequence[str] = (DEFAULT_APP,),
+                 poll: float = 0.05) -> None:
+        self.addresses = [runtime_api_address] if isinstance(runtime_api_address, str) else list(runtime_api_address)
+        if not self.addresses:
+            raise ValueError("no Runtime API address")
         self.insecure = insecure
         self.root_certificates = root_certificates
         self.allowed_apps = tuple(allowed_apps)
@@ -132,9 +141,10 @@ class WarmExecutor:
         self.tasks_done = 0
         self.tasks_failed = 0
         self._apps: dict[str, Any] = {}
-        self._client: Any = None
+        self._clients: dict[str, Any] = {}
+        self._next = 0
 
-    def _http_client(self, token: str | None) -> Any:
+    def _http_client(self, address: str, token: str | None) -> Any:
         """A Runtime API client; with a task token, retrying transient failures for up to a minute.
 
         (Not Flower's ``make_simple_http_retry_invoker``: on a 401 it sends SIGINT to its own process,
@@ -155,7 +165,7 @@ class WarmExecutor:
         if token:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
         return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=self.insecure,
+            server_address=address, insecure=self.insecure,
             root_certificates=None if self.insecure else self.root_certificates,
             interceptors=interceptors, retry_invoker=retry)
 
@@ -169,19 +179,30 @@ class WarmExecutor:
             self._apps[ref] = load_clientapp(ref)
         return self._apps[ref]
 
-    def acquire(self) -> str | None:
-        """Claim the oldest pending ClientApp task: its token, or None when there is none."""
+    def acquire(self) -> tuple[str, str] | None:
+        """Claim a pending ClientApp task of the next node that has one (round robin): ``(address, token)``,
+        or None when no node has one. Raises ``httpx.TransportError`` if a node does not answer."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
         from flwr.supercore.constant import TaskType
 
-        if self._client is None:
-            self._client = self._http_client(None)
-        res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        if res.HasField("task") and res.token:
-            return str(res.token)
+        n = len(self.addresses)
+        for i in range(n):
+            address = self.addresses[(self._next + i) % n]
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = self._http_client(address, None)
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception:
+                client.close()
+                del self._clients[address]
+                raise
+            if res.HasField("task") and res.token:
+                self._next = (self._next + i + 1) % n
+                return address, str(res.token)
         return None
 
-    def run_task(self, token: str) -> bool:
+    def run_task(self, token: str, address: str | None = None) -> bool:
         """Run one claimed task (pull, run the ClientApp, push reply and context); True on success."""
         import httpx
         from flwr.app import Message
@@ -191,7 +212,7 @@ class WarmExecutor:
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-        client = self._http_client(token)
+        client = self._http_client(address or self.addresses[0], token)
         lost = threading.Event()
 
         def heartbeat() -> bool:  # the SuperNode expires a task whose heartbeats stop
@@ -252,21 +273,20 @@ class WarmExecutor:
 
         while not stop.is_set():
             try:
-                token = self.acquire()
-            except httpx.TransportError as e:  # the SuperNode is starting (or gone: the caller decides)
+                claimed = self.acquire()
+            except httpx.TransportError as e:  # a SuperNode is starting (or gone: the caller decides)
                 logger.debug("Runtime API not reachable: %s", e)
-                self.close()
                 stop.wait(max(self.poll, 0.2))
                 continue
-            if token is None:
+            if claimed is None:
                 stop.wait(self.poll)
                 continue
-            self.run_task(token)
+            self.run_task(claimed[1], claimed[0])
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -284,7 +304,9 @@ def install_stop_handlers(stop: threading.Event) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedtalora.flower.worker",
                                 description="A warm ClientApp executor for a SuperNode started with --isolation process")
-    p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's Runtime API")
+    p.add_argument("--runtime-api-address", action="append", default=None,
+                   help="a SuperNode's Runtime API (repeatable: one executor for several nodes; default "
+                        "127.0.0.1:9094)")
     p.add_argument("--root-certificates", default=None,
                    help="CA of the Runtime API's TLS certificate (default: plain HTTP, the SuperNode's default)")
     p.add_argument("--app", action="append", default=None,
@@ -298,13 +320,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    executor = WarmExecutor(args.runtime_api_address, insecure=args.root_certificates is None,
+    executor = WarmExecutor(args.runtime_api_address or ["127.0.0.1:9094"], insecure=args.root_certificates is None,
                             root_certificates=args.root_certificates, allowed_apps=args.app or (DEFAULT_APP,),
                             poll=args.poll)
     stop = threading.Event()
     install_stop_handlers(stop)
     if not args.no_preload:
+        t0 = time.perf_counter()
         executor.preload()
+        logger.info("ClientApp modules loaded in %.2f s; serving %s", time.perf_counter() - t0,
+                    ", ".join(executor.addresses))
     try:
         executor.serve(stop)
     except KeyboardInterrupt:
