@@ -84,6 +84,67 @@ def one_task(overrides: list[str], rounds: int, clients: int | None = None, per_
 # --- measuring ------------------------------------------------------------------------------------
 
 
+MARK = f"flower-bench-{os.getpid()}"
+os.environ["FEDTALORA_BENCH_MARK"] = MARK  # inherited by every process a measurement starts, however detached
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(roots: Iterable[int]) -> list[int]:
+    """``roots`` and every process below them (from /proc; the measured code may predate fedtalora.flower.procs)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _proc_stat(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    seen: list[int] = []
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.append(pid)
+            stack.extend(children.get(pid, []))
+    return seen
+
+
+def marked_processes() -> list[int]:
+    """Live processes started by this benchmark (they carry its environment marker), but itself."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if MARK.encode() not in f.read():
+                    continue
+        except OSError:
+            continue
+        fields = _proc_stat(int(entry))
+        if fields is not None and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
+
+
+def leftovers_after(seconds: float) -> int:
+    """Processes of this benchmark still running ``seconds`` after a measurement; they are then killed
+    (so they do not weigh on the next measurement)."""
+    import signal
+
+    time.sleep(seconds)
+    left = marked_processes()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(left)
+
+
 def load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -125,8 +186,6 @@ class Monitor:
     seen (at its last sample)."""
 
     def __init__(self, roots: Any, interval: float = 0.5, groups: Any = None) -> None:
-        from fedtalora.flower.procs import descendants
-
         self._descendants = descendants
         self.roots = roots
         self.groups = groups
@@ -138,8 +197,6 @@ class Monitor:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
-        from fedtalora.flower.procs import start_time
-
         total_pss = total_rss = 0
         by_group: dict[str, int] = {}
         for root in self.roots():
@@ -149,7 +206,8 @@ class Monitor:
                 p, r = _pss(pid), _rss(pid)
                 pss += p
                 total_rss += r
-                self.cpu[(pid, start_time(pid) or 0)] = _cpu_seconds(pid)
+                fields = _proc_stat(pid)
+                self.cpu[(pid, int(fields[19]) if fields else 0)] = _cpu_seconds(pid)
             total_pss += pss
             if self.groups is not None:
                 g = self.groups(root)
@@ -219,17 +277,9 @@ def timed_run(overrides: list[str], run_dir: Path | None = None) -> dict[str, An
             prestart(cfg)
         metrics = run(cfg, run_dir, progress=progress).metrics
         t_end = time.perf_counter()
-        time.sleep(1.0)  # processes that outlive the run are counted by the monitor
-    leftover = _leftover_children()
     return {"metrics": metrics, "wall_s": t_end - t0, "startup_s": marks["start"] - t0,
             "teardown_s": t_end - marks["end"], "peak_pss_B": mon.peak_pss, "peak_rss_B": mon.peak_rss,
-            "cpu_s": mon.cpu_seconds(), "leftover_processes_1s_after": leftover}
-
-
-def _leftover_children() -> int:
-    from fedtalora.flower.procs import alive, descendants
-
-    return len([p for p in descendants([os.getpid()]) if p != os.getpid() and alive(p)])
+            "cpu_s": mon.cpu_seconds(), "leftover_processes_2s_after": leftovers_after(2.0)}
 
 
 def bench_sim(size: str, label: str) -> dict[str, Any]:
@@ -290,13 +340,15 @@ def deployment_run(num_nodes: int, overrides: list[str], workdir: Path, env: dic
         t_run = time.perf_counter() - t1
     if proc.returncode != 0:
         raise SystemExit(f"deployment run failed:\n{err[-3000:]}\n{out[-2000:]}")
+    left = leftovers_after(2.0)
     metrics = json.loads((workdir / "run" / "metrics.json").read_text())
     nodes = {g: v for g, v in mon.peak_by_group.items() if g.startswith("node-")}
     return {"metrics": metrics, "deployment_start_s": t_up, "flwr_run_wall_s": t_run,
             "server_wall_s": metrics["wall_seconds"], "peak_pss_B": mon.peak_pss, "peak_rss_B": mon.peak_rss,
             "peak_pss_by_role_B": dict(mon.peak_by_group), "node_peak_pss_mean_B": (
                 sum(nodes.values()) / len(nodes) if nodes else None),
-            "cpu_s": mon.cpu_seconds(), "logs": _node_log_stats(workdir / "deployment", "*.log")}
+            "cpu_s": mon.cpu_seconds(), "logs": _node_log_stats(workdir / "deployment", "*.log"),
+            "leftover_processes_2s_after": left}
 
 
 COLD_START = """
@@ -421,8 +473,9 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
         "## flower-sim vs inprocess (same config, whole run)",
         "",
         "| code | size | rounds × clients | inprocess wall | flower-sim wall | ratio | start-up in-proc / sim | "
-        "s/round in-proc / sim | tear-down sim | peak memory in-proc / sim | CPU s in-proc / sim | same numbers | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "s/round in-proc / sim | tear-down sim | peak memory in-proc / sim | CPU s in-proc / sim | processes left "
+        "2 s after | same numbers | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["what"] != "sim":
@@ -432,7 +485,8 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
             f"| {r['label']} | {r['size']} | {r['rounds']} × {r['clients_per_round']} | {i['wall_s']:.1f} s | "
             f"{s['wall_s']:.1f} s | **{s['wall_s'] / i['wall_s']:.2f}** | {i['startup_s']:.1f} / **{s['startup_s']:.1f}** s | "
             f"{i['round_s']:.2f} / {s['round_s']:.2f} | {s['teardown_s']:.1f} s | {_gib(i['peak_pss_B'])} / "
-            f"{_gib(s['peak_pss_B'])} | {i['cpu_s']:.0f} / {s['cpu_s']:.0f} | {'yes' if r['same_numbers'] else 'NO'} | "
+            f"{_gib(s['peak_pss_B'])} | {i['cpu_s']:.0f} / {s['cpu_s']:.0f} | {s.get('leftover_processes_2s_after', '–')} | "
+            f"{'yes' if r['same_numbers'] else 'NO'} | "
             f"{r['load_before']} |")
     dep = [r for r in rows if r["what"] == "deploy"]
     if dep:

@@ -130,17 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, supernode_args = parser().parse_known_args(argv)
     if "--isolation" in supernode_args:
         raise SystemExit("fedtalora.flower.node sets --isolation process itself")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    from .deployment import free_port
-    from .worker import DEFAULT_APP, WarmExecutor
-
     if args.no_executor:
         if not args.port:
             raise SystemExit("--no-executor needs --port (the executor must know the Runtime API address)")
         run_supernode(args.poll, [*supernode_args, "--isolation", "process", "--host", args.host,
                                   "--port", str(args.port)])
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per Runtime API poll
+    from .deployment import free_port
+    from .worker import DEFAULT_APP, WarmExecutor
+
     port = args.port or free_port()
     stop = threading.Event()
     signalled: list[int] = []

@@ -69,7 +69,12 @@ def ray_init_args(cfg: Any) -> dict[str, Any]:
     """``ray.init`` arguments: the CPUs, no dashboard, Flower's log settings, no ``runtime_env``, and the
     ClientApp's modules preloaded by the worker processes Ray starts with it (the actors take them over)."""
     return {"num_cpus": total_cpus(cfg), "include_dashboard": False, "logging_level": "WARNING",
-            "log_to_driver": True, "_system_config": {"preload_python_modules": list(PRELOAD)}}
+            "log_to_driver": True, "_system_config": {
+                "preload_python_modules": list(PRELOAD),
+                # a busy machine: the raylet waits this long for its agents instead of crashing (Ray's
+                # default gave "Check failed" in WaitForDashboardAgentPorts at a load of 8 on 2 cores)
+                "agent_register_timeout_ms": 120_000,
+            }}
 
 
 class RayCluster:
@@ -116,7 +121,18 @@ class RayCluster:
                     import ray
 
                     if not ray.is_initialized():
-                        ray.init(**copy.deepcopy(self.init_args))  # (ray.init changes _system_config)
+                        try:
+                            ray.init(**copy.deepcopy(self.init_args))  # (ray.init changes _system_config)
+                        except Exception as e:  # noqa: BLE001
+                            # On a busy machine the workers' preload can starve Ray's own agents at start
+                            # ("node timed out during startup"): clean up, try once more without it.
+                            logger.warning("Ray did not start (%s); retrying without preloading the ClientApp "
+                                           "modules", str(e).splitlines()[0])
+                            ray.shutdown()
+                            self.recorder.stop_all(grace=1.0)
+                            args = copy.deepcopy(self.init_args)
+                            args.get("_system_config", {}).pop("preload_python_modules", None)
+                            ray.init(**args)
             finally:
                 ray_worker_log.setLevel(level)
         except BaseException as e:  # noqa: BLE001 - reported by wait()

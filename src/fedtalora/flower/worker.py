@@ -320,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per Runtime API poll
     executor = WarmExecutor(args.runtime_api_address or ["127.0.0.1:9094"], insecure=args.root_certificates is None,
                             root_certificates=args.root_certificates, allowed_apps=args.app or (DEFAULT_APP,),
                             poll=args.poll)
