@@ -7,9 +7,14 @@ Layout:
   (:func:`fedtalora.engine.run`, the single task x round loop) reaches its clients through it;
 * :mod:`.server_app` -- the ``ServerApp`` of a deployment (and why it is not a ``Strategy.start`` loop);
 * :mod:`.client_app` -- the ``ClientApp``: one client, training with the in-process engine's function;
-* :mod:`.simulation` -- ``engine=flower-sim`` via ``flwr.simulation.run_simulation``;
-* :mod:`.deployment` -- ``engine=flower``: the Flower app directory, ``flwr run``, and a local
-  SuperLink + SuperNodes for tests and benchmarks.
+* :mod:`.simulation` -- ``engine=flower-sim`` via ``flwr.simulation.run_simulation`` (Ray started by
+  fedtalora: early, lean, every process stopped at the end);
+* :mod:`.deployment` -- ``engine=flower``: the Flower app directory, ``flwr run`` (``flwr stop`` when
+  interrupted), and a local SuperLink + nodes for tests and benchmarks (optionally TLS + node auth);
+* :mod:`.worker`     -- a warm ClientApp executor for SuperNodes in ``--isolation process`` mode;
+* :mod:`.node`       -- ``python -m fedtalora.flower.node``: a SuperNode and its warm executor, one command;
+* :mod:`.procs`      -- recording and stopping every process a run starts; SIGTERM as KeyboardInterrupt;
+* :mod:`.tls`        -- a CA, a SuperLink certificate and node key pairs (``cryptography``).
 
 Install with ``pip install 'fedtalora[flower]'`` (``flwr[simulation]==1.42.0``). See ``docs/flower.md``.
 """

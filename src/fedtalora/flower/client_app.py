@@ -14,9 +14,10 @@ A client knows only what reaches it through Flower:
 
 It builds its own model from the config (same seeds: the same initial weights as the server's, checked
 by a fingerprint) and trains with :func:`fedtalora.transport.client_round`, the function the in-process
-engine calls. Its frozen base and the base version live in ``context.state`` between messages (a
-SuperNode starts one ClientApp process per message). The dataset and model are cached per process (the
-simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
+engine calls. Its frozen base and the base version live in ``context.state`` between messages (a plain
+SuperNode starts one ClientApp process per message). The dataset and model are cached per process
+(:func:`build_client_side`: the simulation's Ray actors and :mod:`fedtalora.flower.worker`'s warm
+executors serve many messages and nodes), and the model's base is reset from the node's state for each
 message, so nodes sharing a process never see each other's weights.
 
 Node config keys: ``partition-id`` (required), ``data-root`` (this machine's ``data.root``),
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +93,7 @@ class ClientSide:
         return self.partition_cache[key]
 
 
-_CACHE: dict[tuple[str, str, str], ClientSide] = {}
+_CACHE: dict[tuple[str, str, str, tuple[int, int]], ClientSide] = {}
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -106,11 +108,26 @@ def _read_manifest(path: str) -> dict[str, Any]:
     return data
 
 
+def _file_version(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "") -> ClientSide:
-    """Build (or reuse from this process's cache) the client's config, data and model."""
-    key = (config_yaml, manifest_path, data_root)
+    """Build (or reuse from this process's cache) the client's config, data and model.
+
+    The cache holds one entry (memory stays bounded: one dataset and one model per process), keyed by
+    the config, the manifest (path, modification time and size: a rewritten manifest is read again) and
+    the data root. Reusing it across messages, rounds and even runs of the same config is safe: every
+    message resets what training changes (the base from the node's state, the trainable tensors from
+    the message)."""
+    key = (config_yaml, manifest_path, data_root, _file_version(manifest_path))
     if key in _CACHE:
         return _CACHE[key]
+    _CACHE.clear()  # before building: never two datasets and models at once
     from ..engine import resolve_device
     from ..text_data import TextTransform, tokenize_split
 
@@ -156,7 +173,6 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
         pristine={p.layer: model.base_weight(p.layer).detach().clone() for p in model.lora_pairs()},
         fingerprint=P.frozen_fingerprint(model, keys),
     )
-    _CACHE.clear()  # one run per process at a time: keep memory bounded
     _CACHE[key] = side
     return side
 

@@ -15,6 +15,8 @@ first round:
   wait for new worker processes; without, they take over the ones Ray pre-starts at ``ray.init``;
 * those pre-started workers import the ClientApp's modules (torch, timm, peft, flwr, fedtalora) as they
   start (Ray's ``preload_python_modules``), not when the first message arrives;
+* the workers run at the driver's priority (Ray's ``worker_niceness`` is 15 by default: on a busy
+  machine the actors, which do the clients' training, starved behind every other process);
 * :func:`prestart` starts Ray in a background thread *before* :func:`fedtalora.engine.prepare` loads the
   data and builds the model, so Ray's start, the workers' imports and the driver's build overlap (the
   CLI does this).
@@ -71,6 +73,9 @@ def ray_init_args(cfg: Any) -> dict[str, Any]:
     return {"num_cpus": total_cpus(cfg), "include_dashboard": False, "logging_level": "WARNING",
             "log_to_driver": True, "_system_config": {
                 "preload_python_modules": list(PRELOAD),
+                # Ray runs its workers 15 steps nicer than the driver (background work); here they are the
+                # clients' training, the run's real work: on a busy machine nice-15 actors starve
+                "worker_niceness": 0,
                 # a busy machine: the raylet waits this long for its agents instead of crashing (Ray's
                 # default gave "Check failed" in WaitForDashboardAgentPorts at a load of 8 on 2 cores)
                 "agent_register_timeout_ms": 120_000,
