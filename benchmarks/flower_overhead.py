@@ -51,8 +51,8 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fedtalora.api import run  # noqa: E402
 from fedtalora.config import resolve  # noqa: E402
-from fedtalora.engine import run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -362,9 +362,9 @@ print(t1 - t0, time.perf_counter() - t1)
 
 
 def clientapp_cold_start(overrides: list[str], env: dict[str, str], folder: Path) -> tuple[float, float, float]:
-    """What a ``flwr-clientapp`` process (one per message without warm executors) pays before training:
-    (process wall, imports, data + model build), in a fresh Python process."""
-    from fedtalora.engine import Experiment
+    """What every ClientApp process of a deployment pays before training: (process wall, imports, data +
+    model build), measured in a fresh Python process like the ``flwr-clientapp`` a SuperNode starts."""
+    from fedtalora.fed.build import Experiment
 
     cfg = resolve("demo", overrides)
     (folder / "config.yaml").write_text(cfg.to_yaml())

@@ -13,10 +13,11 @@ A client knows only what reaches it through Flower:
   message (:mod:`fedtalora.flower.protocol`).
 
 It builds its own model from the config (same seeds: the same initial weights as the server's, checked
-by a fingerprint) and trains with :func:`fedtalora.transport.client_round`, the function the in-process
-engine calls. Its frozen base and the base version live in ``context.state`` between messages (a plain
-SuperNode starts one ClientApp process per message). The dataset and model are cached per process
-(:func:`build_client_side`: the simulation's Ray actors and :mod:`fedtalora.flower.worker`'s warm
+by a fingerprint) and trains with :func:`fedtalora.fed.transport.client_round`, the function the in-process
+engine calls. Its frozen base -- the float64 accumulator ``D`` of the exact base, beside the pre-trained
+``W0`` it rebuilds (:mod:`fedtalora.core.exact`) -- and the base version live in ``context.state`` between
+messages (a plain SuperNode starts one ClientApp process per message). The dataset and model are cached per
+process (:func:`build_client_side`: the simulation's Ray actors and :mod:`fedtalora.flower.worker`'s warm
 executors serve many messages and nodes), and the model's base is reset from the node's state for each
 message, so nodes sharing a process never see each other's weights.
 
@@ -40,14 +41,14 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..classifier import with_classifier
 from ..config import RunConfig, from_dict
-from ..data import ImageTransform, Split, load_from_config
+from ..core.scenario import Task
+from ..data import Split, load_from_config
 from ..errors import FedTaLoRAError, PartitionError
-from ..methods import METHODS, Method
-from ..model import FedModel, build_model
-from ..scenario import Task
-from ..transport import client_features, client_round
+from ..fed.build import torch_threads
+from ..fed.transport import client_features, client_round
+from ..methods import Method
+from ..model import FedModel
 from . import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class ClientSide:
     transform: Callable[..., Any]
     device: torch.device
     pristine: dict[str, torch.Tensor]
-    """The adapted layers' base weights as built (version 0)."""
+    """The adapted layers' base weights as built (version 0; ``W0`` of the exact base)."""
     fingerprint: str
     partition_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
@@ -128,8 +129,7 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
     if key in _CACHE:
         return _CACHE[key]
     _CACHE.clear()  # before building: never two datasets and models at once
-    from ..engine import resolve_device
-    from ..text_data import TextTransform, tokenize_split
+    from ..fed.build import build_components, input_transform, resolve_device
 
     data = yaml.safe_load(config_yaml)
     if data_root:
@@ -146,25 +146,16 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
         offset += len(classes)
     order = np.asarray([c for task in tasks for c in task.classes], dtype=np.int64)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:  # as engine.prepare does on the server
-        torch.set_num_threads(cfg.train.threads)
     dataset = load_from_config(cfg.data, cfg.seed)
     if len(order) != dataset.num_classes or sorted(order.tolist()) != list(range(dataset.num_classes)):
         raise PartitionError(f"the manifest's class order does not cover the {dataset.num_classes} classes of "
                              f"{cfg.data.dataset!r}")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
-    method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
-    model = build_model(cfg.model, cfg.lora, len(order), cfg.data.image_size, cfg.seed)
-    method.attach(model)
-    model = model.to(device)
+    parts = build_components(cfg, len(order), device)  # as the server builds them
+    model, method = parts.model, parts.method
+    transform = input_transform(cfg, dataset, model, splits=("train",))
     split = dataset.train
-    transform: Callable[..., Any]
-    if dataset.modality == "text":
-        split = tokenize_split(split, model.backbone.tokenizer, cfg.data.max_length)
-        transform = TextTransform()
-    else:
-        transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
     keys = method.trainable_keys(model)
     side = ClientSide(
         cfg=cfg, manifest=manifest, tasks=tasks, num_classes=len(order), split=split,
@@ -209,17 +200,30 @@ def _side(context: Context) -> ClientSide:
     return build_client_side(str(st["config"]), str(st["partitions"]), str(data_root) if data_root else "")
 
 
+def _load_base(side: ClientSide, context: Context) -> None:
+    """This node's base into the shared model: its accumulator ``D`` (zero while pristine) and
+    ``fl32(W0 + D)``; the pristine base for a method that never changes it."""
+    exact = side.model.exact_base
+    stored = context.state.array_records.get(P.STATE_BASE)
+    if exact is None:
+        with torch.no_grad():
+            for layer, w in side.pristine.items():
+                side.model.base_weight(layer).copy_(w)
+        return
+    if stored is not None:
+        exact.load_state_dict(P.from_record(stored))
+    else:
+        exact.load_state_dict({layer: torch.zeros_like(d) for layer, d in exact.acc.items()})
+    side.model.sync_base()
+
+
 def _sync(side: ClientSide, context: Context, msg: Message) -> int:
     """Load this node's base into the shared model, apply the message's catch-up, store it back; returns
     the base version the node now has."""
     st = _node_state(context)
     cr = msg.content.config_records[P.CONFIG]
     version = int(st["version"])
-    stored = context.state.array_records.get(P.STATE_BASE)
-    base = P.from_record(stored) if stored is not None else side.pristine
-    with torch.no_grad():
-        for layer, w in base.items():
-            side.model.base_weight(layer).copy_(w)
+    _load_base(side, context)
     target = int(cr["base-to"])
     if P.RESIDUAL in msg.content.array_records:
         frm = int(cr["base-from"])
@@ -230,13 +234,36 @@ def _sync(side: ClientSide, context: Context, msg: Message) -> int:
             raise FedTaLoRAError("the server sent a partial dense base to a node of unknown version")
         P.apply_catch_up(side.model, plan)
         version = target
-        context.state[P.STATE_BASE] = P.to_record({p.layer: side.model.base_weight(p.layer)
-                                                   for p in side.model.lora_pairs()})
+        context.state[P.STATE_BASE] = P.to_record(side.model.exact_base.acc)  # type: ignore[union-attr]
         st["version"] = version
     elif target != version:
         raise FedTaLoRAError(f"the server's base is at version {target}, this node's at {version}, and no "
                              "catch-up came with the message")
     return version
+
+
+def _load_method_state(side: ClientSide, context: Context, msg: Message) -> str:
+    """Store the message's method state (if it carries one) in the node's state, check that the node now
+    holds the version the server names, and load it into the (possibly shared) method object; returns its
+    digest (``""``: none)."""
+    arrays = msg.content.array_records.get(P.METHOD)
+    meta = msg.content.config_records.get(P.METHOD_META)
+    if arrays is not None and meta is not None:
+        P.method_state_from_records(arrays, meta)  # refuse a malformed one before keeping it
+        context.state[P.STATE_METHOD] = arrays
+        context.state[P.STATE_METHOD_META] = meta
+    held_arrays = context.state.array_records.get(P.STATE_METHOD)
+    held_meta = context.state.config_records.get(P.STATE_METHOD_META)
+    want = str(msg.content.config_records[P.CONFIG].get("method-digest", ""))
+    if held_arrays is None or held_meta is None:
+        held, tensors, extra = "", {}, {}
+    else:
+        held, tensors, extra = P.method_state_from_records(held_arrays, held_meta)
+    if held != want:
+        raise FedTaLoRAError(f"the server's method state is version {want or 'none'}, this node holds "
+                             f"{held or 'none'}, and none came with the message")
+    side.method.load_client_state(tensors, extra)
+    return held
 
 
 def _task_indices(side: ClientSide, cr: ConfigRecord, k: int) -> tuple[int, np.ndarray]:
@@ -281,12 +308,15 @@ def hello(msg: Message, context: Context) -> Message:
         st = ConfigRecord({"config": config_yaml, "partitions": manifest, "version": 0})
         context.state[P.STATE_CONFIG] = st
         context.state.array_records.pop(P.STATE_BASE, None)
+        context.state.array_records.pop(P.STATE_METHOD, None)
+        context.state.config_records.pop(P.STATE_METHOD_META, None)
     side = _side(context)
     if k >= side.cfg.fed.num_clients:
         raise FedTaLoRAError(f"partition-id={k} but the run has fed.num_clients={side.cfg.fed.num_clients}")
     samples = [len(side.indices(t, k)) for t in range(len(side.tasks))]
+    meta = context.state.config_records.get(P.STATE_METHOD_META)
     reply = ConfigRecord({"partition-id": k, "version": int(st["version"]), "fingerprint": side.fingerprint,
-                          "num-samples": samples})
+                          "num-samples": samples, "method-digest": str(meta["digest"]) if meta is not None else ""})
     return Message(RecordDict({P.CONFIG: reply}), reply_to=msg)
 
 
@@ -298,17 +328,19 @@ def train(msg: Message, context: Context) -> Message:
     cr = msg.content.config_records[P.CONFIG]
     t, idx = _task_indices(side, cr, k)
     version = _sync(side, context, msg)
+    method_digest = _load_method_state(side, context, msg)
     global_state = P.from_record(msg.content.array_records[P.GLOBAL])
     transform = _crash_midway(side.transform) if bool(cr["crash"]) else side.transform
-    res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
-                       round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
-                       indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
+    with torch_threads(side.cfg.train.threads):
+        res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
+                           round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
+                           indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
     if bool(cr["crash"]):  # a local round of a single batch: crash before replying instead
         raise InjectedCrash("injected crash after local training, before replying (faults.client_dropout)")
     content = RecordDict({
         P.UPDATE: P.to_record(res.state),
         P.METRICS: MetricRecord({"num-samples": res.num_samples, "loss": res.loss, "steps": res.steps}),
-        P.CONFIG: ConfigRecord({"version": version}),
+        P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest}),
     })
     return Message(content, reply_to=msg)
 
@@ -321,11 +353,13 @@ def features(msg: Message, context: Context) -> Message:
     cr = msg.content.config_records[P.CONFIG]
     t, idx = _task_indices(side, cr, k)
     version = _sync(side, context, msg)
+    method_digest = _load_method_state(side, context, msg)
     side.model.load_trainable(P.from_record(msg.content.array_records[P.GLOBAL]))
-    feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx], transform=side.transform,
-                                     cfg=side.cfg, device=side.device)
+    with torch_threads(side.cfg.train.threads):
+        feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
+                                         transform=side.transform, cfg=side.cfg, device=side.device)
     content = RecordDict({
         P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets}),
-        P.CONFIG: ConfigRecord({"version": version}),
+        P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest}),
     })
     return Message(content, reply_to=msg)

@@ -31,7 +31,6 @@ import argparse
 import ctypes
 import functools
 import logging
-import os
 import signal
 import subprocess
 import sys

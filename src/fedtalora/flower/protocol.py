@@ -16,12 +16,32 @@ Three messages, each answered by one reply (Flower 1.42 Message API):
 ``query.features`` (end of a task, to the clients that report)
     as ``train``, but the client answers ``features`` ArrayRecord ``{features, targets}``.
 
-**The residual on the wire.** The server folds ``W_res = s L R`` into its base every round; a client
-keeps its base (``context.state``) and a *version*, the number of residual rounds it has applied. The
-catch-up from version ``c`` to the server's ``V`` is, per adapted layer, whichever is smaller: the
-factors ``(L_v, R_v)`` of the rounds ``c+1..V`` (applied in order as ``base += (L_v @ R_v) * s``, the
-server's own operation, so the result is bit-identical), or the server's current base weight (dense,
-replacing the client's). Keys: ``dense:<layer>`` or ``L<v>:<layer>`` / ``R<v>:<layer>``.
+**Method state.** What a client needs beyond the global trainable state and its base (a method's
+server-side state: PILoRA's earlier tasks' ``A`` for its orthogonality loss; a generator; anchors) is
+the method's :meth:`~fedtalora.methods.base.Method.client_state`: a dict of tensors and a JSON-able
+dict. It travels in ``train`` and ``query.features`` messages, only to a client that does not hold its
+current version: ``method`` ArrayRecord (the tensors, packed) and ``method-meta`` ConfigRecord ``{digest,
+json}`` (``digest`` of both parts); every such message names the version the client must then hold
+(``method-digest`` in its ``fedtalora`` ConfigRecord). The client keeps both in ``context.state`` and gives them to
+:meth:`~fedtalora.methods.base.Method.load_client_state` before every message it handles (nodes may share
+one process and one method object); its replies say which version it holds (``method-digest`` in the
+``fedtalora`` ConfigRecord). A method without such state sends nothing (digest ``""``). Changes a method
+makes to the *base* outside aggregation (PILoRA merges a finished task's LoRA into it at the next task's
+start) reach the clients as a dense catch-up (below): the server notices them by the exact base's change
+counter (:attr:`fedtalora.core.exact.ExactBase.generation`), and changes to trainable tensors travel in
+``global`` anyway.
+
+**The residual on the wire.** A method whose residual changes the base keeps it exactly
+(:mod:`fedtalora.core.exact`): the server adds every round's float64 residual into the accumulator ``D`` beside
+the pre-trained ``W0`` and computes with ``fl32(W0 + D)``. A client keeps its own ``D``
+(``context.state``) and a *version*, the number of residual rounds it has applied. The catch-up from version
+``c`` to the server's ``V`` is, per adapted layer, whichever is smaller: the
+:class:`~fedtalora.core.aggregation.ResidualFactors` of the rounds ``c+1..V`` (the live clients' float32
+``B_k``, ``A_k`` and float64 ``p_k``, from which the client recomputes the averages and the residual with the
+server's own functions and adds it into its ``D`` in order: the same IEEE operations on the same bits, so
+the result is bit-identical), or the server's accumulator ``D`` itself (dense, float64, replacing the
+client's; never the float32 base, so later factored catch-ups stay bit-identical). Keys: ``dense:<layer>``
+or ``B<v>:<layer>`` / ``A<v>:<layer>`` / ``p<v>:<layer>``.
 """
 
 from __future__ import annotations
@@ -33,7 +53,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from ..core.aggregation import ResidualFactors
 
 if TYPE_CHECKING:
     from ..model import FedModel
@@ -48,11 +70,20 @@ RESIDUAL = "residual"
 UPDATE = "update"
 METRICS = "metrics"
 FEATURES_RECORD = "features"
+METHOD = "method"
+"""ArrayRecord of the method's client state (its tensors, packed)."""
+METHOD_META = "method-meta"
+"""ConfigRecord of the method's client state: ``digest`` (of tensors and JSON), ``json``."""
 
 STATE_CONFIG = "fedtalora"
 """``context.state`` ConfigRecord of a client: the run's YAML, the manifest path and the base version."""
-STATE_BASE = "fedtalora.base"
-"""``context.state`` ArrayRecord of a client: its adapted layers' base weights (absent while pristine)."""
+STATE_METHOD = "fedtalora.method"
+"""``context.state`` ArrayRecord of a client: the method's client state tensors (absent: none)."""
+STATE_METHOD_META = "fedtalora.method-meta"
+"""``context.state`` ConfigRecord of a client: the method's client state ``digest`` and ``json``."""
+STATE_BASE = "fedtalora.exact"
+"""``context.state`` ArrayRecord of a client: its adapted layers' float64 accumulators ``D`` (absent while
+pristine, ``D = 0``)."""
 
 
 PACKED = "packed"
@@ -136,6 +167,36 @@ def wire_nbytes(obj: Any) -> int:
     return total
 
 
+def method_state_records(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[str, ArrayRecord | None,
+                                                                                          ConfigRecord | None]:
+    """A method's client state (:meth:`Method.client_state`) -> ``(digest, ArrayRecord, ConfigRecord)``;
+    ``("", None, None)`` when both parts are empty."""
+    if not tensors and not meta:
+        return "", None, None
+    packed = pack_tensors(tensors)
+    text = json.dumps(dict(meta), sort_keys=True)
+    d = digest(packed.tobytes() + b"\0" + text.encode())
+    return d, ArrayRecord({PACKED: Array.from_numpy_ndarray(packed)}), ConfigRecord({"digest": d, "json": text})
+
+
+def method_state_from_records(arrays: ArrayRecord, config: ConfigRecord) -> tuple[str, dict[str, torch.Tensor],
+                                                                                  dict[str, Any]]:
+    """Inverse of :func:`method_state_records`: ``(digest, tensors, meta)``; ValueError if malformed or if
+    the content does not match its digest."""
+    try:
+        text = str(config["json"])
+        meta = json.loads(text)
+        d = str(config["digest"])
+        packed = np.ascontiguousarray(arrays[PACKED].numpy(), dtype=np.uint8)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed method state: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("malformed method state: its JSON part is not an object")
+    if digest(packed.tobytes() + b"\0" + text.encode()) != d:
+        raise ValueError("malformed method state: its content does not match its digest")
+    return d, unpack_tensors(packed), meta
+
+
 def digest(data: bytes | str) -> str:
     """Short SHA-256 hex digest."""
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:32]
@@ -162,20 +223,25 @@ def frozen_fingerprint(model: FedModel, trainable_keys: Iterable[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def catch_up_record(plan: Mapping[str, torch.Tensor | list[tuple[int, torch.Tensor, torch.Tensor]]]) -> ArrayRecord:
-    """Encode a catch-up: per layer, the dense base weight or the ``(version, L, R)`` of each missed round."""
+Plan = Mapping[str, "torch.Tensor | list[tuple[int, ResidualFactors]]"]
+"""A catch-up: per adapted layer, the dense accumulator ``D`` or the ``(version, factors)`` of each missed round."""
+
+
+def catch_up_record(plan: Plan) -> ArrayRecord:
+    """Encode a catch-up (:data:`Plan`)."""
     out: dict[str, torch.Tensor] = {}
     for layer, item in plan.items():
         if isinstance(item, torch.Tensor):
             out[f"dense:{layer}"] = item
         else:
-            for v, L, R in item:
-                out[f"L{v}:{layer}"] = L
-                out[f"R{v}:{layer}"] = R
+            for v, f in item:
+                out[f"B{v}:{layer}"] = f.B
+                out[f"A{v}:{layer}"] = f.A
+                out[f"p{v}:{layer}"] = f.weights
     return to_record(out)
 
 
-def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[int, torch.Tensor, torch.Tensor]]]:
+def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[int, ResidualFactors]]]:
     """Inverse of :func:`catch_up_record` (factor lists sorted by version)."""
     tensors = from_record(record)
     plan: dict[str, Any] = {}
@@ -186,7 +252,7 @@ def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[
             raise ValueError(f"malformed residual key {key!r}")
         if head == "dense":
             plan[layer] = t
-        elif head[:1] in ("L", "R") and head[1:].isdigit():
+        elif head[:1] in ("B", "A", "p") and head[1:].isdigit():
             factors.setdefault(layer, {}).setdefault(int(head[1:]), {})[head[0]] = t
         else:
             raise ValueError(f"malformed residual key {key!r}")
@@ -195,29 +261,33 @@ def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[
             raise ValueError(f"layer {layer!r} has both a dense base and factors")
         items = []
         for v in sorted(by_version):
-            pair = by_version[v]
-            if set(pair) != {"L", "R"}:
-                raise ValueError(f"layer {layer!r} version {v} lacks L or R")
-            items.append((v, pair["L"], pair["R"]))
+            parts = by_version[v]
+            if set(parts) != {"B", "A", "p"}:
+                raise ValueError(f"layer {layer!r} version {v} lacks B, A or p")
+            items.append((v, ResidualFactors(B=parts["B"], A=parts["A"], weights=parts["p"])))
         plan[layer] = items
     return plan
 
 
 @torch.no_grad()
-def apply_catch_up(model: FedModel, plan: Mapping[str, Any]) -> None:
-    """Bring the model's base weights to the server's: copy dense layers, add factored residuals in order
-    exactly as the server did (``base += (L @ R) * s``, :func:`fedtalora.aggregation.aggregate_lora` and
-    :meth:`FedModel.add_to_base`)."""
+def apply_catch_up(model: FedModel, plan: Plan) -> None:
+    """Bring the model's exact base to the server's: replace the accumulator ``D`` of dense layers, add the
+    residuals of factored ones in order exactly as the server did (``D += f.dense(s)``,
+    :func:`fedtalora.core.aggregation.aggregate_lora` with ``exact=True`` and :meth:`FedModel.add_to_base`),
+    and rewrite the base weights from ``W0 + D``."""
     scaling = {p.layer: p.scaling for p in model.lora_pairs()}
     unknown = sorted(set(plan) - set(scaling))
     if unknown:
         raise ValueError(f"residual for layers this model does not adapt: {unknown[:3]}")
+    exact = model.exact_base
+    if exact is None and plan:
+        raise ValueError("a residual catch-up for a model without the exact base (its method changes no base)")
     for layer, item in plan.items():
-        w = model.base_weight(layer)
         if isinstance(item, torch.Tensor):
-            if item.shape != w.shape:
-                raise ValueError(f"dense base of {layer} has shape {tuple(item.shape)}, expected {tuple(w.shape)}")
-            w.copy_(item.to(device=w.device, dtype=w.dtype))
+            exact.set(layer, item)  # type: ignore[union-attr]  (checks shape and float64)
+            model.sync_base([layer])
             continue
-        for _, L, R in item:
-            model.add_to_base({layer: (L @ R) * scaling[layer]})
+        for _, f in item:
+            if f.B.shape[0] != exact.acc[layer].shape[0] or f.A.shape[1] != exact.acc[layer].shape[1]:  # type: ignore[union-attr]
+                raise ValueError(f"residual factors of {layer} have shapes {tuple(f.B.shape)}, {tuple(f.A.shape)}")
+            model.add_to_base({layer: f.dense(scaling[layer])})

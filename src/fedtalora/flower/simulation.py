@@ -1,9 +1,9 @@
 """``engine=flower-sim``: the run through Flower's simulation runtime (Ray), in this process's driver.
 
 :func:`run` starts ``flwr.simulation.run_simulation`` with ``fed.num_clients`` virtual SuperNodes (node
-``i`` gets ``partition-id=i``) and a ServerApp whose ``main`` calls :func:`fedtalora.engine.run` with a
-:class:`~fedtalora.flower.transport.GridTransport` over the simulation's Grid. The ServerApp runs in a
-thread of this process (so it reuses what :func:`fedtalora.engine.prepare` built and reports progress);
+``i`` gets ``partition-id=i``) and a ServerApp whose ``main`` runs the task x round loop
+(:func:`fedtalora.fed.loop.run_loop`) with a :class:`~fedtalora.flower.grid.GridTransport` over the simulation's Grid. The ServerApp runs in a
+thread of this process (so it reuses what :func:`fedtalora.fed.build.prepare` built and reports progress);
 the ClientApps run in Ray actor processes and share nothing with it but Flower messages and the
 partition manifest file.
 
@@ -17,7 +17,7 @@ first round:
   start (Ray's ``preload_python_modules``), not when the first message arrives;
 * the workers run at the driver's priority (Ray's ``worker_niceness`` is 15 by default: on a busy
   machine the actors, which do the clients' training, starved behind every other process);
-* :func:`prestart` starts Ray in a background thread *before* :func:`fedtalora.engine.prepare` loads the
+* :func:`prestart` starts Ray in a background thread *before* :func:`fedtalora.fed.build.prepare` loads the
   data and builds the model, so Ray's start, the workers' imports and the driver's build overlap (the
   CLI does this).
 
@@ -46,7 +46,8 @@ from ..errors import FedTaLoRAError
 from .procs import ProcessRecorder, interrupt_on_signals
 
 if TYPE_CHECKING:
-    from ..engine import ProgressFn, RunResult, Setup
+    from ..fed.build import Setup
+    from ..fed.loop import Emit, RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ _PRESTARTED: RayCluster | None = None
 
 def prestart(cfg: Any) -> RayCluster | None:
     """Start Ray for ``cfg`` in the background (``engine=flower-sim`` only), to overlap with
-    :func:`fedtalora.engine.prepare`; :func:`run` takes it over. Idempotent; stopped at exit if unused."""
+    :func:`fedtalora.fed.build.prepare`; :func:`run` takes it over. Idempotent; stopped at exit if unused."""
     global _PRESTARTED
     if cfg.engine != "flower-sim" or importlib.util.find_spec("ray") is None:
         return None  # (without Ray, prepare() says what to install)
@@ -201,15 +202,15 @@ def _take_cluster(cfg: Any) -> RayCluster:
     return cluster
 
 
-def run(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, *, resume: bool) -> RunResult:
+def run(setup: Setup, run_dir: Path | None, progress: Emit | None, *, resume: bool) -> RunResult:
     """Run ``setup`` with ``engine=flower-sim``; returns what the ServerApp's loop returned."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from .. import engine
+    from ..fed.loop import run_loop
     from .client_app import app as client_app
-    from .transport import GridTransport
+    from .grid import GridTransport
 
     outcome: dict[str, Any] = {}
     stop = threading.Event()
@@ -221,7 +222,7 @@ def run(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, *, resu
         server_started.set()
         try:
             transport = GridTransport(grid, engine="flower-sim", run_dir=run_dir, stop=stop)
-            outcome["result"] = engine.run(setup, run_dir, progress, resume=resume, transport=transport)
+            outcome["result"] = run_loop(setup, run_dir, progress, transport, resume=resume)
         except BaseException as e:  # re-raised in the caller's thread below
             outcome["error"] = e
         finally:

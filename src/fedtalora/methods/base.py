@@ -1,4 +1,4 @@
-"""The hooks through which a method plugs into the single task x round loop (:mod:`fedtalora.engine`).
+"""The hooks through which a method plugs into the single task x round loop (:mod:`fedtalora.fed.loop`).
 
 A method says only what differs from Fed-TaLoRA; the loop, data, partitions, screening, evaluation,
 metrics and checkpoints are shared. Where each hook is called::
@@ -16,29 +16,38 @@ metrics and checkpoints are shared. Where each hook is called::
                         evaluate: argmax of method.forward(model, x) over the classes seen so far
     checkpoint:         method.checkpoint_state() / load_checkpoint_state(state)
 
-Per-method options come from the config's ``method_options`` mapping, parsed strictly into the
-method's :attr:`Method.Options` dataclass (:meth:`Method.parse_options`).
+A method is built from its options (the config's ``method_options`` mapping, parsed strictly into the
+method's :attr:`Method.Options` dataclass by :meth:`Method.parse_options`) and a :class:`MethodContext`:
+the few run settings a method may read (the ``train`` section, the root seed, ``fed.residual``,
+``data.max_length``), never the whole run config. What a method can do that the engines must know about is
+said by explicit class flags (:attr:`Method.predicts_with_head`, :attr:`Method.needs_server_state`,
+:attr:`Method.folds_residual`, :attr:`Method.merges_into_base`), not detected by comparing its functions with
+the base class's.
+
+How the global model *predicts* is not a method hook but a separate component, the classifier
+(:mod:`.classifier`, ``classifier.kind``): the loop asks it for evaluation scores and gives it the end of
+every task, beside the method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..aggregation import Aggregate, aggregate_lora, normalize_weights
 from ..config import build_section
+from ..core.aggregation import Aggregate, aggregate_lora, normalize_weights
 from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..config import TrainConfig
+    from ..core.scenario import Task
     from ..model import FedModel
-    from ..scenario import Task
 
 
 @dataclass
@@ -54,7 +63,7 @@ class TaskData:
     def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
         head positions ``classes``, and the uplink bytes of sending them (the classes a client holds)."""
-        from ..prototypes import class_sums, prototype_nbytes
+        from ..core.prototypes import class_sums, prototype_nbytes
 
         sums, counts, nbytes = [], [], 0
         for k in self.clients:
@@ -82,6 +91,20 @@ class UpdateBuffer:
         return len(self.counts)
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """The run settings a method may read (built from the config by :func:`fedtalora.fed.build.build_method`)."""
+
+    train: TrainConfig
+    """Local training: learning rates (``lr`` for LoRA and other backbone tensors, ``head_lr``), optimiser."""
+    seed: int = 0
+    """The root seed; a method derives its generators from it (:mod:`fedtalora.seeding`)."""
+    residual: bool = True
+    """``fed.residual``: fold the exact LoRA residual into the base (ResWU)."""
+    max_length: int = 128
+    """``data.max_length``: the longest token sequence of text data."""
+
+
 class Method:
     """Base hooks. The defaults implement Fed-TaLoRA; subclasses override what differs."""
 
@@ -90,9 +113,32 @@ class Method:
     Options: type | None = None
     """A dataclass of the method's options (``method_options.*``), or None when it takes none."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.options: Any = self.parse_options(cfg.method_options)
+    predicts_with_head: ClassVar[bool] = True
+    """The method's predictions are the argmax of the linear head on the backbone's features (false when
+    :meth:`forward` computes logits otherwise: prompts, prototypes). A model exported as a timm classifier
+    reproduces only such methods."""
+    needs_server_state: ClassVar[bool] = False
+    """Its clients need server-side method state beyond the global trainable state and the base (e.g. in
+    the loss). Informative: engines whose clients only receive messages (Flower) send whatever
+    :meth:`client_state` returns, for every method."""
+    folds_residual: ClassVar[bool] = True
+    """Its aggregation folds the ResWU residual into the adapted layers' base weights when ``fed.residual`` is
+    on (the defaults of :meth:`aggregate` and :meth:`apply`)."""
+    merges_into_base: ClassVar[bool] = False
+    """Its hooks add into the adapted layers' base weights whatever ``fed.residual`` says (PILoRA merges a
+    finished task's LoRA at the next task's start)."""
+
+    def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        self.options: Any = self.parse_options(dict(options or {}))
+
+    @property
+    def changes_base(self) -> bool:
+        """The adapted layers' base weights change during the run (:attr:`folds_residual` with
+        ``fed.residual``, or :attr:`merges_into_base`). Such bases are kept exactly: the model is built with
+        :meth:`FedModel.enable_exact_base` (:func:`fedtalora.fed.build.build_components`), and what a method
+        adds with :meth:`FedModel.add_to_base` should be float64 (``docs/exactness.md``)."""
+        return (self.folds_residual and self.ctx.residual) or self.merges_into_base
 
     @classmethod
     def parse_options(cls, data: dict[str, Any]) -> Any:
@@ -124,9 +170,9 @@ class Method:
         head = [params[k] for k in keys if k.startswith("head.")]
         groups = []
         if body:
-            groups.append({"params": body, "lr": self.cfg.train.lr})
+            groups.append({"params": body, "lr": self.ctx.train.lr})
         if head:
-            groups.append({"params": head, "lr": self.cfg.train.head_lr})
+            groups.append({"params": head, "lr": self.ctx.train.head_lr})
         return groups
 
     # --- tasks ------------------------------------------------------------------------------------
@@ -166,13 +212,33 @@ class Method:
 
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:
-        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``)."""
-        return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.cfg.fed.residual)
+        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``; the
+        float64 residual and its :class:`~fedtalora.core.aggregation.ResidualFactors` when the model keeps the
+        exact base)."""
+        return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.ctx.residual,
+                              exact=model.exact_base is not None)
 
     def apply(self, model: FedModel, agg: Aggregate) -> None:
         """Make ``agg`` the new global model: load the averaged state, fold residuals into the base."""
         model.load_trainable(agg.state)
         model.add_to_base(agg.residuals)
+
+    # --- state the clients need -----------------------------------------------------------------
+
+    def client_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The server-side state a client's hooks (:meth:`on_local_start`, :meth:`forward`, :meth:`loss`)
+        read: tensors and a JSON-able dict. Engines whose clients are other processes (Flower) send it to
+        every client that does not hold its current version and call :meth:`load_client_state` there before
+        each client round. Default: :meth:`checkpoint_state` (what a resumed server needs, which is enough
+        for its clients) and no JSON; override to send less, or settings that are not tensors."""
+        return self.checkpoint_state(), {}
+
+    def load_client_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """On a client: replace the method's state with what :meth:`client_state` returned on the server
+        (empty dicts: the state before the first task). Default: :meth:`load_checkpoint_state`."""
+        if meta:
+            raise CheckpointError(f"method {self.name!r} sends no JSON client state, got keys {sorted(meta)[:3]}")
+        self.load_checkpoint_state(tensors)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
