@@ -1,19 +1,35 @@
-"""What the Flower engines cost over ``engine=inprocess`` on the same run.
+"""What the Flower engines cost over ``engine=inprocess`` on the same run, and how they scale.
 
-For each size (``tiny``: the tests' 2 tasks x 2 rounds x 3 clients of an 8 px digits ViT; ``small``: a
-larger ViT and more local work, so that training, not start-up, dominates), runs the same config with
-``engine=inprocess`` and ``engine=flower-sim`` and reports the wall-time ratio (whole run, as a user waits
-for it: Ray start-up included) and the mean seconds per round. Then a loopback deployment
-(:class:`fedtalora.flower.deployment.LocalDeployment`: a SuperLink and 3 SuperNodes on 127.0.0.1, insecure)
-runs the ``tiny`` config for one task with ``engine=flower`` through ``flwr run``; its per-round
-overhead is the mean round time minus the in-process one. Every pair is checked for the same accuracy
-matrix and aggregation errors. Writes ``benchmarks/results/flower.jsonl`` (one line per measurement)
-and ``benchmarks/results/flower.md``::
+Measurements (each one line of ``benchmarks/results/flower.jsonl``, labelled with ``--label``):
 
-    python benchmarks/flower_overhead.py                      # tiny + small + deployment
-    python benchmarks/flower_overhead.py --sizes tiny --no-deploy
+``sim``      for each size (``tiny``: the tests' 2 tasks x 2 rounds x 3 clients of an 8 px digits ViT;
+             ``small``: a larger ViT and more local work), the same config with ``engine=inprocess``
+             and ``engine=flower-sim``: wall time, the *start-up* (from the call to the first round:
+             Ray, actors, data and model builds, the hello exchange), seconds per round, the tear-down,
+             peak memory and CPU seconds of the process tree;
+``deploy``   a loopback deployment (SuperLink + 3 nodes on 127.0.0.1, ``flwr run``), ``tiny`` config,
+             one task: the per-round overhead over in-process, and per node its cold start (process
+             start -> ClientApp modules loaded; first message: data and model build), its warm rounds
+             and its peak memory;
+``scale``    ``flower-sim`` with 100 virtual clients (10 sampled per round) and a loopback deployment
+             of 10 SuperNodes over TLS with SuperNode authentication (two shared warm executors), each
+             side by side with in-process: seconds per round, peak memory (sum over the processes) and
+             bytes on the wire per round.
 
-Sequential, ``OMP_NUM_THREADS=1`` unless set; needs ``pip install -e ".[flower]"``.
+Every Flower run is checked for the same accuracy matrix and aggregation errors as its in-process twin.
+Memory is the sum over the processes of their PSS (proportional set size: shared library pages split
+among the processes that map them; RSS sums, which count torch's libraries once per process, are in
+the JSON lines too), sampled every 0.5 s. The machine is usually shared: each line records the load
+average before it. Usage::
+
+    python benchmarks/flower_overhead.py --label after                 # sim (tiny, small) + deploy
+    python benchmarks/flower_overhead.py --only sim --sizes tiny --repeat 2
+    python benchmarks/flower_overhead.py --only scale
+    PYTHONPATH=/old/checkout/src python benchmarks/flower_overhead.py --label before --only sim deploy
+
+``--md`` rewrites ``benchmarks/results/flower.md`` from all lines of the JSONL file (and the notes in
+``benchmarks/results/flower_notes.md``). Sequential, ``OMP_NUM_THREADS=1`` unless set; needs
+``pip install -e ".[flower]"``.
 """
 
 from __future__ import annotations
@@ -22,10 +38,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +72,167 @@ SIZES: dict[str, list[str]] = {
 }
 
 
+def one_task(overrides: list[str], rounds: int, clients: int | None = None, per_round: int | None = None) -> list[str]:
+    drop = ("scenario.num_tasks", "fed.rounds_per_task") + (("fed.num_clients", "fed.clients_per_round")
+                                                             if clients else ())
+    out = [o for o in overrides if not o.startswith(drop)] + ["scenario.num_tasks=1", f"fed.rounds_per_task={rounds}"]
+    if clients:
+        out += [f"fed.num_clients={clients}", f"fed.clients_per_round={per_round or clients}"]
+    return out
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+MARK = f"flower-bench-{os.getpid()}"
+os.environ["FEDTALORA_BENCH_MARK"] = MARK  # inherited by every process a measurement starts, however detached
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(roots: Iterable[int]) -> list[int]:
+    """``roots`` and every process below them (from /proc; the measured code may predate fedtalora.flower.procs)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _proc_stat(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    seen: list[int] = []
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.append(pid)
+            stack.extend(children.get(pid, []))
+    return seen
+
+
+def marked_processes() -> list[int]:
+    """Live processes started by this benchmark (they carry its environment marker), but itself."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if MARK.encode() not in f.read():
+                    continue
+        except OSError:
+            continue
+        fields = _proc_stat(int(entry))
+        if fields is not None and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
+
+
+def leftovers_after(seconds: float) -> int:
+    """Processes of this benchmark still running ``seconds`` after a measurement; they are then killed
+    (so they do not weigh on the next measurement)."""
+    import signal
+
+    time.sleep(seconds)
+    left = marked_processes()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(left)
+
+
 def load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Monitor:
+    """Samples, every ``interval`` s, the processes below ``roots`` (callable: the root pids now): peak
+    sum of PSS and of RSS, peak PSS per group (``group(pid_root)``), and the CPU seconds of every process
+    seen (at its last sample)."""
+
+    def __init__(self, roots: Any, interval: float = 0.5, groups: Any = None) -> None:
+        self._descendants = descendants
+        self.roots = roots
+        self.groups = groups
+        self.interval = interval
+        self.peak_pss = self.peak_rss = 0
+        self.peak_by_group: dict[str, int] = {}
+        self.cpu: dict[tuple[int, int], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        total_pss = total_rss = 0
+        by_group: dict[str, int] = {}
+        for root in self.roots():
+            pids = self._descendants([root])
+            pss = 0
+            for pid in pids:
+                p, r = _pss(pid), _rss(pid)
+                pss += p
+                total_rss += r
+                fields = _proc_stat(pid)
+                self.cpu[(pid, int(fields[19]) if fields else 0)] = _cpu_seconds(pid)
+            total_pss += pss
+            if self.groups is not None:
+                g = self.groups(root)
+                if g:
+                    by_group[g] = by_group.get(g, 0) + pss
+        self.peak_pss = max(self.peak_pss, total_pss)
+        self.peak_rss = max(self.peak_rss, total_rss)
+        for g, v in by_group.items():
+            self.peak_by_group[g] = max(self.peak_by_group.get(g, 0), v)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Monitor:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values())
 
 
 def same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -66,33 +241,114 @@ def same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
         [r["aggregation_error"] for r in a["rounds"]] == [r["aggregation_error"] for r in b["rounds"]]
 
 
-def timed(overrides: list[str], run_dir: Path | None = None) -> tuple[dict[str, Any], float]:
-    t0 = time.perf_counter()
-    metrics = run(resolve("demo", overrides), run_dir).metrics
-    return metrics, time.perf_counter() - t0
-
-
 def mean_round(metrics: dict[str, Any]) -> float:
     secs = [r["seconds"] for r in metrics["rounds"]]
     return sum(secs) / len(secs)
 
 
-def bench_sim(size: str) -> dict[str, Any]:
+def wire_per_round(metrics: dict[str, Any]) -> dict[str, float]:
+    """Mean bytes per round: on the wire (Flower's serialisation) where measured, else the modelled payload."""
+    rounds = metrics["rounds"]
+    n = len(rounds)
+    out = {"modelled_down_B": sum(r["downlink_bytes"] for r in rounds) / n,
+           "modelled_up_B": sum(r["uplink_bytes"] for r in rounds) / n}
+    if "wire_downlink_bytes" in rounds[0]:
+        out["wire_down_B"] = sum(r["wire_downlink_bytes"] for r in rounds) / n
+        out["wire_up_B"] = sum(r["wire_uplink_bytes"] for r in rounds) / n
+    return out
+
+
+def timed_run(overrides: list[str], run_dir: Path | None = None) -> dict[str, Any]:
+    """One run in this process, phases from its progress events; Ray pre-started where the code can."""
+    cfg = resolve("demo", overrides)
+    marks: dict[str, float] = {}
+
+    def progress(event: dict[str, Any]) -> None:
+        if event["event"] in ("start", "end"):
+            marks[event["event"]] = time.perf_counter()
+
+    with Monitor(lambda: [os.getpid()]) as mon:
+        t0 = time.perf_counter()
+        try:
+            from fedtalora.flower.simulation import prestart
+        except ImportError:  # the code before prestart existed
+            prestart = None  # type: ignore[assignment]
+        if prestart is not None:
+            prestart(cfg)
+        metrics = run(cfg, run_dir, progress=progress).metrics
+        t_end = time.perf_counter()
+    return {"metrics": metrics, "wall_s": t_end - t0, "startup_s": marks["start"] - t0,
+            "teardown_s": t_end - marks["end"], "peak_pss_B": mon.peak_pss, "peak_rss_B": mon.peak_rss,
+            "cpu_s": mon.cpu_seconds(), "leftover_processes_2s_after": leftovers_after(2.0)}
+
+
+def bench_sim(size: str, label: str) -> dict[str, Any]:
     overrides = SIZES[size]
-    ref, t_in = timed(overrides)
-    got, t_sim = timed([*overrides, "engine=flower-sim"])
+    load_before = load()
+    ref = timed_run(overrides)
+    got = timed_run([*overrides, "engine=flower-sim"])
+    a, b = ref.pop("metrics"), got.pop("metrics")
     return {
-        "what": "flower-sim vs inprocess", "size": size, "load_before": load(),
-        "inprocess_wall_s": t_in, "flower_sim_wall_s": t_sim, "wall_ratio": t_sim / t_in,
-        "inprocess_round_s": mean_round(ref), "flower_sim_round_s": mean_round(got),
-        "round_ratio": mean_round(got) / mean_round(ref),
-        "rounds": len(ref["rounds"]), "clients_per_round": len(ref["rounds"][0]["clients"]),
-        "same_numbers": same_numbers(ref, got),
-        "wire_residual_bytes": got["wire"]["residual_bytes"],
-        "modelled_residual_bytes": sum(r["downlink_bytes"] for r in ref["rounds"]) - sum(
-            r["uplink_bytes"] for r in ref["rounds"]),  # downlink = state + catch-up; state = uplink here
-        "wire_downlink_bytes": got["wire"]["downlink_bytes"], "modelled_downlink_bytes": ref["downlink_bytes_total"],
+        "what": "sim", "label": label, "size": size, "load_before": load_before,
+        "rounds": len(a["rounds"]), "clients_per_round": len(a["rounds"][0]["clients"]),
+        "inprocess": {**ref, "round_s": mean_round(a)}, "flower_sim": {**got, "round_s": mean_round(b)},
+        "same_numbers": same_numbers(a, b), "wire": wire_per_round(b),
     }
+
+
+# --- deployments ------------------------------------------------------------------------------------
+
+
+_TASK_DONE = re.compile(r"task done in ([0-9.]+) s")
+_LOADED = re.compile(r"ClientApp modules loaded in ([0-9.]+) s")
+
+
+def _node_log_stats(folder: Path, pattern: str) -> dict[str, Any]:
+    """Per log file matching ``pattern``: the executor's module load time and task times."""
+    out: dict[str, Any] = {}
+    for log in sorted(folder.glob(pattern)):
+        text = log.read_text(errors="replace")
+        loaded = _LOADED.search(text)
+        out[log.stem] = {"modules_s": float(loaded.group(1)) if loaded else None,
+                         "tasks_s": [float(x) for x in _TASK_DONE.findall(text)]}
+    return out
+
+
+def deployment_run(num_nodes: int, overrides: list[str], workdir: Path, env: dict[str, str],
+                   **deployment: Any) -> dict[str, Any]:
+    """``fedtalora run ... engine=flower`` against a fresh LocalDeployment; timings, memory, node logs."""
+    from fedtalora.flower.deployment import LocalDeployment
+
+    t0 = time.perf_counter()
+    dep = LocalDeployment(num_nodes, workdir / "deployment", env=env, **deployment)
+    run_proc: list[subprocess.Popen[str]] = []
+
+    def roots() -> list[int]:
+        return [*dep.pids, *(p.pid for p in run_proc if p.poll() is None)]
+
+    def group(pid: int) -> str:
+        return dep.roles.get(pid, "fedtalora run")
+
+    with dep, Monitor(roots, groups=group) as mon:
+        t_up = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
+                                 "engine=flower", f"output.dir={workdir}", "output.name=run"],
+                                env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run_proc.append(proc)
+        out, err = proc.communicate(timeout=3600)
+        t_run = time.perf_counter() - t1
+    if proc.returncode != 0:
+        raise SystemExit(f"deployment run failed:\n{err[-3000:]}\n{out[-2000:]}")
+    left = leftovers_after(2.0)
+    metrics = json.loads((workdir / "run" / "metrics.json").read_text())
+    nodes = {g: v for g, v in mon.peak_by_group.items() if g.startswith("node-")}
+    return {"metrics": metrics, "deployment_start_s": t_up, "flwr_run_wall_s": t_run,
+            "server_wall_s": metrics["wall_seconds"], "peak_pss_B": mon.peak_pss, "peak_rss_B": mon.peak_rss,
+            "peak_pss_by_role_B": dict(mon.peak_by_group), "node_peak_pss_mean_B": (
+                sum(nodes.values()) / len(nodes) if nodes else None),
+            "cpu_s": mon.cpu_seconds(), "logs": _node_log_stats(workdir / "deployment", "*.log"),
+            "leftover_processes_2s_after": left}
 
 
 COLD_START = """
@@ -119,115 +375,196 @@ def clientapp_cold_start(overrides: list[str], env: dict[str, str], folder: Path
     return time.perf_counter() - t0, float(out[-2]), float(out[-1])
 
 
-def bench_deploy(rounds: int) -> dict[str, Any]:
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = Path(sys.modules["fedtalora"].__file__).resolve().parents[1]  # the fedtalora being measured
+    env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _supports_warm() -> bool:
+    import inspect
+
     from fedtalora.flower.deployment import LocalDeployment
 
-    overrides = [o for o in TINY if not o.startswith(("scenario.num_tasks", "fed.rounds_per_task"))]
-    overrides += ["scenario.num_tasks=1", f"fed.rounds_per_task={rounds}"]
-    ref, t_in = timed(overrides)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    return "warm" in inspect.signature(LocalDeployment).parameters
+
+
+def bench_deploy(rounds: int, label: str) -> dict[str, Any]:
+    overrides = one_task(TINY, rounds)
+    load_before = load()
+    ref = timed_run(overrides)
+    a = ref.pop("metrics")
+    warm = _supports_warm()
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
-        t0 = time.perf_counter()
-        with LocalDeployment(3, Path(tmp) / "deployment", env=env) as dep:
-            t_up = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
-                                   "engine=flower", f"output.dir={tmp}", "output.name=run"],
-                                  env=dep.env, capture_output=True, text=True, timeout=1800)
-            t_run = time.perf_counter() - t1
-        if proc.returncode != 0:
-            raise SystemExit(f"deployment run failed:\n{proc.stderr[-3000:]}")
-        got = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-        cold, imports, build = clientapp_cold_start(overrides, env, Path(tmp))
+        got = deployment_run(3, overrides, Path(tmp), _env(), **({"warm": True} if warm else {}))
+        cold, imports, build = clientapp_cold_start(overrides, _env(), Path(tmp))
+    b = got.pop("metrics")
+    nodes = {k: v for k, v in got["logs"].items() if k.startswith("supernode")}
+    first = [v["tasks_s"][0] for v in nodes.values() if v["tasks_s"]]
+    later = [t for v in nodes.values() for t in v["tasks_s"][1:]]
     return {
-        "what": "flower deployment (loopback) vs inprocess", "size": "tiny", "load_before": load(),
+        "what": "deploy", "label": label, "size": "tiny", "warm": warm, "load_before": load_before,
         "rounds": rounds, "clients_per_round": 3,
-        "deployment_start_s": t_up, "flwr_run_wall_s": t_run, "server_wall_s": got["wall_seconds"],
-        "inprocess_wall_s": t_in,
-        "inprocess_round_s": mean_round(ref), "deployment_round_s": mean_round(got),
-        "round_overhead_s": mean_round(got) - mean_round(ref),
-        "same_numbers": same_numbers(ref, got),
+        "inprocess": {**ref, "round_s": mean_round(a)},
+        "deployment": {**got, "round_s": mean_round(b), "round_s_all": [r["seconds"] for r in b["rounds"]]},
+        "round_overhead_s": mean_round(b) - mean_round(a),
+        "node_modules_s": [v["modules_s"] for v in nodes.values()],
+        "node_first_message_s": first, "node_warm_task_s_mean": sum(later) / len(later) if later else None,
+        "same_numbers": same_numbers(a, b), "wire": wire_per_round(b),
         "clientapp_cold_start_s": cold, "clientapp_imports_s": imports, "clientapp_build_s": build,
     }
 
 
-def write_md(rows: list[dict[str, Any]]) -> str:
+# --- scale ------------------------------------------------------------------------------------------
+
+SCALE_SIM = one_task(TINY, 5, clients=100, per_round=10) + ["partition.kind=iid"]
+SCALE_DEPLOY = one_task(TINY, 3, clients=10, per_round=10) + ["partition.kind=iid", "flower.connect_timeout=300"]
+
+
+def bench_scale(label: str) -> list[dict[str, Any]]:
+    rows = []
+    load_before = load()
+    ref = timed_run(SCALE_SIM)
+    got = timed_run([*SCALE_SIM, "engine=flower-sim"])
+    a, b = ref.pop("metrics"), got.pop("metrics")
+    rows.append({"what": "scale-sim", "label": label, "load_before": load_before, "clients": 100, "per_round": 10,
+                 "rounds": len(a["rounds"]), "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
+                 "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
+                 "same_numbers": same_numbers(a, b)})
+    print(json.dumps(rows[-1]), flush=True)
+    load_before = load()
+    ref = timed_run(SCALE_DEPLOY)
+    a = ref.pop("metrics")
+    with tempfile.TemporaryDirectory(prefix="flower-scale-") as tmp:
+        got = deployment_run(10, SCALE_DEPLOY, Path(tmp), _env(), warm=True, executors=2, tls=True, auth=True)
+    b = got.pop("metrics")
+    rows.append({"what": "scale-deploy", "label": label, "load_before": load_before, "clients": 10, "per_round": 10,
+                 "rounds": len(a["rounds"]), "tls": True, "auth": True, "executors": 2,
+                 "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
+                 "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
+                 "same_numbers": same_numbers(a, b)})
+    return rows
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def _gib(nbytes: float | None) -> str:
+    return "–" if not nbytes else f"{nbytes / 2**30:.2f} GiB"
+
+
+def _mib(nbytes: float | None) -> str:
+    return "–" if not nbytes else f"{nbytes / 2**20:.0f} MiB"
+
+
+def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
+    rows = list(rows)
     lines = [
-        "# Flower engines: overhead over `engine=inprocess`",
+        "# Flower engines: overhead over `engine=inprocess`, and scale",
         "",
-        f"Written by `benchmarks/flower_overhead.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
+        f"Written by `benchmarks/flower_overhead.py --md` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, `OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}`, "
-        "CPU only. The machine is shared with other engineers' jobs, so absolute times are noisy "
-        "(load average before each measurement in the table).",
+        "CPU only. The machine is shared with other engineers' jobs (load average before each measurement in the "
+        "tables; it was often 8-14 on 2 cores), so absolute times are noisy and mostly pessimistic: compare rows "
+        "taken under similar load. `before`: the code before issue 19 (cold ClientApp processes, Flower's own Ray "
+        "start-up); `after`: this code. Memory: peak of the sum over the processes of their PSS.",
         "",
         "## flower-sim vs inprocess (same config, whole run)",
         "",
-        "| size | rounds × clients | inprocess wall | flower-sim wall | **ratio** | s/round inprocess | s/round flower-sim | "
-        "round ratio | same numbers | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| code | size | rounds × clients | inprocess wall | flower-sim wall | ratio | start-up in-proc / sim | "
+        "s/round in-proc / sim | tear-down sim | peak memory in-proc / sim | CPU s in-proc / sim | processes left "
+        "2 s after | same numbers | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["what"].startswith("flower-sim"):
-            lines.append(
-                f"| {r['size']} | {r['rounds']} × {r['clients_per_round']} | {r['inprocess_wall_s']:.1f} s | "
-                f"{r['flower_sim_wall_s']:.1f} s | **{r['wall_ratio']:.2f}** | {r['inprocess_round_s']:.2f} | "
-                f"{r['flower_sim_round_s']:.2f} | {r['round_ratio']:.2f} | {'yes' if r['same_numbers'] else 'NO'} | "
-                f"{r['load_before']} |")
-    lines += [
-        "",
-        "Residual bytes on the wire (flower-sim, Flower's serialisation) vs the modelled payload (`downlink_bytes`"
-        " minus the state):",
-        "",
-    ]
-    for r in rows:
-        if r["what"].startswith("flower-sim") and r["modelled_residual_bytes"]:
-            lines.append(f"- {r['size']}: {r['wire_residual_bytes']:,} B on the wire vs {r['modelled_residual_bytes']:,} B "
-                         f"modelled ({r['wire_residual_bytes'] / r['modelled_residual_bytes']:.3f}×); whole downlink "
-                         f"{r['wire_downlink_bytes']:,} B vs {r['modelled_downlink_bytes']:,} B")
-    dep = [r for r in rows if r["what"].startswith("flower deployment")]
+        if r["what"] != "sim":
+            continue
+        i, s = r["inprocess"], r["flower_sim"]
+        lines.append(
+            f"| {r['label']} | {r['size']} | {r['rounds']} × {r['clients_per_round']} | {i['wall_s']:.1f} s | "
+            f"{s['wall_s']:.1f} s | **{s['wall_s'] / i['wall_s']:.2f}** | {i['startup_s']:.1f} / **{s['startup_s']:.1f}** s | "
+            f"{i['round_s']:.2f} / {s['round_s']:.2f} | {s['teardown_s']:.1f} s | {_gib(i['peak_pss_B'])} / "
+            f"{_gib(s['peak_pss_B'])} | {i['cpu_s']:.0f} / {s['cpu_s']:.0f} | {s.get('leftover_processes_2s_after', '–')} | "
+            f"{'yes' if r['same_numbers'] else 'NO'} | "
+            f"{r['load_before']} |")
+    dep = [r for r in rows if r["what"] == "deploy"]
     if dep:
         lines += [
             "",
-            "## Loopback deployment (SuperLink + 3 SuperNodes on 127.0.0.1, `flwr run`), tiny config, one task",
+            "## Loopback deployment (SuperLink + 3 nodes on 127.0.0.1, `flwr run`), tiny config, one task",
             "",
-            "| rounds | start SuperLink+SuperNodes | `fedtalora run engine=flower` wall | server loop wall | "
-            "s/round inprocess | s/round deployment | **overhead per round** | same numbers | load |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| code | nodes | rounds | s/round in-proc | s/round deployment | **overhead per round** | node cold start: "
+            "modules / first message | warm task (node) | peak memory per node | whole deployment | same numbers | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in dep:
+            d = r["deployment"]
+            mods = [m for m in r.get("node_modules_s", []) if m is not None]
+            first = r.get("node_first_message_s") or []
+            cold = (f"{sum(mods) / len(mods):.1f} s / {sum(first) / len(first):.1f} s" if mods and first else
+                    f"every message: {r['clientapp_cold_start_s']:.1f} s (imports {r['clientapp_imports_s']:.1f}, "
+                    f"build {r['clientapp_build_s']:.1f})")
+            warm_task = r.get("node_warm_task_s_mean")
             lines.append(
-                f"| {r['rounds']} | {r['deployment_start_s']:.1f} s | {r['flwr_run_wall_s']:.1f} s | "
-                f"{r['server_wall_s']:.1f} s | {r['inprocess_round_s']:.2f} | {r['deployment_round_s']:.2f} | "
-                f"**{r['round_overhead_s']:.1f} s** | {'yes' if r['same_numbers'] else 'NO'} | {r['load_before']} |")
-        r = dep[-1]
+                f"| {r['label']} | {'warm' if r.get('warm') else 'flwr-clientapp per message'} | {r['rounds']} | "
+                f"{r['inprocess']['round_s']:.2f} | {d['round_s']:.2f} | **{r['round_overhead_s']:.1f} s** | {cold} | "
+                f"{'–' if warm_task is None else f'{warm_task:.2f} s'} | {_mib(d.get('node_peak_pss_mean_B'))} | "
+                f"{_gib(d.get('peak_pss_B'))} | {'yes' if r['same_numbers'] else 'NO'} | {r['load_before']} |")
+    scale = [r for r in rows if r["what"].startswith("scale")]
+    if scale:
         lines += [
             "",
-            f"One ClientApp process, alone (a SuperNode starts one per message): {r['clientapp_cold_start_s']:.1f} s "
-            f"wall, of which {r['clientapp_imports_s']:.1f} s importing fedtalora's client (torch, timm, peft, flwr) "
-            f"and {r['clientapp_build_s']:.1f} s loading the data and building the model.",
+            "## Scale: 100 virtual clients (flower-sim), 10 SuperNodes over TLS with node authentication (deployment)",
+            "",
+            "| code | engine | clients (per round) | rounds | s/round | peak memory (sum) | bytes/round down / up "
+            "| start-up | same numbers | load |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-    return "\n".join(lines) + "\n"
+        for r in scale:
+            i, f = r["inprocess"], r["flower"]
+            engine = "flower-sim" if r["what"] == "scale-sim" else \
+                f"flower, TLS + auth, {r['executors']} shared executors"
+            for name, side, wire in (("inprocess", i, i["wire"]), (engine, f, f["wire"])):
+                down = wire.get("wire_down_B", wire["modelled_down_B"])
+                up = wire.get("wire_up_B", wire["modelled_up_B"])
+                kind = "wire" if "wire_down_B" in wire else "modelled"
+                startup = side.get("startup_s", side.get("deployment_start_s"))
+                lines.append(
+                    f"| {r['label']} | {name} | {r['clients']} ({r['per_round']}) | {r['rounds']} | {side['round_s']:.2f} | "
+                    f"{_gib(side['peak_pss_B'])} | {down / 1e3:,.0f} / {up / 1e3:,.0f} kB ({kind}) | "
+                    f"{'–' if startup is None else f'{startup:.1f} s'} | "
+                    f"{'yes' if r['same_numbers'] else 'NO'} | {r['load_before']} |")
+    return "\n".join(lines) + "\n" + (f"\n{notes.strip()}\n" if notes.strip() else "")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", default=["sim", "deploy"], choices=["sim", "deploy", "scale"])
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--no-deploy", action="store_true", help="skip the loopback deployment")
-    p.add_argument("--deploy-rounds", type=int, default=3)
-    p.add_argument("--notes", default="", help="appended to flower.md")
+    p.add_argument("--deploy-rounds", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--label", default="after", help="the code measured (before / after)")
+    p.add_argument("--md", action="store_true", help="only rewrite flower.md from flower.jsonl")
     args = p.parse_args()
-    rows = [bench_sim(size) for size in args.sizes]
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    if not args.no_deploy:
-        rows.append(bench_deploy(args.deploy_rounds))
-        print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "flower.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
-    (RESULTS / "flower.md").write_text(write_md(rows) + (f"\n{args.notes}\n" if args.notes else ""))
+    if not args.md:
+        for _ in range(args.repeat):
+            rows: list[dict[str, Any]] = []
+            if "sim" in args.only:
+                rows += [bench_sim(size, args.label) for size in args.sizes]
+            if "deploy" in args.only:
+                rows.append(bench_deploy(args.deploy_rounds, args.label))
+            if "scale" in args.only:
+                rows += bench_scale(args.label)
+            with open(RESULTS / "flower.jsonl", "a") as f:
+                for r in rows:
+                    print(json.dumps(r), flush=True)
+                    f.write(json.dumps({**r, "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+    lines = [json.loads(x) for x in (RESULTS / "flower.jsonl").read_text().splitlines() if x.strip()]
+    current = [r for r in lines if "label" in r]  # (lines of the script before issue 19 have no label)
+    notes = RESULTS / "flower_notes.md"
+    (RESULTS / "flower.md").write_text(write_md(current, notes.read_text() if notes.is_file() else ""))
     print(f"wrote {RESULTS / 'flower.md'}")
 
 

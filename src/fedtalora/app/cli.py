@@ -124,8 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     session = _Session(sys.argv[1:] if argv is None else argv)
+    from ..flower.procs import interrupt_on_signals
+
     try:
-        return _dispatch(args, session)
+        with interrupt_on_signals():  # SIGTERM as SIGINT: KeyboardInterrupt, so cleanups run (Flower's processes)
+            return _dispatch(args, session)
     except FedTaLoRAError as e:
         sys.stderr.write(f"fedtalora: error: {one_line(e, MAX_MESSAGE)}\n")
         return EXIT_USAGE
@@ -318,8 +321,10 @@ def _cmd_run(preset: str, overrides: list[str], *, quiet: bool, verbose: bool, s
     check_tensorboard(cfg)
 
     from ..api import prepare, run
+    from ..flower.simulation import prestart
     from .runfiles import clear_for_overwrite, writer_lock
 
+    prestart(cfg)  # engine=flower-sim: Ray starts (in the background) while the data and the model load
     setup = prepare(cfg)  # data, partitions and model: every input error surfaces here, before any output
     interactive = _setup_logging(quiet, verbose)
     run_dir = _run_dir(cfg, preset)
@@ -391,6 +396,9 @@ def _cmd_resume(run_dir: str, *, preset: str | None = None, overrides: list[str]
         latest = latest_path(path)
         if latest is not None:
             load(latest, cfg.to_dict())  # a corrupted or foreign checkpoint fails here, before the heavy setup
+        from ..flower.simulation import prestart
+
+        prestart(cfg)  # engine=flower-sim: Ray starts (in the background) while the data and the model load
         setup = prepare(cfg)
         interactive = _setup_logging(quiet, verbose)
         with ProgressBars(enabled=interactive) as progress:

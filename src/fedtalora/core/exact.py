@@ -124,6 +124,9 @@ class ExactBase:
         self.w0: dict[str, torch.Tensor] = {k: v.detach().to(F32).clone() for k, v in w0.items()}
         self.acc: dict[str, torch.Tensor] = {k: torch.zeros(v.shape, dtype=F64, device=v.device)
                                              for k, v in self.w0.items()}
+        self.generation = 0
+        """Counts the changes of ``D`` (:meth:`add`, :meth:`set`, :meth:`load_state_dict`): whoever mirrors
+        the base elsewhere (the Flower server's catch-up bookkeeping) sees that it changed, by whatever hook."""
 
     def layers(self) -> list[str]:
         return list(self.w0)
@@ -138,6 +141,8 @@ class ExactBase:
             if d.shape != acc.shape:
                 raise ValueError(f"{layer}: delta of shape {tuple(d.shape)}, expected {tuple(acc.shape)}")
             acc.add_(d.to(device=acc.device, dtype=F64))
+        if deltas:
+            self.generation += 1
 
     def base(self, layer: str) -> torch.Tensor:
         """``fl32(W0 + D)``: the float32 base weight the layer must compute with."""
@@ -168,6 +173,7 @@ class ExactBase:
             raise ValueError(f"{layer}: accumulator of {acc.dtype} {tuple(acc.shape)}, expected float64 "
                              f"{tuple(self.acc[layer].shape)}")
         self.acc[layer] = acc.detach().to(self.acc[layer].device).clone()
+        self.generation += 1
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace every accumulator (keys and shapes must match; values must be float64)."""

@@ -73,7 +73,8 @@ FLWR_VERSION = "1.42.0"
 
 def check_engine(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` unless ``cfg.engine`` can run here with ``cfg.method``: Flower (and Ray for
-    the simulation) installed, and a method whose clients need nothing but what messages carry."""
+    the simulation) installed (every method runs on every engine: what its clients need travels in messages,
+    :mod:`fedtalora.flower.protocol`)."""
     if cfg.engine == "inprocess":
         return
     import importlib.util
@@ -82,9 +83,6 @@ def check_engine(cfg: RunConfig) -> None:
         raise ConfigError(f"engine={cfg.engine} needs Flower {FLWR_VERSION}: {FLOWER_INSTALL_HINT}")
     if cfg.engine == "flower-sim" and importlib.util.find_spec("ray") is None:
         raise ConfigError(f"engine=flower-sim needs Flower's simulation extra (Ray): {FLOWER_INSTALL_HINT}")
-    if METHODS.get(cfg.method).needs_server_state:
-        raise ConfigError(f"method={cfg.method!r} cannot run with engine={cfg.engine}: its clients need server-side "
-                          "state that Flower messages do not carry (Method.needs_server_state); use engine=inprocess")
 
 
 def check_config(cfg: RunConfig) -> None:

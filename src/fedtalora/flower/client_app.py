@@ -16,8 +16,9 @@ It builds its own model from the config (same seeds: the same initial weights as
 by a fingerprint) and trains with :func:`fedtalora.fed.transport.client_round`, the function the in-process
 engine calls. Its frozen base -- the float64 accumulator ``D`` of the exact base, beside the pre-trained
 ``W0`` it rebuilds (:mod:`fedtalora.core.exact`) -- and the base version live in ``context.state`` between
-messages (a SuperNode starts one ClientApp process per message). The dataset and model are cached per process
-(the simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
+messages (a plain SuperNode starts one ClientApp process per message). The dataset and model are cached per
+process (:func:`build_client_side`: the simulation's Ray actors and :mod:`fedtalora.flower.worker`'s warm
+executors serve many messages and nodes), and the model's base is reset from the node's state for each
 message, so nodes sharing a process never see each other's weights.
 
 Node config keys: ``partition-id`` (required), ``data-root`` (this machine's ``data.root``),
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +97,7 @@ class ClientSide:
         return self.partition_cache[key]
 
 
-_CACHE: dict[tuple[str, str, str], ClientSide] = {}
+_CACHE: dict[tuple[str, str, str, tuple[int, int]], ClientSide] = {}
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -110,11 +112,26 @@ def _read_manifest(path: str) -> dict[str, Any]:
     return data
 
 
+def _file_version(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "") -> ClientSide:
-    """Build (or reuse from this process's cache) the client's config, data and model."""
-    key = (config_yaml, manifest_path, data_root)
+    """Build (or reuse from this process's cache) the client's config, data and model.
+
+    The cache holds one entry (memory stays bounded: one dataset and one model per process), keyed by
+    the config, the manifest (path, modification time and size: a rewritten manifest is read again) and
+    the data root. Reusing it across messages, rounds and even runs of the same config is safe: every
+    message resets what training changes (the base from the node's state, the trainable tensors from
+    the message)."""
+    key = (config_yaml, manifest_path, data_root, _file_version(manifest_path))
     if key in _CACHE:
         return _CACHE[key]
+    _CACHE.clear()  # before building: never two datasets and models at once
     from ..fed.build import build_components, input_transform, resolve_device
 
     data = yaml.safe_load(config_yaml)
@@ -150,7 +167,6 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
         pristine={p.layer: model.base_weight(p.layer).detach().clone() for p in model.lora_pairs()},
         fingerprint=P.frozen_fingerprint(model, keys),
     )
-    _CACHE.clear()  # one run per process at a time: keep memory bounded
     _CACHE[key] = side
     return side
 
@@ -229,6 +245,30 @@ def _sync(side: ClientSide, context: Context, msg: Message) -> int:
     return version
 
 
+def _load_method_state(side: ClientSide, context: Context, msg: Message) -> str:
+    """Store the message's method state (if it carries one) in the node's state, check that the node now
+    holds the version the server names, and load it into the (possibly shared) method object; returns its
+    digest (``""``: none)."""
+    arrays = msg.content.array_records.get(P.METHOD)
+    meta = msg.content.config_records.get(P.METHOD_META)
+    if arrays is not None and meta is not None:
+        P.method_state_from_records(arrays, meta)  # refuse a malformed one before keeping it
+        context.state[P.STATE_METHOD] = arrays
+        context.state[P.STATE_METHOD_META] = meta
+    held_arrays = context.state.array_records.get(P.STATE_METHOD)
+    held_meta = context.state.config_records.get(P.STATE_METHOD_META)
+    want = str(msg.content.config_records[P.CONFIG].get("method-digest", ""))
+    if held_arrays is None or held_meta is None:
+        held, tensors, extra = "", {}, {}
+    else:
+        held, tensors, extra = P.method_state_from_records(held_arrays, held_meta)
+    if held != want:
+        raise FedTaLoRAError(f"the server's method state is version {want or 'none'}, this node holds "
+                             f"{held or 'none'}, and none came with the message")
+    side.method.load_client_state(tensors, extra)
+    return held
+
+
 def _task_indices(side: ClientSide, cr: ConfigRecord, k: int) -> tuple[int, np.ndarray]:
     t = int(cr["task"])
     if int(cr["client"]) != k:
@@ -271,12 +311,15 @@ def hello(msg: Message, context: Context) -> Message:
         st = ConfigRecord({"config": config_yaml, "partitions": manifest, "version": 0})
         context.state[P.STATE_CONFIG] = st
         context.state.array_records.pop(P.STATE_BASE, None)
+        context.state.array_records.pop(P.STATE_METHOD, None)
+        context.state.config_records.pop(P.STATE_METHOD_META, None)
     side = _side(context)
     if k >= side.cfg.fed.num_clients:
         raise FedTaLoRAError(f"partition-id={k} but the run has fed.num_clients={side.cfg.fed.num_clients}")
     samples = [len(side.indices(t, k)) for t in range(len(side.tasks))]
+    meta = context.state.config_records.get(P.STATE_METHOD_META)
     reply = ConfigRecord({"partition-id": k, "version": int(st["version"]), "fingerprint": side.fingerprint,
-                          "num-samples": samples})
+                          "num-samples": samples, "method-digest": str(meta["digest"]) if meta is not None else ""})
     return Message(RecordDict({P.CONFIG: reply}), reply_to=msg)
 
 
@@ -288,6 +331,7 @@ def train(msg: Message, context: Context) -> Message:
     cr = msg.content.config_records[P.CONFIG]
     t, idx = _task_indices(side, cr, k)
     version = _sync(side, context, msg)
+    method_digest = _load_method_state(side, context, msg)
     global_state = P.from_record(msg.content.array_records[P.GLOBAL])
     transform = _crash_midway(side.transform) if bool(cr["crash"]) else side.transform
     with torch_threads(side.cfg.train.threads):
@@ -299,7 +343,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         P.UPDATE: P.to_record(res.state),
         P.METRICS: MetricRecord({"num-samples": res.num_samples, "loss": res.loss, "steps": res.steps}),
-        P.CONFIG: ConfigRecord({"version": version}),
+        P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest}),
     })
     return Message(content, reply_to=msg)
 
@@ -312,6 +356,7 @@ def features(msg: Message, context: Context) -> Message:
     cr = msg.content.config_records[P.CONFIG]
     t, idx = _task_indices(side, cr, k)
     version = _sync(side, context, msg)
+    method_digest = _load_method_state(side, context, msg)
     side.model.load_trainable(P.from_record(msg.content.array_records[P.GLOBAL]))
     with torch_threads(side.cfg.train.threads):
         feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
@@ -320,5 +365,5 @@ def features(msg: Message, context: Context) -> Message:
             record = {P.STATISTICS_RECORD: P.to_record(side.classifier.client_statistics(side.tasks[t], feats, targets))}
         else:
             record = {P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets})}
-    content = RecordDict({**record, P.CONFIG: ConfigRecord({"version": version})})
+    content = RecordDict({**record, P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest})})
     return Message(content, reply_to=msg)

@@ -20,18 +20,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FedTaLoRAError
+from .procs import alive as _alive
+from .procs import descendants, kill_tree
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -240,12 +243,43 @@ def flwr_run_command(app: str | Path, superlink: str, run_config: dict[str, Any]
     return [*cmd, "--run-config", run_config_arg(run_config), "--stream"]
 
 
+_RUN_ID = re.compile(r"started run (\d+)")
+
+
+def flwr_stop(run_id: int, superlink: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> bool:
+    """``flwr stop RUN_ID [SUPERLINK]``: stop a run on the SuperLink (its ServerApp and ClientApp tasks)."""
+    cmd = [flwr_bin("flwr"), "stop", str(run_id), *([superlink] if superlink else [])]
+    try:
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        logger.error("flwr stop %d did not answer within %g s", run_id, timeout)
+        return False
+    if proc.returncode != 0:
+        logger.error("flwr stop %d failed: %s", run_id, (proc.stdout + proc.stderr).strip()[-500:])
+    return proc.returncode == 0
+
+
+def _tee(stream: Any, found: list[int]) -> None:
+    """Copy ``flwr run``'s output to ours, noting the run id it reports."""
+    for line in iter(stream.readline, ""):
+        if not found:
+            m = _RUN_ID.search(line)
+            if m:
+                found.append(int(m.group(1)))
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    stream.close()
+
+
 def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
            env: dict[str, str] | None = None) -> RunResult:
     """Submit the run to the SuperLink ``flower.superlink`` with ``flwr run`` and wait for it.
 
     The ServerApp writes ``run_dir`` on the SuperLink's machine; when that is this machine (or a shared
-    file system), the result is read back from it.
+    file system), the result is read back from it. Interrupted (SIGINT, or SIGTERM through the CLI), it
+    stops the run on the SuperLink (``flwr stop``: the ServerApp ends after its last completed round's
+    checkpoint, ``fedtalora resume`` continues it) and ends ``flwr run``; KeyboardInterrupt propagates.
     """
     from ..fed.history import load_history
     from ..fed.loop import RunResult
@@ -256,14 +290,34 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / ("config.yaml" if not resume else "config.flower.yaml")
     config_file.write_text(cfg.to_yaml())
+    run_id: list[int] = []
     with tempfile.TemporaryDirectory(prefix="fedtalora-flower-app-") as tmp:
         app = write_app(Path(tmp) / APP_NAME)
         cmd = flwr_run_command(app, cfg.flower.superlink, {"config": str(config_file), "run-dir": str(run_dir),
                                                            "resume": resume})
         logger.info("submitting: %s", shlex.join(cmd))
-        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise FedTaLoRAError(f"flwr run exited with status {proc.returncode} (see its output above)")
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                bufsize=1, start_new_session=True)  # our SIGINT is ours to forward
+        tee = threading.Thread(target=_tee, args=(proc.stdout, run_id), daemon=True)
+        tee.start()
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            if run_id:
+                logger.warning("stopping Flower run %d on the SuperLink", run_id[0])
+                flwr_stop(run_id[0], cfg.flower.superlink, env)
+            else:
+                logger.warning("interrupted before the SuperLink reported a run id: nothing to stop there")
+            try:
+                proc.wait(timeout=15)  # `flwr run --stream` ends with the run
+            except subprocess.TimeoutExpired:
+                pass
+            kill_tree([proc.pid])
+            raise
+        finally:
+            tee.join(timeout=5)
+    if returncode != 0:
+        raise FedTaLoRAError(f"flwr run exited with status {returncode} (see its output above)")
     metrics_file = run_dir / "metrics.json"
     try:
         history = load_history(metrics_file)
@@ -285,90 +339,54 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from /proc."""
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def descendants(pids: list[int]) -> list[int]:
-    """``pids`` and every process below them (children that detached into their own sessions included)."""
-    tree = _children()
-    seen: list[int] = []
-    stack = list(pids)
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        stack.extend(tree.get(pid, []))
-    return seen
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def kill_tree(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM ``pids`` and all their descendants, then SIGKILL what is left after ``grace`` seconds."""
-    targets = descendants(pids)
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in targets):
-        targets = list(dict.fromkeys(targets + descendants([p for p in targets if _alive(p)])))
-        time.sleep(0.1)
-    for pid in descendants([p for p in targets if _alive(p)]) + targets:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 class LocalDeployment:
-    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0..N-1) on 127.0.0.1, insecure.
+    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0..N-1) on 127.0.0.1.
 
     Use as a context manager; :meth:`stop` (also on errors) ends every process it started and their
     descendants (the SuperExecs, ServerApp and ClientApp processes). ``FLWR_HOME`` is a private folder
     with a ``config.toml`` whose default SuperLink connection is this one (:attr:`superlink_name`).
+
+    Args:
+        warm: nodes are :mod:`fedtalora.flower.node` (SuperNode + warm ClientApp executor, capped polls);
+            False: plain ``flower-supernode`` (one ``flwr-clientapp`` process per message).
+        executors: with ``warm``, run this many shared executors (:class:`~fedtalora.flower.worker.WarmExecutor`
+            processes, each serving ``num_nodes / executors`` SuperNodes) instead of one per node: many nodes
+            on one machine without one copy of torch, the data and the model per node.
+        tls: the SuperLink serves TLS with a certificate from a fresh CA (:func:`~fedtalora.flower.tls.make_certificates`,
+            in ``workdir/tls``); the nodes and ``flwr`` verify it.
+        auth: SuperNode authentication (needs ``tls``): ``--enable-supernode-auth`` on the SuperLink, one
+            key pair per node (``workdir/keys``), each public key registered with ``flwr supernode register``.
     """
 
     superlink_name = "local-deployment"
 
     def __init__(self, num_nodes: int, workdir: str | Path, *, env: dict[str, str] | None = None,
-                 node_config: dict[str, str] | None = None) -> None:
+                 node_config: dict[str, str] | None = None, warm: bool = True, poll: float | None = None,
+                 executors: int | None = None, tls: bool = False, auth: bool = False) -> None:
+        if auth and not tls:
+            raise ConfigError("SuperNode authentication needs TLS (tls=True)")
+        if executors is not None and not (warm and 1 <= executors <= num_nodes):
+            raise ConfigError(f"executors={executors}: needs warm nodes and 1 <= executors <= {num_nodes}")
         self.num_nodes = num_nodes
+        self.warm = warm
+        self.poll = poll
+        self.executors = executors
+        self.tls = tls
+        self.auth = auth
         self.workdir = Path(workdir)
         self.env = dict(os.environ if env is None else env)
         self.node_config = dict(node_config or {})
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pids: list[int] = []
+        self.roles: dict[int, str] = {}
+        """Pid of every process started here -> ``superlink``, ``node-K`` or ``executor-J``."""
         self.port = 0
         self.flwr_home = self.workdir / "flwr-home"
         self.env["FLWR_HOME"] = str(self.flwr_home)
         # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
 
-    def _spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], log: str, role: str) -> subprocess.Popen[bytes]:
         out = open(self.workdir / log, "wb")  # noqa: SIM115 - closed with the process
         try:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -377,25 +395,71 @@ class LocalDeployment:
             out.close()
         self.procs.append(proc)
         self.pids.append(proc.pid)
+        self.roles[proc.pid] = role
         return proc
 
     def start(self, timeout: float = 60.0) -> LocalDeployment:
-        """Start the SuperLink, wait until it listens, start the SuperNodes."""
+        """Start the SuperLink, wait until it listens, (register the node keys,) start the SuperNodes."""
+        from .tls import make_certificates, make_node_key
+
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        link = ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)]
+        connection = f'address = "127.0.0.1:{self.port}"\n'
+        if self.tls:
+            certs = make_certificates(self.workdir / "tls", ("127.0.0.1", "localhost"))
+            link += ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+                     "--ssl-keyfile", str(certs.server_key)]
+            connection += f"root-certificates = {json.dumps(str(certs.ca_cert))}\n"
+            node_tls = ["--root-certificates", str(certs.ca_cert)]
+        else:
+            link.insert(0, "--insecure")
+            connection += "insecure = true\n"
+            node_tls = ["--insecure"]
+        if self.auth:
+            link.append("--enable-supernode-auth")
         (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{self.superlink_name}"\n\n[superlink.{self.superlink_name}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        self._spawn([flwr_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                     "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log")
+            f'[superlink]\ndefault = "{self.superlink_name}"\n\n[superlink.{self.superlink_name}]\n{connection}')
+        self._spawn([flwr_bin("flower-superlink"), *link], "superlink.log", "superlink")
         self._wait_port(self.port, timeout)
+        keys = [make_node_key(self.workdir / "keys" / f"node_{k}") for k in range(self.num_nodes)] if self.auth else []
+        if keys:
+            self.register([public for _, public in keys])
+        ports = [free_port() for _ in range(self.num_nodes)]
         for k in range(self.num_nodes):
             cfg = " ".join([f"partition-id={k}", *(f"{key}={json.dumps(v)}" for key, v in self.node_config.items())])
-            self._spawn([flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                         "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", cfg],
-                        f"supernode-{k}.log")
+            args = [*node_tls, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(ports[k]),
+                    "--node-config", cfg]
+            if keys:
+                args += ["--auth-supernode-private-key", str(keys[k][0])]
+            self._spawn(self.node_command(args), f"supernode-{k}.log", f"node-{k}")
+        for j in range(self.executors or 0):
+            served = [f"127.0.0.1:{p}" for p in ports[j::self.executors]]
+            cmd = [sys.executable, "-m", "fedtalora.flower.worker", *(a for addr in served
+                                                                        for a in ("--runtime-api-address", addr))]
+            self._spawn(cmd, f"executor-{j}.log", f"executor-{j}")
         return self
+
+    def register(self, public_keys: list[Path], timeout: float = 120.0) -> None:
+        """``flwr supernode register`` each key with this SuperLink (in parallel)."""
+        procs = [subprocess.Popen([flwr_bin("flwr"), "supernode", "register", str(key), self.superlink_name],
+                                  env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for key in public_keys]
+        for key, proc in zip(public_keys, procs, strict=True):
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise FedTaLoRAError(f"flwr supernode register {key.name} failed: {out.strip()[-500:]}")
+
+    def node_command(self, args: list[str]) -> list[str]:
+        """One client node: ``flower-supernode ARGS``, or the warm node launcher with the same arguments
+        (without its own executor when the deployment shares executors)."""
+        if not self.warm:
+            return [flwr_bin("flower-supernode"), *args]
+        extra = [] if self.poll is None else ["--poll", str(self.poll)]
+        if self.executors is not None:
+            extra.append("--no-executor")
+        return [sys.executable, "-m", "fedtalora.flower.node", *extra, *args]
 
     def _wait_port(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

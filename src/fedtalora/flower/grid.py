@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,11 +74,17 @@ class GridTransport(Transport):
         engine: ``flower-sim`` or ``flower`` (recorded in ``metrics.json``).
         partitions: the manifest path the clients are told (they may override it with their node or run
             config); None: the run directory's ``partitions.json``, or a temporary copy without one.
+        run_dir: the run directory (its ``partitions.json``).
+        stop: an event another thread sets to interrupt the run: the wait for replies (or for nodes at the
+            start) raises :class:`KeyboardInterrupt`, so the loop stops after the last completed round's
+            checkpoint (``flower-sim`` on SIGTERM/SIGINT).
     """
 
     def __init__(self, grid: Grid, *, engine: str, partitions: str | Path | None = None,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, stop: threading.Event | None = None) -> None:
         self.grid = grid
+        self.stop = stop
+        """Set by another thread to interrupt the run (waiting for replies raises KeyboardInterrupt)."""
         self.name = engine
         self.partitions = str(partitions) if partitions else ""
         self.run_dir = run_dir
@@ -91,6 +98,12 @@ class GridTransport(Transport):
         """Version ``v`` -> per layer the factors of the residual that made ``v`` from ``v - 1``."""
         self.client_version: dict[int, int | None] = {}
         """The base version each client has (None: unknown, it gets the dense base)."""
+        self.client_method: dict[int, str | None] = {}
+        """The digest of the method state each client holds (``""``: none; None: unknown, it gets it)."""
+        self._generation = 0
+        """The server's exact base's change counter when :attr:`version` was last updated."""
+        self._method: tuple[str, Any, Any] = ("", None, None)
+        """The method's client state as records (:func:`~.protocol.method_state_records`), for this exchange."""
         self.dense_nbytes: dict[str, int] = {}
         self._stats = self._zero_stats()
 
@@ -104,6 +117,7 @@ class GridTransport(Transport):
         self.dense_nbytes = {p.layer: dense_catch_up_nbytes(model.base_weight(p.layer).shape, exact=exact)
                              for p in model.lora_pairs()}
         self.version = 1 if resumed else 0  # a restored base is not the one the clients build
+        self._generation = model.exact_base.generation if exact else 0  # type: ignore[union-attr]
         if not self.partitions:
             if self.run_dir is not None and (self.run_dir / "partitions.json").is_file():
                 self.partitions = str((self.run_dir / "partitions.json").resolve())
@@ -121,6 +135,8 @@ class GridTransport(Transport):
     def _connect(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt("the run was interrupted while waiting for its clients")
             have = len(list(self.grid.get_node_ids()))
             if have >= n:
                 return
@@ -152,6 +168,7 @@ class GridTransport(Transport):
             nodes[k] = src
             version = int(cr["version"])
             self.client_version[k] = version if version == self.version == 0 else None
+            self.client_method[k] = str(cr.get("method-digest", ""))
         missing = [k for k in range(n) if k not in nodes]
         if missing:
             why = ("; ".join(errors[:3])) if errors else f"{len(replies)} of {len(node_ids)} nodes answered"
@@ -171,7 +188,8 @@ class GridTransport(Transport):
 
     @staticmethod
     def _zero_stats() -> dict[str, Any]:
-        return {"wire_downlink_bytes": 0, "wire_residual_bytes": 0, "wire_uplink_bytes": 0, "client_errors": []}
+        return {"wire_downlink_bytes": 0, "wire_residual_bytes": 0, "wire_method_bytes": 0, "wire_uplink_bytes": 0,
+                "client_errors": []}
 
     def _catch_up(self, k: int) -> tuple[int, P.ArrayRecord | None]:
         """Client ``k``'s catch-up to the current base: (its assumed version or -1, record or None)."""
@@ -193,34 +211,58 @@ class GridTransport(Transport):
             return -1, P.catch_up_record(plan)
         return int(have), P.catch_up_record(plan)  # type: ignore[arg-type]
 
+    def _prepare_exchange(self) -> None:
+        """Before messages go out: notice a base change made outside aggregation (a method's task-start
+        hook: PILoRA's merge) -- a new version that only the dense base reaches -- and take the method's
+        current client state."""
+        setup = self._setup()
+        exact = setup.model.exact_base
+        if exact is not None and exact.generation != self._generation:
+            self.version += 1
+            self.history.clear()  # no factors lead to this version
+            self._generation = exact.generation
+        self._method = P.method_state_records(*setup.method.client_state())
+
     def _message(self, kind: str, k: int, t: int, r: int, global_record: P.ArrayRecord,
                  extra: dict[str, Any] | None = None) -> Message:
         exp = self._setup().exp
         frm, residual = self._catch_up(k)
+        method_digest, method_arrays, method_meta = self._method
         cr = ConfigRecord({"task": t, "round": r, "client": k, "indices": P.indices_digest(exp.partitions[t][k]),
-                           "base-from": frm, "base-to": self.version, **(extra or {})})
+                           "base-from": frm, "base-to": self.version, "method-digest": method_digest,
+                           **(extra or {})})
         content = RecordDict({P.CONFIG: cr, P.GLOBAL: global_record})
         if residual is not None:
             content[P.RESIDUAL] = residual
             self._stats["wire_residual_bytes"] += P.wire_nbytes(residual)
+        if method_digest and self.client_method.get(k) != method_digest:
+            content[P.METHOD] = method_arrays
+            content[P.METHOD_META] = method_meta
+            self._stats["wire_method_bytes"] += P.wire_nbytes(method_arrays) + P.wire_nbytes(method_meta)
         self._stats["wire_downlink_bytes"] += P.wire_nbytes(content)
         return Message(content, dst_node_id=self.nodes[k], message_type=kind, group_id=f"{t}.{r}")
 
     def _send_and_receive(self, msgs: list[Message], timeout: float | None) -> list[Message]:
         """``Grid.send_and_receive`` with a short poll: the deployment Grid's own polls every 3 s, which
-        adds up to 3 s to every round; this one polls after 50 ms, doubling up to 0.5 s."""
+        adds up to 3 s to every round; this one polls after 50 ms, doubling up to 0.2 s."""
+        t0 = time.perf_counter()
         pending = set(self.grid.push_messages(msgs))
+        logger.debug("pushed %d messages in %.3f s", len(msgs), time.perf_counter() - t0)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = 0.05
         while pending:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt("the run was interrupted while waiting for its clients")
             got = list(self.grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if got:
+                logger.debug("%d replies after %.3f s", len(got), time.perf_counter() - t0)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(wait)
-            wait = min(2 * wait, 0.5)
+            wait = min(2 * wait, 0.2)
         return replies
 
     def _exchange(self, msgs: dict[int, Message]) -> dict[int, Message | str]:
@@ -240,10 +282,12 @@ class GridTransport(Transport):
                 self._stats["wire_uplink_bytes"] += P.wire_nbytes(reply.content)
                 try:
                     self.client_version[k] = int(reply.content.config_records[P.CONFIG]["version"])
+                    self.client_method[k] = str(reply.content.config_records[P.CONFIG]["method-digest"])
                 except (KeyError, TypeError, ValueError):
-                    self.client_version[k] = None
+                    self.client_version[k] = self.client_method[k] = None
             if not isinstance(out[k], Message):
                 self.client_version[k] = None  # it may or may not have applied the catch-up
+                self.client_method[k] = None
         return out
 
     def _fail(self, k: int, t: int, r: int, why: str, injected: bool) -> None:
@@ -254,6 +298,7 @@ class GridTransport(Transport):
     def train(self, job: RoundJob) -> Iterator[ClientOutcome]:
         t, r = job.task.index, job.round
         global_record = P.to_record(job.global_state)
+        self._prepare_exchange()
         msgs = {}
         for k in job.clients:
             fault = job.faults.get(k)
@@ -293,6 +338,7 @@ class GridTransport(Transport):
         self.history[self.version] = {
             layer: ResidualFactors(B=f.B.detach().cpu(), A=f.A.detach().cpu(), weights=f.weights.detach().cpu())
             for layer, f in agg.factors.items()}
+        self._generation = self._setup().model.exact_base.generation  # type: ignore[union-attr]
         if set(self.history[self.version]) != set(self.dense_nbytes):  # no factors: only the dense base can sync
             self.history.clear()
         self._prune()
@@ -319,6 +365,7 @@ class GridTransport(Transport):
         def features(k: int) -> tuple[torch.Tensor, torch.Tensor]:
             if not cache:  # ask every reporting client at once
                 global_record = P.to_record(setup.model.trainable_state(setup.method.trainable_keys(setup.model)))
+                self._prepare_exchange()
                 msgs = {j: self._message(P.FEATURES, j, t, -1, global_record) for j in clients}
                 for j, reply in self._exchange(msgs).items():
                     try:
@@ -359,7 +406,7 @@ class GridTransport(Transport):
         history.extra["engine"] = self.name
         history.extra["wire"] = {
             key: sum(int(r_.extra.get(f"wire_{key}", 0) or 0) for r_ in rounds)
-            for key in ("downlink_bytes", "residual_bytes", "uplink_bytes")
+            for key in ("downlink_bytes", "residual_bytes", "method_bytes", "uplink_bytes")
         }
         if history.reliability is None:
             history.reliability = {}

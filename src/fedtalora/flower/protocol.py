@@ -19,6 +19,21 @@ Three messages, each answered by one reply (Flower 1.42 Message API):
     classifier computes from those features on the client (the analytic classifier's ridge sums,
     ``Classifier.client_statistics``), so the features themselves never leave the node.
 
+**Method state.** What a client needs beyond the global trainable state and its base (a method's
+server-side state: PILoRA's earlier tasks' ``A`` for its orthogonality loss; a generator; anchors) is
+the method's :meth:`~fedtalora.methods.base.Method.client_state`: a dict of tensors and a JSON-able
+dict. It travels in ``train`` and ``query.features`` messages, only to a client that does not hold its
+current version: ``method`` ArrayRecord (the tensors, packed) and ``method-meta`` ConfigRecord ``{digest,
+json}`` (``digest`` of both parts); every such message names the version the client must then hold
+(``method-digest`` in its ``fedtalora`` ConfigRecord). The client keeps both in ``context.state`` and gives them to
+:meth:`~fedtalora.methods.base.Method.load_client_state` before every message it handles (nodes may share
+one process and one method object); its replies say which version it holds (``method-digest`` in the
+``fedtalora`` ConfigRecord). A method without such state sends nothing (digest ``""``). Changes a method
+makes to the *base* outside aggregation (PILoRA merges a finished task's LoRA into it at the next task's
+start) reach the clients as a dense catch-up (below): the server notices them by the exact base's change
+counter (:attr:`fedtalora.core.exact.ExactBase.generation`), and changes to trainable tensors travel in
+``global`` anyway.
+
 **The residual on the wire.** A method whose residual changes the base keeps it exactly
 (:mod:`fedtalora.core.exact`): the server adds every round's float64 residual into the accumulator ``D`` beside
 the pre-trained ``W0`` and computes with ``fl32(W0 + D)``. A client keeps its own ``D``
@@ -35,12 +50,13 @@ or ``B<v>:<layer>`` / ``A<v>:<layer>`` / ``p<v>:<layer>``.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from ..core.aggregation import ResidualFactors
 
@@ -59,21 +75,84 @@ METRICS = "metrics"
 FEATURES_RECORD = "features"
 STATISTICS_RECORD = "statistics"
 REPLY_STATISTICS = "statistics"
+METHOD = "method"
+"""ArrayRecord of the method's client state (its tensors, packed)."""
+METHOD_META = "method-meta"
+"""ConfigRecord of the method's client state: ``digest`` (of tensors and JSON), ``json``."""
 
 STATE_CONFIG = "fedtalora"
 """``context.state`` ConfigRecord of a client: the run's YAML, the manifest path and the base version."""
+STATE_METHOD = "fedtalora.method"
+"""``context.state`` ArrayRecord of a client: the method's client state tensors (absent: none)."""
+STATE_METHOD_META = "fedtalora.method-meta"
+"""``context.state`` ConfigRecord of a client: the method's client state ``digest`` and ``json``."""
 STATE_BASE = "fedtalora.exact"
 """``context.state`` ArrayRecord of a client: its adapted layers' float64 accumulators ``D`` (absent while
 pristine, ``D = 0``)."""
 
 
+PACKED = "packed"
+"""The single array of a packed record (:func:`to_record`)."""
+
+
+def pack_tensors(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Tensors -> one flat ``uint8`` array: an 8-byte little-endian header length, a JSON header
+    ``[[key, dtype, shape], ...]`` and the tensors' bytes (C order), in the mapping's key order.
+
+    Flower moves every array of a message as a separate object (one HTTP request per array and hop in a
+    deployment, one Ray object entry in the simulation); a record of 50 small LoRA tensors costs 50
+    round trips per hop. Packed, a record is one object."""
+    tensors = [(k, v.detach().to("cpu").contiguous()) for k, v in state.items()]
+    header = json.dumps([[k, str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in tensors]).encode()
+    sizes = [t.numel() * t.element_size() for _, t in tensors]
+    out = np.empty(8 + len(header) + sum(sizes), dtype=np.uint8)
+    out[:8] = np.frombuffer(len(header).to_bytes(8, "little"), dtype=np.uint8)
+    out[8:8 + len(header)] = np.frombuffer(header, dtype=np.uint8)
+    offset = 8 + len(header)
+    for (_, t), n in zip(tensors, sizes, strict=True):
+        if n:
+            out[offset:offset + n] = t.reshape(-1).view(torch.uint8).numpy()
+        offset += n
+    return out
+
+
+def unpack_tensors(buf: np.ndarray) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_tensors` (writable tensors that own their memory); ValueError if malformed."""
+    flat = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    try:
+        n = int.from_bytes(flat[:8].tobytes(), "little")
+        entries = json.loads(flat[8:8 + n].tobytes())
+        offset = 8 + n
+        out: dict[str, torch.Tensor] = {}
+        for key, dtype_name, shape in entries:
+            dtype = getattr(torch, dtype_name)
+            if not isinstance(dtype, torch.dtype):
+                raise TypeError(dtype_name)
+            t = torch.empty(shape, dtype=dtype)
+            size = t.numel() * t.element_size()
+            if offset + size > flat.size:
+                raise ValueError("truncated")
+            if size:
+                t.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(flat[offset:offset + size]))
+            out[key] = t
+            offset += size
+    except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed packed tensors: {e}") from None
+    if offset != flat.size:
+        raise ValueError("malformed packed tensors: trailing bytes")
+    return out
+
+
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors -> ArrayRecord (on the CPU, in the mapping's key order)."""
-    return ArrayRecord({k: Array.from_torch_tensor(v.detach().cpu().contiguous()) for k, v in state.items()})
+    """Tensors -> ArrayRecord of one packed array (:func:`pack_tensors`; on the CPU, key order kept)."""
+    return ArrayRecord({PACKED: Array.from_numpy_ndarray(pack_tensors(state))})
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> tensors (writable CPU copies, in the record's key order)."""
+    """ArrayRecord -> tensors (writable CPU copies, in the record's key order): a packed record, or one
+    array per tensor."""
+    if list(record.keys()) == [PACKED]:
+        return unpack_tensors(record[PACKED].numpy())
     return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
 
 
@@ -91,6 +170,36 @@ def wire_nbytes(obj: Any) -> int:
         if children:
             stack.extend(children.values())
     return total
+
+
+def method_state_records(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[str, ArrayRecord | None,
+                                                                                          ConfigRecord | None]:
+    """A method's client state (:meth:`Method.client_state`) -> ``(digest, ArrayRecord, ConfigRecord)``;
+    ``("", None, None)`` when both parts are empty."""
+    if not tensors and not meta:
+        return "", None, None
+    packed = pack_tensors(tensors)
+    text = json.dumps(dict(meta), sort_keys=True)
+    d = digest(packed.tobytes() + b"\0" + text.encode())
+    return d, ArrayRecord({PACKED: Array.from_numpy_ndarray(packed)}), ConfigRecord({"digest": d, "json": text})
+
+
+def method_state_from_records(arrays: ArrayRecord, config: ConfigRecord) -> tuple[str, dict[str, torch.Tensor],
+                                                                                  dict[str, Any]]:
+    """Inverse of :func:`method_state_records`: ``(digest, tensors, meta)``; ValueError if malformed or if
+    the content does not match its digest."""
+    try:
+        text = str(config["json"])
+        meta = json.loads(text)
+        d = str(config["digest"])
+        packed = np.ascontiguousarray(arrays[PACKED].numpy(), dtype=np.uint8)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed method state: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("malformed method state: its JSON part is not an object")
+    if digest(packed.tobytes() + b"\0" + text.encode()) != d:
+        raise ValueError("malformed method state: its content does not match its digest")
+    return d, unpack_tensors(packed), meta
 
 
 def digest(data: bytes | str) -> str:

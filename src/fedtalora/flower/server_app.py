@@ -22,6 +22,7 @@ Run config (``[tool.flwr.app.config]`` of the Flower app, ``flwr run --run-confi
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import time
@@ -46,7 +47,7 @@ def _log_to_stderr() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        root.setLevel(os.environ.get("FEDTALORA_LOG_LEVEL", "INFO").upper())
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[Any, Path, str, bool]:

@@ -133,9 +133,9 @@ class Method:
     cached activations of the frozen layers below the first adapted block (``train.feature_cache``,
     :mod:`fedtalora.fed.cache`). Off unless a method says so."""
     needs_server_state: ClassVar[bool] = False
-    """Its clients need state the global trainable state and the base residuals do not carry (the model
-    changed at a task start, server-side method state in the loss). Engines whose clients only receive
-    messages (Flower) refuse such a method until that state travels."""
+    """Its clients need server-side method state beyond the global trainable state and the base (e.g. in
+    the loss). Informative: engines whose clients only receive messages (Flower) send whatever
+    :meth:`client_state` returns, for every method."""
     folds_residual: ClassVar[bool] = True
     """Its aggregation folds the ResWU residual into the adapted layers' base weights when ``fed.residual`` is
     on (the defaults of :meth:`aggregate` and :meth:`apply`)."""
@@ -237,6 +237,23 @@ class Method:
         """Make ``agg`` the new global model: load the averaged state, fold residuals into the base."""
         model.load_trainable(agg.state)
         model.add_to_base(agg.residuals)
+
+    # --- state the clients need -----------------------------------------------------------------
+
+    def client_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The server-side state a client's hooks (:meth:`on_local_start`, :meth:`forward`, :meth:`loss`)
+        read: tensors and a JSON-able dict. Engines whose clients are other processes (Flower) send it to
+        every client that does not hold its current version and call :meth:`load_client_state` there before
+        each client round. Default: :meth:`checkpoint_state` (what a resumed server needs, which is enough
+        for its clients) and no JSON; override to send less, or settings that are not tensors."""
+        return self.checkpoint_state(), {}
+
+    def load_client_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """On a client: replace the method's state with what :meth:`client_state` returned on the server
+        (empty dicts: the state before the first task). Default: :meth:`load_checkpoint_state`."""
+        if meta:
+            raise CheckpointError(f"method {self.name!r} sends no JSON client state, got keys {sorted(meta)[:3]}")
+        self.load_checkpoint_state(tensors)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
