@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .aggregation import Aggregate
@@ -48,6 +49,9 @@ class PrototypeClassifier(Method):
 
     # --- everything but prediction is the inner method's ------------------------------------------
 
+    def set_class_names(self, names: Sequence[str]) -> None:
+        self.inner.set_class_names(names)
+
     def attach(self, model: FedModel) -> None:
         self.inner.attach(model)
 
@@ -65,6 +69,27 @@ class PrototypeClassifier(Method):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, *, model: FedModel) -> torch.Tensor:
         return self.inner.loss(logits, targets, model=model)
+
+    def local_loss(self, model: FedModel, x: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.inner.local_loss(model, x, logits, targets)
+
+    def on_client_round(self, task: Task, round_: int, client: int) -> None:
+        self.inner.on_client_round(task, round_, client)
+
+    def replay(self, task: Task, client: int) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.inner.replay(task, client)
+
+    def local_mask(self, task: Task, mask: torch.Tensor | None) -> torch.Tensor | None:
+        return self.inner.local_mask(task, mask)
+
+    def on_round_end(self, model: FedModel, task: Task, round_: int, data: TaskData) -> int:
+        return self.inner.on_round_end(model, task, round_, data)
+
+    def downlink(self, task: Task, round_: int, client: int) -> int:
+        return self.inner.downlink(task, round_, client)
+
+    def round_record(self) -> dict[str, Any]:
+        return self.inner.round_record()
 
     def new_buffer(self) -> UpdateBuffer:
         return self.inner.new_buffer()

@@ -173,6 +173,8 @@ def prepare(cfg: RunConfig) -> Setup:
         check_engine(cfg, method)
     exp = Experiment.build(cfg)
     model = build_model(cfg.model, cfg.lora, exp.scenario.num_classes, cfg.data.image_size, cfg.seed)
+    names = exp.dataset.class_names
+    method.set_class_names([names[c] for task in exp.scenario.tasks for c in task.classes])  # head order
     method.attach(model)  # what the method trains beyond LoRA and head
     model = model.to(device)
     modality = exp.dataset.modality
@@ -293,8 +295,9 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
             buffer = method.new_buffer()
             faults = {k: draw_fault(cfg.faults, cfg.seed, t, r, k) for k in clients}
             for k in clients:
-                downlink += state_nbytes(global_state) + ledger.catch_up_bytes(k)
-                downlink_dense += state_nbytes(global_state) + ledger.catch_up_bytes(k, "dense")
+                extra = method.downlink(task, r, k)  # e.g. a generator, the previous task's model
+                downlink += state_nbytes(global_state) + ledger.catch_up_bytes(k) + extra
+                downlink_dense += state_nbytes(global_state) + ledger.catch_up_bytes(k, "dense") + extra
                 ledger.sync(k)
             for outcome in transport.train(RoundJob(task, r, clients, global_state, faults)):
                 k, res, fault = outcome.client, outcome.result, faults[outcome.client]
@@ -341,6 +344,8 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 naive_error = agg.max_naive_error
             ledger.record_round(factored)
             transport.after_round(None if skipped else agg)  # e.g. Flower: the next base the clients sync to
+            if not skipped:  # e.g. glfc: the proxy server watches every new global model
+                uplink += method.on_round_end(model, task, r, transport.task_data(t, [res.client for res in accepted]))
             if r == R - 1:  # e.g. pilora: the reporting clients send class feature sums -> prototypes
                 uplink += method.on_task_end(model, task, transport.task_data(
                     t, [] if skipped else [res.client for res in accepted]))
@@ -362,6 +367,11 @@ def _loop(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, trans
                 "seconds": time.perf_counter() - t_round,
                 **transport.round_stats(),  # e.g. Flower: the bytes that went over the wire
             }
+            extra_fields = method.round_record()  # e.g. generator training time, synthetic samples, memory size
+            clash = sorted(set(extra_fields) & set(record))
+            if clash:
+                raise RuntimeError(f"method {method.name!r} reports round fields the loop owns: {clash}")
+            record.update(extra_fields)
             metrics["rounds"].append(record)
             if not skipped:
                 logger.info("[task %d/%d | round %d/%d] loss=%.4f aggregation_error=%.3g up=%d B down=%d B",
@@ -422,7 +432,7 @@ def _finish(metrics: dict[str, Any]) -> None:
     }
 
 
-TIMING_FIELDS = ("wall_seconds", "rounds[*].seconds", "tasks[*].seconds")
+TIMING_FIELDS = ("wall_seconds", "rounds[*].seconds", "rounds[*].*_seconds", "tasks[*].seconds")
 """The fields of ``metrics.json`` that measure time: the only ones that differ between two runs of the
 same config on CPU, or between an interrupted-and-resumed run and an uninterrupted one."""
 
@@ -432,7 +442,8 @@ def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in metrics.items() if k != "wall_seconds"}
     for key in ("rounds", "tasks"):
         if key in out:
-            out[key] = [{k: v for k, v in rec.items() if k != "seconds"} for rec in out[key]]
+            out[key] = [{k: v for k, v in rec.items() if k != "seconds" and not k.endswith("_seconds")}
+                        for rec in out[key]]
     return out
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .client import ClientResult, extract_features, local_train
+from .client import ClientResult, extract_features, local_train, to_device
 from .faults import Fault
 from .methods import Method, TaskData
 from .seeding import derive_seed, torch_generator
@@ -151,7 +151,12 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
         targets: their head-output labels.
     """
     t, r, k = task.index, round_, client
-    mask = class_mask(cfg.train.logit_mask, task_mask(num_classes, task), targets)
+    method.on_client_round(task, r, k)
+    extra = method.replay(task, k)  # e.g. glfc: the client's exemplar memory
+    if extra is not None and len(extra[0]):
+        indices = np.concatenate([indices, extra[0]])
+        targets = np.concatenate([targets, extra[1]])
+    mask = method.local_mask(task, class_mask(cfg.train.logit_mask, task_mask(num_classes, task), targets))
     with model_rng(device, cfg.seed, "model-rng", t, r, k):  # LoRA dropout, drop-path
         return local_train(
             model, method, global_state, client=k, split=split, indices=indices, targets=targets,
@@ -216,4 +221,12 @@ class InProcessTransport(Transport):
             return client_features(s.model, exp.dataset.train, idx, exp.train_targets[idx], transform=s.transform,
                                    cfg=s.cfg, device=s.device)
 
-        return TaskData(clients=clients, features=features)
+        def batches(k: int) -> Iterator[tuple[Any, torch.Tensor, np.ndarray]]:
+            idx = exp.partitions[t][k]
+            step = s.cfg.train.eval_batch_size
+            for start in range(0, len(idx), step):
+                sel = idx[start:start + step]
+                x = s.transform(to_device(exp.dataset.train.inputs[torch.as_tensor(sel)], s.device), train=False)
+                yield x, torch.as_tensor(exp.train_targets[sel], device=s.device), sel
+
+        return TaskData(clients=clients, features=features, batches=batches)

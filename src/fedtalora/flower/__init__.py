@@ -41,7 +41,7 @@ def unsupported_reason(method: Method) -> str | None:
     from ..methods import Method as Base
 
     inner = getattr(method, "inner", method)  # classifier.kind=prototype wraps the method
-    for hook in ("on_task_start", "apply", "checkpoint_state"):
+    for hook in ("on_task_start", "apply", "checkpoint_state", "set_class_names", "replay", "on_round_end"):
         if getattr(type(inner), hook) is not getattr(Base, hook):
             return f"it overrides {hook}, so its clients would need server-side state that Flower messages do not carry"
     return None
