@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-from . import fedlora, fedprox, fedtalora, ffa_lora, finetune, head_only, pilora, prompt, target  # noqa: F401  (registration)
+from . import fedlora, fedprox, fedtalora, ffa_lora, finetune, head_only, pilora, prompt, target, lander  # noqa: F401  (registration)
 from .base import METHODS, Method, TaskData, UpdateBuffer
 
 __all__ = ["METHODS", "Method", "TaskData", "UpdateBuffer"]
 
 for _name, _note in {
-    "lander": "LANDER (CVPR 2024): label-text embedding anchors + data-free distillation",
     "glfc": "GLFC (CVPR 2022): gradient compensation, relation distillation; needs an exemplar memory (opt-in)",
 }.items():
     METHODS.plan(_name, _note)

@@ -41,6 +41,7 @@ def _embed(texts: tuple[str, ...], encoder: str) -> torch.Tensor:
     if encoder != "minilm" and not encoder.startswith("hf:"):
         raise ConfigError(f"method_options.text_encoder={encoder!r} is invalid: expected minilm or hf:<path or hub id>")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     source = resolve_source(encoder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -105,9 +105,10 @@ class TokenGenerator(nn.Module):
             z = torch.randn(B, self.nz, generator=generator).to(dev)
             return z + self.class_embedding[labels.to(dev)]
         le = self.label_embeddings
+        step = min(self.chunk, le.shape[0])  # a chunk of balanced labels holds distinct classes
         out = []
-        for start in range(0, B, self.chunk):
-            rows = le[labels[start:start + self.chunk].to(dev)]
+        for start in range(0, B, step):
+            rows = le[labels[start:start + step].to(dev)]
             R = torch.randn(le.shape[1], self.nz, generator=generator).to(dev) / math.sqrt(le.shape[1])
             out.append(rows @ R)
         return torch.cat(out)

@@ -242,14 +242,14 @@ class Target(Method):
         self._rng = torch_generator(self.seed, self.name, "synthetic", task.index, round_, client)
 
     def on_local_start(self, model: FedModel, global_state: dict[str, torch.Tensor]) -> None:
-        if self.teacher is not None and self.generator is not None and not self._dev:
+        if self.teacher is not None and self.generator is not None and "teacher" not in self._dev:
             device = model.head.weight.device
-            self._dev = {"teacher": self.teacher.to(device), "generator": self.generator.to(device)}
+            self._dev.update(teacher=self.teacher.to(device), generator=self.generator.to(device))
 
     def _synthetic_batch(self, model: FedModel) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(tokens, labels)`` of a batch of synthetic samples of the old classes, or None (task 0)."""
         task = self._task
-        if not self._dev or task is None or task.label_offset == 0 or self._rng is None:
+        if "generator" not in self._dev or task is None or task.label_offset == 0 or self._rng is None:
             return None
         n = self.options.syn_batch or self.train_cfg.batch_size
         labels = balanced_labels(task.label_offset, n, self._rng)
@@ -259,12 +259,14 @@ class Target(Method):
         counts[self._client] = counts.get(self._client, 0) + n
         return tokens, labels.to(tokens.device)
 
-    def _logits_of(self, model: FedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher, student) logits of synthetic tokens."""
+    def _autocast(self, device: torch.device) -> Any:
         from ..client import autocast  # (fedtalora.client imports the methods)
 
-        device = tokens.device
-        with autocast(device, self.train_cfg.precision):
+        return autocast(device, self.train_cfg.precision)
+
+    def _logits_of(self, model: FedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher, student) logits of synthetic tokens."""
+        with self._autocast(tokens.device):
             t_logits = self._dev["teacher"].call(model, lambda m, tok: m.head(features_from_embeddings(m, tok)), tokens)
             s_logits = model.head(features_from_embeddings(model, tokens))
         return t_logits.float(), s_logits.float()
