@@ -208,6 +208,14 @@ class TokenEncoder(nn.Module):
         return self.fc(torch.sigmoid(self.token(h)).mean(1))
 
 
+def dlg_init(module: nn.Module) -> nn.Module:
+    """Weights and biases uniform in [-0.5, 0.5] (the DLG initialisation GLFC gives its encoding network)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(-0.5, 0.5)
+    return module
+
+
 def encoding_gradient(encoder: nn.Module, x: torch.Tensor, label: int) -> list[torch.Tensor]:
     """The gradient of ``CE(encoder(x), label)`` w.r.t. the encoder's parameters (``x``: one sample, batched)."""
     loss = F.cross_entropy(encoder(x), torch.tensor([label], device=x.device))
@@ -358,7 +366,7 @@ class GLFC(Method):
                     enc: nn.Module = TokenEncoder(model.spec.num_features, self.num_classes)
                 else:
                     enc = ImageEncoder(3, self.num_classes)
-            self._encoder = enc
+                self._encoder = dlg_init(enc)
         return self._encoder.to(device)
 
     def _prototypes(self, model: FedModel, data: TaskData, k: int) -> list[tuple[int, Any]]:

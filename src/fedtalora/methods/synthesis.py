@@ -9,9 +9,9 @@ from the clients' embedding statistics (LANDER's learnable data stats; TARGET's 
 sigmoid and a fixed normaliser instead). ``v`` depends on the method:
 
 * ``condition="embedding"`` (TARGET): ``v = z + E[y]``, ``z ~ N(0, I)``, ``E`` a learned class embedding;
-* ``condition="label_text"`` (LANDER): ``v = R_j e_y`` with ``e_y`` the class's label-text embedding
-  (standardised over the classes seen so far) and ``R_j`` a random Gaussian matrix drawn afresh for every
-  chunk ``j`` of ``chunk`` samples of distinct classes (LANDER's noisy layer, re-initialised per batch).
+* ``condition="label_text"`` (LANDER): ``v = z + W e_y + b`` with ``e_y`` the class's label-text embedding
+  (standardised over the classes the generator covers) and ``W`` a learned linear layer initialised
+  ``N(0, 1/E)`` (LANDER's noisy layer; see :mod:`fedtalora.methods.lander` for why it is not re-drawn).
 
 **Prior** (:class:`FeaturePrior`). Pre-trained ViTs and BERT encoders have no BatchNorm running statistics,
 so DeepInversion's BN prior is replaced by the same statistics measured where they exist: the
@@ -69,10 +69,10 @@ class TokenGenerator(nn.Module):
     """``v (B, nz) -> tokens (B, n, D)``, conditioned by a class embedding or by label-text embeddings."""
 
     def __init__(self, space: EmbedSpace, num_classes: int, *, nz: int = 256, hidden: int = 256,
-                 condition: str = "embedding", label_embeddings: torch.Tensor | None = None, chunk: int = 10) -> None:
+                 condition: str = "embedding", label_embeddings: torch.Tensor | None = None) -> None:
         """``num_classes``: the classes it generates (head outputs ``0 .. num_classes - 1``)."""
         super().__init__()
-        self.space, self.nz, self.condition, self.chunk = space, nz, condition, chunk
+        self.space, self.nz, self.condition = space, nz, condition
         self.inp = nn.Sequential(nn.Linear(nz, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(0.2))
         self.pos = nn.Parameter(torch.randn(space.generated, hidden) * 0.02)
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, space.dim))
@@ -87,6 +87,9 @@ class TokenGenerator(nn.Module):
             if num_classes > 1:  # standardised over the classes the generator covers
                 table = (table - table.mean(0)) / table.std(0, unbiased=False).clamp_min(1e-6)
             self.register_buffer("label_embeddings", table.clone(), persistent=True)
+            self.label_layer = nn.Linear(table.shape[1], nz)
+            nn.init.normal_(self.label_layer.weight, std=1.0 / math.sqrt(table.shape[1]))
+            nn.init.zeros_(self.label_layer.bias)
         else:
             raise ValueError(f"unknown condition {condition!r}")
 
@@ -97,21 +100,14 @@ class TokenGenerator(nn.Module):
         self.scale.copy_(std.to(self.scale.dtype))
 
     def condition_vectors(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``v (B, nz)`` for ``labels``; the randomness (``z`` or the noisy layer) comes from ``generator``
-        (a CPU generator: the draws do not depend on the device)."""
+        """``v (B, nz)`` for ``labels``: class code plus ``z ~ N(0, I)`` drawn from ``generator`` (a CPU
+        generator: the draws do not depend on the device)."""
         dev = self.pos.device
-        B = labels.shape[0]
+        z = torch.randn(labels.shape[0], self.nz, generator=generator).to(dev)
+        y = labels.to(dev)
         if self.condition == "embedding":
-            z = torch.randn(B, self.nz, generator=generator).to(dev)
-            return z + self.class_embedding[labels.to(dev)]
-        le = self.label_embeddings
-        step = min(self.chunk, le.shape[0])  # a chunk of balanced labels holds distinct classes
-        out = []
-        for start in range(0, B, step):
-            rows = le[labels[start:start + step].to(dev)]
-            R = torch.randn(le.shape[1], self.nz, generator=generator).to(dev) / math.sqrt(le.shape[1])
-            out.append(rows @ R)
-        return torch.cat(out)
+            return z + self.class_embedding[y]
+        return z + self.label_layer(self.label_embeddings[y])
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         code = self.inp(v)[:, None, :] + self.pos[None]
