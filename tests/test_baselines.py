@@ -86,7 +86,7 @@ def test_runs_end_to_end_on_images_with_costs_in_the_records(variant: str, image
         assert rounds[3]["generator_seconds"] == 0  # ... not after the last task
         assert all(r["synthetic_samples"] == 0 for r in rounds[:2])
         for r in rounds[2:]:  # syn_batch samples per local step (one epoch of batches of 64)
-            per_client = {str(k): 16 * math.ceil(n / 64) for k, n in zip(r["aggregated"], r["num_samples"])}
+            per_client = {str(k): 16 * math.ceil(n / 64) for k, n in zip(r["aggregated"], r["num_samples"], strict=True)}
             assert r["synthetic_samples_per_client"] == per_client
             assert r["synthetic_samples"] == sum(per_client.values())
         # every client took part in task 1's first round: only the generator travels, once per client
@@ -376,7 +376,7 @@ def test_prototype_gradient_reveals_its_label_and_inverts(kind: str) -> None:
     grads = encoding_gradient(enc, x, 6)
 
     def distance(z: torch.Tensor) -> float:
-        return float(sum(((a - b) ** 2).sum() for a, b in zip(encoding_gradient(enc, z[None], 6), grads)))
+        return float(sum(((a - b) ** 2).sum() for a, b in zip(encoding_gradient(enc, z[None], 6), grads, strict=True)))
 
     rec = reconstruct(enc, grads, 6, shape, iters=10, evals=5, lr=0.1, keep=2,
                       generator=torch.Generator().manual_seed(1))
@@ -440,3 +440,17 @@ def test_flower_engines_refuse_them_with_a_reason() -> None:
     for name in ("glfc", "target", "lander"):
         method = METHODS.get(name)(resolve("demo", [f"method={name}"]))
         assert unsupported_reason(method) is not None
+
+
+def test_downlink_counts_the_generator_and_old_model_once_per_client_and_task(tiny_overrides) -> None:
+    setup, _ = _task1_setup(_cfg(tiny_overrides, "target"), perturb=False)
+    method, task1 = setup.method, setup.exp.scenario.tasks[1]
+    gen, old = method.generator.nbytes(), method.teacher.nbytes()
+    assert gen > 0 and old > gen
+    assert method.downlink(task1, 0, 0) == gen  # round 0: the global model it receives is the old model
+    assert method.downlink(task1, 0, 0) == 0  # already has both
+    assert method.downlink(task1, 1, 1) == gen + old  # joins later: needs the old model too
+    assert method.round_record()["method_downlink_bytes"] == 2 * gen + old
+    task0 = setup.exp.scenario.tasks[0]
+    fresh = METHODS.get("target")(setup.cfg)
+    assert fresh.downlink(task0, 0, 0) == 0  # nothing to send before the first generator
