@@ -40,6 +40,8 @@ of BatchNorm statistics, the generator sent instead of a pool of images, the stu
   round with the lowest training loss as the task's model; here the last round's global model is the
   model (no model selection).
 * LANDER's local learning-rate schedule (cosine over rounds) and optimiser are not used (``train.*``).
+* Anchors come from ``Dataset.class_names``; a dataset naming classes by ids (Tiny-ImageNet's WordNet ids)
+  gives uninformative anchors.
 
 Costs in the round records: as TARGET (``generator_seconds``, ``synthetic_samples``,
 ``method_downlink_bytes``); the projection travels with the trainable state every round.
