@@ -32,8 +32,8 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fedtalora.api import run  # noqa: E402
 from fedtalora.config import resolve  # noqa: E402
-from fedtalora.engine import run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ print(t1 - t0, time.perf_counter() - t1)
 def clientapp_cold_start(overrides: list[str], env: dict[str, str], folder: Path) -> tuple[float, float, float]:
     """What every ClientApp process of a deployment pays before training: (process wall, imports, data +
     model build), measured in a fresh Python process like the ``flwr-clientapp`` a SuperNode starts."""
-    from fedtalora.engine import Experiment
+    from fedtalora.fed.build import Experiment
 
     cfg = resolve("demo", overrides)
     (folder / "config.yaml").write_text(cfg.to_yaml())

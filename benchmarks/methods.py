@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from fedtalora.api import run
 from fedtalora.config import RunConfig, resolve
-from fedtalora.engine import run
 from fedtalora.methods import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,6 +10,7 @@ from everything measured so far, kept in ``benchmarks/results/perf.json``)::
     python benchmarks/perf.py demo       # (e) `fedtalora demo` wall time                              goal <= 120 s
     python benchmarks/perf.py profile    # cProfile of the client loop (image and text): where time goes
     python benchmarks/perf.py gpu        # ViT-B/16 LoRA images/s and MFU on a GPU (bf16)          goal >= 0.35
+    python benchmarks/perf.py exact      # (f) exact base: accumulator memory, server s/round vs today's fold (ViT-B)
     python benchmarks/perf.py all
 
 Timings on a shared machine are noisy: every timed pair is measured interleaved (A B, B A, ...) with
@@ -102,7 +103,14 @@ NOTES = """\
   with 10 clients and r = 8 it is 0.117-0.188 per layer (0.125 overall). At MiniLM width (384; MLP 1536) it
   is 0.375 for the 384x384 layers and 0.234 for the MLP, 0.28 overall: 0.2 needs K <= 5 clients per round
   for the square layers (K <= 8 for the MLP). No exact encoding does much better: a generic rank-rho matrix
-  has rho (d_out + d_in - rho) degrees of freedom, 0.34 of 384x384 at rho = 72.
+  has rho (d_out + d_in - rho) degrees of freedom, 0.34 of 384x384 at rho = 72. With the exact base
+  (`docs/exactness.md`, the `downlink_*` rows' values) a round travels as the K live clients' own factors and
+  weights, so that every replica recomputes the float64 residual bit for bit: `K r (d_out + d_in)` floats
+  and K doubles, a factor K/(K-1) more (ViT-B 0.139, MiniLM 0.31; the (K-1) r figures stay in each record).
+- **Exact base** (`exact_base` row): the cost measurement of `benchmarks/exactness.py` (one implementation,
+  `exactness.measure_cost`): server seconds per round with the float64 accumulator and the truthful errors,
+  over today's float32 fold, side by side; the accumulator's memory in the record. CPU timings under a load
+  average of 8-11 on 2 cores varied by 2x between runs: read the ratio, not the seconds.
 - **Timing noise.** Other jobs shared the 2 cores during every run (load average in each record); ratios
   are medians of interleaved repetitions, and differences of a few percent are within the noise.
 """
@@ -147,11 +155,11 @@ def _lora_cfg(blocks: list[int], rank: int = 8) -> Any:
 def _ours(model: Any, split: Any, targets: np.ndarray, transform: Any, train_cfg: Any, mask: torch.Tensor | None,
           seed: int) -> Callable[[], float]:
     """One client round of :func:`fedtalora.client.local_train` on all of ``split``; returns samples/s."""
-    from fedtalora.client import local_train
     from fedtalora.config import RunConfig
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import local_train
 
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())  # the methods take (options, context) since the restructure
     keys = method.trainable_keys(model)
     state = model.trainable_state(keys)
     idx = np.arange(len(targets))
@@ -296,9 +304,9 @@ def setup_text(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[
 
     from fedtalora.config import ModelConfig, TrainConfig
     from fedtalora.data import Split
+    from fedtalora.data.transforms import TextTransform, tokenize_split
     from fedtalora.model import build_model
-    from fedtalora.text_data import TextTransform, tokenize_split
-    from fedtalora.text_model import resolve_source
+    from fedtalora.model.hf import resolve_source
 
     B, n, C, blocks = args.batch_size, args.samples, 77, [0, 1, 2]
     ours_model = build_model(ModelConfig(backbone="minilm", pretrained=True), _lora_cfg(blocks), C, 0, 0)
@@ -365,8 +373,8 @@ def _vm(field: str) -> int:
 
 def rss_child(clients: int, image_size: int) -> dict[str, Any]:
     """One run of the engine (digits, 1 task, 1 round, every client sampled), in this process."""
+    from fedtalora.api import prepare, run
     from fedtalora.config import resolve
-    from fedtalora.engine import prepare, run
 
     cfg = resolve("demo", [
         "data.dataset=digits", f"data.image_size={image_size}", "scenario.num_tasks=1",
@@ -420,11 +428,11 @@ MINILM_SUBS = {"attention.self.query": (384, 384), "attention.self.key": (384, 3
 
 
 def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
-    from fedtalora.aggregation import LoraPair, aggregate_lora, normalize_weights
-    from fedtalora.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
+    from fedtalora.core.aggregation import LoraPair, aggregate_lora, normalize_weights
     from fedtalora.data import ImageTransform, Split
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import local_train
     from fedtalora.model import build_model
 
     K, r, C = args.clients, 8, 100
@@ -459,7 +467,7 @@ def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
     # One client's local round, from the measured time per training image of ViT-B/16 at 224 px.
     model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs={}),
                         _lora_cfg([0, 1, 2, 3]), C, 224, 0)
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())  # the methods take (options, context) since the restructure
     state = model.trainable_state(method.trainable_keys(model))
     n = args.vit_b_batch * args.vit_b_steps
     images = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
@@ -493,12 +501,41 @@ def bench_agg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
+# (f) the exact base: its memory and server time, side by side with today's fold
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_exact(args: argparse.Namespace) -> dict[str, Any]:
+    """``benchmarks/exactness.py``'s cost measurement (:func:`exactness.measure_cost`, one implementation),
+    reported here as a perf row: server seconds per round with the exact base / with today's float32 fold, and
+    the accumulator's memory, on ViT-B/16 blocks 0-3."""
+    sys.path.insert(0, str(HERE))
+    from exactness import measure_cost
+
+    cost = measure_cost(args.clients, args.repeats, "cpu")
+    mem, tm = cost["memory"], cost["time"]
+    MiB = 2 ** 20
+    return emit("exact_base", {
+        "value": tm["ratio_total"],
+        "what": f"server seconds per round, exact base (float64 accumulator, truthful per-round and accumulated "
+                f"errors) / today's float32 fold, ViT-B/16 blocks 0-3, {tm['clients']} clients, r={tm['rank']}; "
+                f"accumulator {mem['exact_w0_plus_d_bytes'] / MiB:.0f} MiB beside the "
+                f"{mem['base_fp32_bytes'] / MiB:.0f} MiB of adapted float32 weights",
+        "accumulator_bytes": mem["exact_w0_plus_d_bytes"], "adapted_weights_bytes": mem["base_fp32_bytes"],
+        "today_seconds": tm["today"], "exact_seconds": tm["exact"],
+        "ratio_without_metrics": tm["ratio_without_metrics"], "memory": mem,
+        "note": "the same measurement as benchmarks/exactness.py cost (results/exactness.md); medians of "
+                "interleaved repeats on a shared CPU: compare the ratio",
+    })
+
+
+# --------------------------------------------------------------------------------------------------
 # (d) downlink bytes of the residual: factored / dense
 # --------------------------------------------------------------------------------------------------
 
 
 def _downlink(shapes: dict[str, tuple[int, int]], K: int, r: int, head: tuple[int, int]) -> dict[str, Any]:
-    from fedtalora.aggregation import residual_nbytes
+    from fedtalora.core.aggregation import exact_factors_nbytes, residual_nbytes
 
     dense = sum(d_out * d_in * 4 for d_out, d_in in shapes.values())
     state = sum(r * (d_out + d_in) * 4 for d_out, d_in in shapes.values()) + (head[0] + 1) * head[1] * 4
@@ -511,6 +548,11 @@ def _downlink(shapes: dict[str, tuple[int, int]], K: int, r: int, head: tuple[in
         out[label] = {"factored_bytes": fact, "per_layer_min_bytes": best, "ratio": best / dense}
     # What bounds it: ratio of one layer = (K-1) r (d_out + d_in) / (d_out d_in).
     out["per_layer_ratio_(K-1)r"] = {f"{o}x{i}": (K - 1) * r * (o + i) / (o * i) for o, i in set(shapes.values())}
+    # What travels with the exact base: the K live clients' own factors and float64 weights, or D (float64).
+    exact_best = sum(min(exact_factors_nbytes(o, i, r, K), 8 * o * i) for o, i in shapes.values())
+    out["exact_base"] = {"factored_bytes": sum(exact_factors_nbytes(o, i, r, K) for o, i in shapes.values()),
+                         "per_layer_min_bytes": exact_best, "ratio": exact_best / dense,
+                         "whole_downlink_ratio": (state + exact_best) / (state + dense)}
     out["max_clients_for_0.2"] = {f"{o}x{i}": int(0.2 * o * i / (r * (o + i))) + 1 for o, i in set(shapes.values())}
     return out
 
@@ -524,9 +566,11 @@ def bench_downlink(args: argparse.Namespace) -> list[dict[str, Any]]:
             ("downlink_vit_b", vit, "ViT-B/16 blocks 0-3 qkv/proj/fc1/fc2", (768, 100)),
             ("downlink_minilm", minilm, "MiniLM-L6 layers 0-2 (banking77 preset)", (384, 77))):
         d = _downlink(shapes, K, r, head)
-        recs.append(emit(name, {"value": d["(K-1)r"]["ratio"],
-                                "what": f"residual downlink per client and round, per-layer min(factored, dense) / "
-                                        f"dense, {what}, {K} clients, r={r}", **d}))
+        recs.append(emit(name, {"value": d["exact_base"]["ratio"],
+                                "what": f"residual downlink per client and round with the exact base, per-layer "
+                                        f"min(the K clients' factors + weights, float64 D) / the residual as a dense "
+                                        f"float32 matrix, {what}, {K} clients, r={r} (`(K-1)r`: the float32 fold's "
+                                        f"factors)", **d}))
     return recs
 
 
@@ -617,10 +661,10 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     backward the frozen backbone still needs) / the GPU's bf16 dense peak (``--peak-tflops``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedtalora.client import local_train
     from fedtalora.config import ModelConfig, RunConfig, TrainConfig
     from fedtalora.data import ImageTransform, Split
-    from fedtalora.methods import METHODS
+    from fedtalora.fed.build import build_method
+    from fedtalora.fed.client import local_train
     from fedtalora.model import build_model
 
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -631,7 +675,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     kwargs = {} if device.type == "cuda" else {"depth": 2}
     model = build_model(ModelConfig(backbone="vit_base_patch16_224", pretrained=False, kwargs=kwargs),
                         _lora_cfg([0, 1] if kwargs else [0, 1, 2, 3]), 100, S, 0).to(device)
-    method = METHODS.get("fedtalora")(RunConfig())
+    method = build_method(RunConfig())  # the methods take (options, context) since the restructure
     state = model.trainable_state(method.trainable_keys(model))
     n = B * args.gpu_steps
     g = torch.Generator().manual_seed(0)
@@ -669,7 +713,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["train", "train-image", "train-text", "rss", "rss-child", "agg", "downlink",
-                                       "demo", "profile", "gpu", "all"])
+                                       "demo", "profile", "gpu", "exact", "all"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -694,8 +738,8 @@ def main() -> None:
         return
     todo = {"train": [bench_train_image, bench_train_text], "train-image": [bench_train_image],
             "train-text": [bench_train_text], "rss": [bench_rss], "agg": [bench_agg], "downlink": [bench_downlink],
-            "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu]}
-    todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo") for f in todo[k]]
+            "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu], "exact": [bench_exact]}
+    todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo", "exact") for f in todo[k]]
     for fn in todo[args.command]:
         fn(args)
 

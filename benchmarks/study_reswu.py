@@ -111,7 +111,7 @@ def pretrain_vit(data_root: Path, out: Path, *, epochs: int = 60, lr: float = 1e
     from safetensors.torch import save_file
 
     from fedtalora.data import ImageTransform
-    from fedtalora.image_data import load_omniglot
+    from fedtalora.data.images import load_omniglot
     from fedtalora.seeding import numpy_rng, seeded_torch, torch_generator
 
     path = out / f"omniglot-vit-pretrained-seed{seed}.safetensors"
@@ -253,7 +253,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def collect(grid: Any, bench: dict[str, Any], lrs: tuple[float, ...] | None = None) -> list[dict[str, Any]]:
     """One record per cell: per-seed F_AA, AIA, forgetting, aggregation loss, bytes, seconds, read from the
     ``metrics.json`` of every complete run of ``grid`` (runs still missing are left out)."""
-    from fedtalora.sweep import plan
+    from fedtalora.app.sweep import plan
 
     by_label = {cell_label(c): c for c in cells(bench, lrs)}
     records: dict[str, dict[str, Any]] = {}
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("fedtalora").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fedtalora.sweep import load_grid, run_sweep
+    from fedtalora.app.sweep import load_grid, run_sweep
 
     names = args.only or ["image", "text"]
     t0 = time.perf_counter()

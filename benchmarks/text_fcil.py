@@ -39,10 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtalora.api import prepare, run
 from fedtalora.config import RunConfig, resolve
-from fedtalora.engine import Setup, prepare, run
-from fedtalora.metrics import summarize
-from fedtalora.prototypes import aggregate_class_sums, class_sums, nearest_prototype
+from fedtalora.core.metrics import summarize
+from fedtalora.core.prototypes import aggregate_class_sums, class_sums, nearest_prototype
+from fedtalora.fed.build import Setup
 from fedtalora.seeding import torch_generator
 
 RESULTS = Path(__file__).resolve().parent / "results"

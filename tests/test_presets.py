@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedtalora.config import load_preset, preset_description, preset_names, resolve
+from fedtalora.core.partition import class_counts, partition_task
 from fedtalora.data import DATASETS
-from fedtalora.partition import class_counts, partition_task
 from fedtalora.seeding import numpy_rng
 
 DATASETS_OF = {"cifar100": "cifar100", "tiny-imagenet": "tiny-imagenet", "imagenet-r": "imagenet-r"}

@@ -16,8 +16,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,9 +27,16 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from . import safeio
 from .errors import ConfigError
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+MAX_THREADS = 1024
+"""Upper bound of ``train.threads`` (torch's thread pool takes an ``int``; more threads than this is a typo)."""
+INT_BOUND = 2**63
+"""Every integer config value lies in ``(-INT_BOUND, INT_BOUND)`` (what torch and numpy index with)."""
+MAX_NAME_BYTES = 255
+"""Longest file name (``output.name`` and each part of a path) that common file systems accept."""
 
 
 @dataclass
@@ -177,7 +186,8 @@ class TrainConfig:
         _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
-        _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0: torch's default)")
+        _check(0 <= self.threads <= MAX_THREADS, "train.threads", self.threads,
+               f"an integer in [0, {MAX_THREADS}] (0: torch's default)")
         _check(self.lr >= 0, "train.lr", self.lr, "a number >= 0")
         _check(self.head_lr >= 0, "train.head_lr", self.head_lr, "a number >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
@@ -249,6 +259,13 @@ class OutputConfig:
     """Also write the round and task metrics as TensorBoard events in ``RUN_DIR/tensorboard`` (needs
     ``pip install fedtalora[tensorboard]``); ``rounds.csv`` and ``tasks.csv`` are always written."""
 
+    def validate(self) -> None:
+        for key in ("dir", "name"):
+            value = getattr(self, key)
+            _check("\x00" not in value, f"output.{key}", value, "a path without NUL characters")
+            long = [p for p in value.split("/") if len(p.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES]
+            _check(not long, f"output.{key}", value, f"a path whose every part is at most {MAX_NAME_BYTES} bytes long")
+
 
 @dataclass
 class ClassifierConfig:
@@ -256,7 +273,7 @@ class ClassifierConfig:
     """How the global model predicts: ``head`` -- argmax of the method's logits (the linear head for
     Fed-TaLoRA); ``prototype`` -- nearest class prototype, the exact federated mean of each class's
     features, which the clients of each task's last round send once per task as per-class feature sums
-    and counts (:mod:`fedtalora.classifier`). Training is unchanged; only prediction differs."""
+    and counts (:mod:`fedtalora.methods.classifier`). Training is unchanged; only prediction differs."""
     metric: Literal["cosine", "euclidean"] = "cosine"
     """Similarity used by the prototype classifier."""
 
@@ -320,9 +337,8 @@ class RunConfig:
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
                 sub.validate()
-        from .methods import METHODS  # local import: methods import the config
-
-        METHODS.get(self.method).parse_options(self.method_options)  # ConfigError naming the choices / key
+        # The method name and its options are checked by the method registry when the run is built
+        # (fedtalora.fed.build.check_config): the config knows no methods.
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,7 +350,7 @@ class RunConfig:
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+        raise ConfigError(f"{key}={safeio.short(value)} is invalid: expected {allowed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +381,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown config key {full!r}{_suggest(str(key), prefix, list(fields))}")
+            raise ConfigError(f"unknown config key {safeio.short(full)}{_suggest(str(key), prefix, list(fields))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, prefix=f"{full}.")
@@ -375,7 +391,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _suggest(key: str, prefix: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
+    close = difflib.get_close_matches(key[:100], choices, n=1)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
     return f"; allowed keys here: {', '.join(prefix + c for c in choices)}"
@@ -385,6 +401,8 @@ def _type_name(hint: Any) -> str:
     origin = get_origin(hint)
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in get_args(hint))
+    if origin is Sequence:
+        return "list[" + ", ".join(_type_name(a) for a in get_args(hint)) + "]"
     if origin in (list, dict):
         return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", str(hint))
@@ -392,7 +410,7 @@ def _type_name(hint: Any) -> str:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = get_origin(hint)
-    bad = ConfigError(f"{key}={value!r} is invalid: expected {_type_name(hint)}")
+    bad = ConfigError(f"{key}={safeio.short(value)} is invalid: expected {_type_name(hint)}")
     if origin is Literal:
         if value not in get_args(hint):
             raise bad
@@ -415,6 +433,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not -INT_BOUND < value < INT_BOUND:
+            raise ConfigError(f"{key}={safeio.short(value)} is invalid: expected an integer of magnitude below 2**63")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -424,12 +444,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={safeio.short(value)} is invalid: expected a finite number (not nan or inf)")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise bad
         return value
-    if origin is list:
+    if origin in (list, Sequence):
         (item,) = get_args(hint)
         if isinstance(value, tuple):
             value = list(value)
@@ -439,10 +465,35 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
-        return dict(value)
+        return {k: _check_finite(v, f"{key}.{k}") for k, v in value.items()}
     if hint is Any:
+        return _check_finite(value, key)
+    if isinstance(hint, type) and hint.__module__ in ("pathlib", "pathlib._local"):  # loader options (Path)
+        if not isinstance(value, str):
+            raise bad
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not input
+
+
+def coerce_value(value: Any, hint: Any, key: str) -> Any:
+    """``value`` checked (and converted: ``"1e-3"`` -> ``0.001``, tuples -> lists) against the type ``hint``
+    as strictly as a config field; :class:`ConfigError` naming ``key`` otherwise. Supports ``bool``,
+    ``int``, ``float``, ``str``, ``Literal``, unions, ``list[...]``/``Sequence[...]``, ``dict[...]`` and ``Any``."""
+    return _coerce(value, hint, key)
+
+
+def _check_finite(value: Any, key: str) -> Any:
+    """``value`` unchanged if every float in it is finite (free-form values: kwargs, options)."""
+    stack = [(value, key)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{where}={safeio.short(node)} is invalid: expected a finite number (not nan or inf)")
+        if isinstance(node, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,21 +508,19 @@ def preset_names() -> list[str]:
 
 def preset_description(name: str) -> str:
     """The first comment line of a shipped preset (its one-line description)."""
-    text = (resources.files("fedtalora") / "presets" / f"{name}.yaml").read_text()
+    text = (resources.files("fedtalora") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
     for line in text.splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
 
 
-def read_yaml(text: str, source: str) -> dict[str, Any]:
-    """Parse a YAML mapping (empty text -> ``{}``); one-line :class:`ConfigError` naming ``source`` otherwise."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+def read_yaml(text: str | bytes, source: str) -> dict[str, Any]:
+    """Parse a YAML mapping (empty text -> ``{}``); one-line :class:`ConfigError` naming ``source`` otherwise.
+
+    The limits of :func:`fedtalora.safeio.parse_yaml` apply (size, depth, alias expansion), before any
+    object is built."""
+    data = safeio.parse_yaml(text, source, error=ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -482,34 +531,30 @@ def read_yaml(text: str, source: str) -> dict[str, Any]:
 def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The nested dict of a preset (by shipped name or path), with ``extends`` resolved."""
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"config file {name_or_path!r} does not exist")
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {name_or_path!r}: {e.strerror}") from None
+    if name_or_path.endswith((".yaml", ".yml")) or safeio.is_file(path):
+        text: str | bytes = safeio.read_bytes(path, what=f"config file {safeio.short(name_or_path)}",
+                                              max_bytes=safeio.MAX_YAML_BYTES, error=ConfigError)
         source = str(path)
     else:
         if name_or_path not in preset_names():
             raise ConfigError(
-                f"unknown preset {name_or_path!r} (not a shipped preset and not a file); "
+                f"unknown preset {safeio.short(name_or_path)} (not a shipped preset and not a file); "
                 f"shipped presets: {', '.join(preset_names())}"
             )
-        text = (resources.files("fedtalora") / "presets" / f"{name_or_path}.yaml").read_text()
+        text = (resources.files("fedtalora") / "presets" / f"{name_or_path}.yaml").read_bytes()
         source = f"preset {name_or_path!r}"
     data = read_yaml(text, source)
-    me = str(path.resolve()) if path.is_file() else name_or_path
+    me = str(path.resolve()) if safeio.is_file(path) else name_or_path
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise ConfigError(f"{source}: 'extends' must be a preset name or path")
-    if not Path(parent).is_absolute() and path.is_file() and (path.parent / parent).is_file():
+        raise ConfigError(f"{source}: 'extends' must be a preset name or path, got {safeio.short(parent)}")
+    if not Path(parent).is_absolute() and safeio.is_file(path) and safeio.is_file(path.parent / parent):
         parent = str(path.parent / parent)
-    parent_id = str(Path(parent).resolve()) if Path(parent).is_file() else parent
+    parent_id = str(Path(parent).resolve()) if safeio.is_file(parent) else parent
     if parent_id in _seen + (me,):
-        raise ConfigError(f"{source}: 'extends' forms a cycle through {parent!r}")
+        raise ConfigError(f"{source}: 'extends' forms a cycle through {safeio.short(parent)}")
     return deep_merge(load_preset(parent, _seen + (me,)), data)
 
 
@@ -527,15 +572,20 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=value"`` -> (["a", "b"], parsed value); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. fed.residual=false)")
+        raise ConfigError(f"override {safeio.short(text)} must look like key=value (e.g. fed.residual=false)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {safeio.short(text)} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safeio.load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # e.g. an unquoted path with a colon: keep it as a string
+    except safeio.LimitError as e:  # an alias bomb, deep nesting
+        raise ConfigError(f"override {safeio.short(key)}=...: the value {safeio.one_line(e, 200)}") from None
+    except ValueError as e:  # an integer of thousands of digits, a date with month 13
+        raise ConfigError(f"override {safeio.short(key)}=...: the value is not valid YAML: "
+                          f"{safeio.one_line(e, 200)}") from None
     return key.split("."), value
 
 
@@ -550,7 +600,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 child = {} if child is None else child
                 if not isinstance(child, dict):
-                    raise ConfigError(f"override {text!r}: {part!r} is not a section")
+                    raise ConfigError(f"override {safeio.short(text)}: {safeio.short(part)} is not a section")
                 node[part] = child
             node = child
         node[path[-1]] = value

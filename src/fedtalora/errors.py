@@ -34,3 +34,25 @@ class AggregationError(FedTaLoRAError, ValueError):
 
 class CheckpointError(FedTaLoRAError):
     """A run directory or checkpoint cannot be resumed: missing, corrupted, or from another config."""
+
+
+class OutputError(FedTaLoRAError):
+    """A file or folder cannot be written (missing or unwritable folder, a directory in the way, disk full)."""
+
+
+MESSAGE_LIMIT = 2000
+"""Default length of a message that reaches the user."""
+
+
+def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - len(f"... ({len(text)} more characters)"), 0)
+    return f"{text[:keep]}... ({len(text) - keep} more characters)"
+
+
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """``str(text)`` with every whitespace run (newlines included) collapsed to one space, clipped to ``limit``
+    characters: the form in which a message reaches the user."""
+    return clip(" ".join(str(text).split()), limit)

@@ -35,12 +35,21 @@ def torch_generator(root: int, *path: object, device: str | torch.device = "cpu"
 
 
 @contextlib.contextmanager
-def seeded_torch(root: int, *path: object) -> Iterator[None]:
-    """Run third-party code that draws from torch's global RNG (e.g. timm init) reproducibly.
+def seeded_torch(root: int, *path: object, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run code that draws from torch's global RNG reproducibly: third-party init (timm, peft) or the
+    model's own draws during training (LoRA dropout, drop-path).
 
-    The global CPU RNG state is saved, seeded from ``(root, *path)`` and restored on exit, so the
-    caller's RNG stream is left exactly as it was.
+    The global CPU RNG (and that of ``device`` when it is a GPU) is saved, seeded from ``(root, *path)`` and
+    restored on exit, so the caller's RNG stream is left exactly as it was. Seeding per position (client,
+    task, round) makes the draws depend only on the position, not on the history of the process: a resumed
+    run equals an uninterrupted one, and a client in another process equals one in this process.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(root, *path))
+    s = derive_seed(root, *path)
+    dev = torch.device(device) if device is not None else None
+    gpu = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev is not None and dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.default_generator.manual_seed(s)
+        if gpu:
+            with torch.cuda.device(gpu[0]):
+                torch.cuda.manual_seed(s)
         yield

@@ -13,10 +13,11 @@ A client knows only what reaches it through Flower:
   message (:mod:`fedtalora.flower.protocol`).
 
 It builds its own model from the config (same seeds: the same initial weights as the server's, checked
-by a fingerprint) and trains with :func:`fedtalora.transport.client_round`, the function the in-process
-engine calls. Its frozen base and the base version live in ``context.state`` between messages (a
-SuperNode starts one ClientApp process per message). The dataset and model are cached per process (the
-simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
+by a fingerprint) and trains with :func:`fedtalora.fed.transport.client_round`, the function the in-process
+engine calls. Its frozen base -- the float64 accumulator ``D`` of the exact base, beside the pre-trained
+``W0`` it rebuilds (:mod:`fedtalora.core.exact`) -- and the base version live in ``context.state`` between
+messages (a SuperNode starts one ClientApp process per message). The dataset and model are cached per process
+(the simulation's Ray actors serve many nodes), and the model's base is reset from the node's state for each
 message, so nodes sharing a process never see each other's weights.
 
 Node config keys: ``partition-id`` (required), ``data-root`` (this machine's ``data.root``),
@@ -38,14 +39,14 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..classifier import with_classifier
 from ..config import RunConfig, from_dict
-from ..data import ImageTransform, Split, load_from_config
+from ..core.scenario import Task
+from ..data import Split, load_from_config
 from ..errors import FedTaLoRAError, PartitionError
-from ..methods import METHODS, Method
-from ..model import FedModel, build_model
-from ..scenario import Task
-from ..transport import client_features, client_round
+from ..fed.build import torch_threads
+from ..fed.transport import client_features, client_round
+from ..methods import Method
+from ..model import FedModel
 from . import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class ClientSide:
     transform: Callable[..., Any]
     device: torch.device
     pristine: dict[str, torch.Tensor]
-    """The adapted layers' base weights as built (version 0)."""
+    """The adapted layers' base weights as built (version 0; ``W0`` of the exact base)."""
     fingerprint: str
     partition_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
@@ -111,8 +112,7 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
     key = (config_yaml, manifest_path, data_root)
     if key in _CACHE:
         return _CACHE[key]
-    from ..engine import resolve_device
-    from ..text_data import TextTransform, tokenize_split
+    from ..fed.build import build_components, input_transform, resolve_device
 
     data = yaml.safe_load(config_yaml)
     if data_root:
@@ -129,25 +129,16 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
         offset += len(classes)
     order = np.asarray([c for task in tasks for c in task.classes], dtype=np.int64)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:  # as engine.prepare does on the server
-        torch.set_num_threads(cfg.train.threads)
     dataset = load_from_config(cfg.data, cfg.seed)
     if len(order) != dataset.num_classes or sorted(order.tolist()) != list(range(dataset.num_classes)):
         raise PartitionError(f"the manifest's class order does not cover the {dataset.num_classes} classes of "
                              f"{cfg.data.dataset!r}")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
-    method = with_classifier(METHODS.get(cfg.method)(cfg), cfg.classifier.kind, cfg.classifier.metric)
-    model = build_model(cfg.model, cfg.lora, len(order), cfg.data.image_size, cfg.seed)
-    method.attach(model)
-    model = model.to(device)
+    parts = build_components(cfg, len(order), device)  # as the server builds them
+    model, method = parts.model, parts.method
+    transform = input_transform(cfg, dataset, model, splits=("train",))
     split = dataset.train
-    transform: Callable[..., Any]
-    if dataset.modality == "text":
-        split = tokenize_split(split, model.backbone.tokenizer, cfg.data.max_length)
-        transform = TextTransform()
-    else:
-        transform = ImageTransform(cfg.data.image_size, model.spec.mean, model.spec.std)
     keys = method.trainable_keys(model)
     side = ClientSide(
         cfg=cfg, manifest=manifest, tasks=tasks, num_classes=len(order), split=split,
@@ -193,17 +184,30 @@ def _side(context: Context) -> ClientSide:
     return build_client_side(str(st["config"]), str(st["partitions"]), str(data_root) if data_root else "")
 
 
+def _load_base(side: ClientSide, context: Context) -> None:
+    """This node's base into the shared model: its accumulator ``D`` (zero while pristine) and
+    ``fl32(W0 + D)``; the pristine base for a method that never changes it."""
+    exact = side.model.exact_base
+    stored = context.state.array_records.get(P.STATE_BASE)
+    if exact is None:
+        with torch.no_grad():
+            for layer, w in side.pristine.items():
+                side.model.base_weight(layer).copy_(w)
+        return
+    if stored is not None:
+        exact.load_state_dict(P.from_record(stored))
+    else:
+        exact.load_state_dict({layer: torch.zeros_like(d) for layer, d in exact.acc.items()})
+    side.model.sync_base()
+
+
 def _sync(side: ClientSide, context: Context, msg: Message) -> int:
     """Load this node's base into the shared model, apply the message's catch-up, store it back; returns
     the base version the node now has."""
     st = _node_state(context)
     cr = msg.content.config_records[P.CONFIG]
     version = int(st["version"])
-    stored = context.state.array_records.get(P.STATE_BASE)
-    base = P.from_record(stored) if stored is not None else side.pristine
-    with torch.no_grad():
-        for layer, w in base.items():
-            side.model.base_weight(layer).copy_(w)
+    _load_base(side, context)
     target = int(cr["base-to"])
     if P.RESIDUAL in msg.content.array_records:
         frm = int(cr["base-from"])
@@ -214,8 +218,7 @@ def _sync(side: ClientSide, context: Context, msg: Message) -> int:
             raise FedTaLoRAError("the server sent a partial dense base to a node of unknown version")
         P.apply_catch_up(side.model, plan)
         version = target
-        context.state[P.STATE_BASE] = P.to_record({p.layer: side.model.base_weight(p.layer)
-                                                   for p in side.model.lora_pairs()})
+        context.state[P.STATE_BASE] = P.to_record(side.model.exact_base.acc)  # type: ignore[union-attr]
         st["version"] = version
     elif target != version:
         raise FedTaLoRAError(f"the server's base is at version {target}, this node's at {version}, and no "
@@ -284,9 +287,10 @@ def train(msg: Message, context: Context) -> Message:
     version = _sync(side, context, msg)
     global_state = P.from_record(msg.content.array_records[P.GLOBAL])
     transform = _crash_midway(side.transform) if bool(cr["crash"]) else side.transform
-    res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
-                       round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
-                       indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
+    with torch_threads(side.cfg.train.threads):
+        res = client_round(side.model, side.method, global_state, cfg=side.cfg, task=side.tasks[t],
+                           round_=int(cr["round"]), client=k, num_classes=side.num_classes, split=side.split,
+                           indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
     if bool(cr["crash"]):  # a local round of a single batch: crash before replying instead
         raise InjectedCrash("injected crash after local training, before replying (faults.client_dropout)")
     content = RecordDict({
@@ -306,8 +310,9 @@ def features(msg: Message, context: Context) -> Message:
     t, idx = _task_indices(side, cr, k)
     version = _sync(side, context, msg)
     side.model.load_trainable(P.from_record(msg.content.array_records[P.GLOBAL]))
-    feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx], transform=side.transform,
-                                     cfg=side.cfg, device=side.device)
+    with torch_threads(side.cfg.train.threads):
+        feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
+                                         transform=side.transform, cfg=side.cfg, device=side.device)
     content = RecordDict({
         P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets}),
         P.CONFIG: ConfigRecord({"version": version}),

@@ -35,7 +35,7 @@ from ..errors import ConfigError, FedTaLoRAError
 
 if TYPE_CHECKING:
     from ..config import RunConfig
-    from ..engine import RunResult
+    from ..fed.loop import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -81,30 +81,133 @@ resume = false
 """
 
 
-def write_app(dest: str | Path, cfg: RunConfig | None = None) -> Path:
+def write_app(dest: str | Path, cfg: RunConfig | None = None, *, force: bool = False) -> Path:
     """Write the Flower app folder (its ``pyproject.toml``) to ``dest``; returns the folder.
 
     With ``cfg``, also write ``config.yaml`` (``engine=flower``) and the partition manifest
     ``partitions.json`` it draws (this loads the dataset), and make them the app's default run config:
     copy ``partitions.json`` to every client machine (``--node-config "partitions='...'"``) when the
     clients do not share the server's file system.
+
+    Everything is computed first (the dataset loaded, the partitions drawn), then the folder is
+    created and each file written atomically: a bad config or missing data leaves ``dest`` untouched.
+    Files already in ``dest`` are replaced only with ``force``.
+
+    Raises:
+        OutputError: ``dest`` is a file, cannot be created or written, or (without ``force``) already holds
+            one of the app's files.
     """
+    from ..errors import OutputError
+    from ..safeio import atomic_write_text
+
     path = Path(dest).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    _check_app_dest(path, ("pyproject.toml", *(("config.yaml", "partitions.json") if cfg is not None else ())), force)
+    files: dict[str, str] = {}
     text = APP_PYPROJECT
     if cfg is not None:
         from ..config import from_dict
-        from ..engine import Experiment
+        from ..fed.build import Experiment
 
         data = cfg.to_dict()
         data["engine"] = "flower"
         cfg = from_dict(data)
-        (path / "config.yaml").write_text(cfg.to_yaml())
-        (path / "partitions.json").write_text(json.dumps(Experiment.build(cfg).partitions_json()))
+        partitions = json.dumps(Experiment.build(cfg).partitions_json())  # may fail: before anything is written
+        files["config.yaml"] = cfg.to_yaml()
+        files["partitions.json"] = partitions
         text = text.replace('config = "demo"', f"config = {json.dumps(str(path / 'config.yaml'))}")
         text = text.replace('partitions = ""', f"partitions = {json.dumps(str(path / 'partitions.json'))}", 1)
-    (path / "pyproject.toml").write_text(text)
+    files["pyproject.toml"] = text
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"flower-app: cannot create the folder {path}: {e.strerror or e}") from None
+    for name, content in files.items():
+        atomic_write_text(path / name, content, fsync=False)
     return path
+
+
+def _check_app_dest(path: Path, names: tuple[str, ...], force: bool) -> None:
+    """Refuse (before anything is computed) a ``dest`` that is a file, or holds one of ``names`` without ``force``."""
+    from ..errors import OutputError
+
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"flower-app: {path} exists and is not a folder")
+    there = [n for n in names if (path / n).exists() or (path / n).is_symlink()]
+    if there and not force:
+        raise OutputError(f"flower-app: {path / there[0]} already exists; pass --force to replace "
+                          f"{'it' if len(there) == 1 else 'the app files there'}")
+    busy = [n for n in there if (path / n).is_dir()]
+    if busy:
+        raise OutputError(f"flower-app: {path / busy[0]} is a folder; it cannot be replaced by a file")
+
+
+FLWR_DEFAULT_CONNECTIONS = ("local", "supergrid")
+"""The SuperLink connections of the ``config.toml`` that ``flwr`` 1.42 creates when there is none."""
+
+
+def flwr_config_path(env: dict[str, str] | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` (default ``~/.flwr/config.toml``): where ``flwr run`` looks up SuperLinks."""
+    home = (os.environ if env is None else env).get("FLWR_HOME")
+    return (Path(home) if home else Path.home() / ".flwr") / "config.toml"
+
+
+def superlink_problem(name: str, config: Path, *, probe_seconds: float = 0.0) -> str | None:
+    """Why ``flwr run APP NAME`` would not find the SuperLink connection ``NAME`` (empty: the default) in
+    Flower's ``config`` file, or None when it would. Read-only: unlike ``flwr``, creates no file.
+
+    With ``probe_seconds > 0``, a connection with an ``address`` must also accept a TCP connection there within
+    that time (:func:`address_problem`), so that an unreachable SuperLink is one line here, not ``flwr run``'s
+    output followed by ours."""
+    import tomllib
+
+    from ..safeio import is_file, read_text
+
+    label = f"flower.superlink={name!r}" if name else "flower.superlink (empty: the default connection)"
+    if not is_file(config):
+        if name in ("", *FLWR_DEFAULT_CONNECTIONS):
+            return None  # flwr writes its default file, which defines these
+        return (f"{label}: no such SuperLink connection ({config} does not exist; add the connection there, see "
+                "docs/flower.md)")
+    try:
+        doc = tomllib.loads(read_text(config, max_bytes=2**20, error=ConfigError))
+    except tomllib.TOMLDecodeError as e:
+        return f"{label}: {config} is not valid TOML ({e})"
+    except ConfigError as e:
+        return f"{label}: {e}"
+    table = doc.get("superlink")
+    table = table if isinstance(table, dict) else {}
+    wanted = name or table.get("default")
+    defined = sorted(k for k, v in table.items() if isinstance(v, dict))
+    if not isinstance(wanted, str) or not wanted:
+        return f"{label}: {config} sets no default connection ([superlink] default = ...); name one"
+    if wanted not in defined:
+        return (f"{label}: no connection {wanted!r} in {config} "
+                f"(defined: {', '.join(defined) if defined else 'none'})")
+    address = table[wanted].get("address")
+    if probe_seconds > 0 and address is not None:
+        why = address_problem(address, probe_seconds)
+        if why is not None:
+            return f"{label}: the SuperLink of connection {wanted!r} ({config}) {why}"
+    return None
+
+
+def address_problem(address: object, timeout: float) -> str | None:
+    """Why nothing accepts a TCP connection at ``HOST:PORT`` (``[::1]:PORT`` for IPv6) within ``timeout``
+    seconds, or None when something does."""
+    from ..safeio import short
+
+    text = address if isinstance(address, str) else ""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"has the address {short(address)}, expected HOST:PORT"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except TimeoutError:
+        return f"does not answer at {text} (no reply within {timeout:g} s); is it running?"
+    except OSError as e:
+        return f"is unreachable at {text} ({e.strerror or e}); is it running?"
+    return None
 
 
 def flwr_bin(name: str) -> str:
@@ -144,7 +247,8 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
     The ServerApp writes ``run_dir`` on the SuperLink's machine; when that is this machine (or a shared
     file system), the result is read back from it.
     """
-    from ..engine import RunResult
+    from ..fed.history import load_history
+    from ..fed.loop import RunResult
 
     if run_dir is None:
         raise ConfigError("engine=flower needs a run directory (the ServerApp writes metrics.json there)")
@@ -162,13 +266,13 @@ def submit(cfg: RunConfig, run_dir: Path | None, *, resume: bool = False,
         raise FedTaLoRAError(f"flwr run exited with status {proc.returncode} (see its output above)")
     metrics_file = run_dir / "metrics.json"
     try:
-        metrics = json.loads(metrics_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        history = load_history(metrics_file)
+    except FedTaLoRAError:
         raise FedTaLoRAError(f"flwr run finished but {metrics_file} is missing or unreadable (the ServerApp "
                              "writes it on the SuperLink's machine)") from None
-    if not metrics.get("complete"):
+    if not history.complete:
         raise FedTaLoRAError(f"the Flower run did not complete: {metrics_file} is partial (see the log above)")
-    return RunResult(metrics=metrics, run_dir=run_dir, model=None)
+    return RunResult(history=history, run_dir=run_dir, model=None)
 
 
 # --- a local deployment ---------------------------------------------------------------------------

@@ -16,12 +16,17 @@ Three messages, each answered by one reply (Flower 1.42 Message API):
 ``query.features`` (end of a task, to the clients that report)
     as ``train``, but the client answers ``features`` ArrayRecord ``{features, targets}``.
 
-**The residual on the wire.** The server folds ``W_res = s L R`` into its base every round; a client
-keeps its base (``context.state``) and a *version*, the number of residual rounds it has applied. The
-catch-up from version ``c`` to the server's ``V`` is, per adapted layer, whichever is smaller: the
-factors ``(L_v, R_v)`` of the rounds ``c+1..V`` (applied in order as ``base += (L_v @ R_v) * s``, the
-server's own operation, so the result is bit-identical), or the server's current base weight (dense,
-replacing the client's). Keys: ``dense:<layer>`` or ``L<v>:<layer>`` / ``R<v>:<layer>``.
+**The residual on the wire.** A method whose residual changes the base keeps it exactly
+(:mod:`fedtalora.core.exact`): the server adds every round's float64 residual into the accumulator ``D`` beside
+the pre-trained ``W0`` and computes with ``fl32(W0 + D)``. A client keeps its own ``D``
+(``context.state``) and a *version*, the number of residual rounds it has applied. The catch-up from version
+``c`` to the server's ``V`` is, per adapted layer, whichever is smaller: the
+:class:`~fedtalora.core.aggregation.ResidualFactors` of the rounds ``c+1..V`` (the live clients' float32
+``B_k``, ``A_k`` and float64 ``p_k``, from which the client recomputes the averages and the residual with the
+server's own functions and adds it into its ``D`` in order: the same IEEE operations on the same bits, so
+the result is bit-identical), or the server's accumulator ``D`` itself (dense, float64, replacing the
+client's; never the float32 base, so later factored catch-ups stay bit-identical). Keys: ``dense:<layer>``
+or ``B<v>:<layer>`` / ``A<v>:<layer>`` / ``p<v>:<layer>``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+from ..core.aggregation import ResidualFactors
 
 if TYPE_CHECKING:
     from ..model import FedModel
@@ -50,8 +57,9 @@ FEATURES_RECORD = "features"
 
 STATE_CONFIG = "fedtalora"
 """``context.state`` ConfigRecord of a client: the run's YAML, the manifest path and the base version."""
-STATE_BASE = "fedtalora.base"
-"""``context.state`` ArrayRecord of a client: its adapted layers' base weights (absent while pristine)."""
+STATE_BASE = "fedtalora.exact"
+"""``context.state`` ArrayRecord of a client: its adapted layers' float64 accumulators ``D`` (absent while
+pristine, ``D = 0``)."""
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -106,20 +114,25 @@ def frozen_fingerprint(model: FedModel, trainable_keys: Iterable[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def catch_up_record(plan: Mapping[str, torch.Tensor | list[tuple[int, torch.Tensor, torch.Tensor]]]) -> ArrayRecord:
-    """Encode a catch-up: per layer, the dense base weight or the ``(version, L, R)`` of each missed round."""
+Plan = Mapping[str, "torch.Tensor | list[tuple[int, ResidualFactors]]"]
+"""A catch-up: per adapted layer, the dense accumulator ``D`` or the ``(version, factors)`` of each missed round."""
+
+
+def catch_up_record(plan: Plan) -> ArrayRecord:
+    """Encode a catch-up (:data:`Plan`)."""
     out: dict[str, torch.Tensor] = {}
     for layer, item in plan.items():
         if isinstance(item, torch.Tensor):
             out[f"dense:{layer}"] = item
         else:
-            for v, L, R in item:
-                out[f"L{v}:{layer}"] = L
-                out[f"R{v}:{layer}"] = R
+            for v, f in item:
+                out[f"B{v}:{layer}"] = f.B
+                out[f"A{v}:{layer}"] = f.A
+                out[f"p{v}:{layer}"] = f.weights
     return to_record(out)
 
 
-def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[int, torch.Tensor, torch.Tensor]]]:
+def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[int, ResidualFactors]]]:
     """Inverse of :func:`catch_up_record` (factor lists sorted by version)."""
     tensors = from_record(record)
     plan: dict[str, Any] = {}
@@ -130,7 +143,7 @@ def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[
             raise ValueError(f"malformed residual key {key!r}")
         if head == "dense":
             plan[layer] = t
-        elif head[:1] in ("L", "R") and head[1:].isdigit():
+        elif head[:1] in ("B", "A", "p") and head[1:].isdigit():
             factors.setdefault(layer, {}).setdefault(int(head[1:]), {})[head[0]] = t
         else:
             raise ValueError(f"malformed residual key {key!r}")
@@ -139,29 +152,33 @@ def decode_catch_up(record: ArrayRecord) -> dict[str, torch.Tensor | list[tuple[
             raise ValueError(f"layer {layer!r} has both a dense base and factors")
         items = []
         for v in sorted(by_version):
-            pair = by_version[v]
-            if set(pair) != {"L", "R"}:
-                raise ValueError(f"layer {layer!r} version {v} lacks L or R")
-            items.append((v, pair["L"], pair["R"]))
+            parts = by_version[v]
+            if set(parts) != {"B", "A", "p"}:
+                raise ValueError(f"layer {layer!r} version {v} lacks B, A or p")
+            items.append((v, ResidualFactors(B=parts["B"], A=parts["A"], weights=parts["p"])))
         plan[layer] = items
     return plan
 
 
 @torch.no_grad()
-def apply_catch_up(model: FedModel, plan: Mapping[str, Any]) -> None:
-    """Bring the model's base weights to the server's: copy dense layers, add factored residuals in order
-    exactly as the server did (``base += (L @ R) * s``, :func:`fedtalora.aggregation.aggregate_lora` and
-    :meth:`FedModel.add_to_base`)."""
+def apply_catch_up(model: FedModel, plan: Plan) -> None:
+    """Bring the model's exact base to the server's: replace the accumulator ``D`` of dense layers, add the
+    residuals of factored ones in order exactly as the server did (``D += f.dense(s)``,
+    :func:`fedtalora.core.aggregation.aggregate_lora` with ``exact=True`` and :meth:`FedModel.add_to_base`),
+    and rewrite the base weights from ``W0 + D``."""
     scaling = {p.layer: p.scaling for p in model.lora_pairs()}
     unknown = sorted(set(plan) - set(scaling))
     if unknown:
         raise ValueError(f"residual for layers this model does not adapt: {unknown[:3]}")
+    exact = model.exact_base
+    if exact is None and plan:
+        raise ValueError("a residual catch-up for a model without the exact base (its method changes no base)")
     for layer, item in plan.items():
-        w = model.base_weight(layer)
         if isinstance(item, torch.Tensor):
-            if item.shape != w.shape:
-                raise ValueError(f"dense base of {layer} has shape {tuple(item.shape)}, expected {tuple(w.shape)}")
-            w.copy_(item.to(device=w.device, dtype=w.dtype))
+            exact.set(layer, item)  # type: ignore[union-attr]  (checks shape and float64)
+            model.sync_base([layer])
             continue
-        for _, L, R in item:
-            model.add_to_base({layer: (L @ R) * scaling[layer]})
+        for _, f in item:
+            if f.B.shape[0] != exact.acc[layer].shape[0] or f.A.shape[1] != exact.acc[layer].shape[1]:  # type: ignore[union-attr]
+                raise ValueError(f"residual factors of {layer} have shapes {tuple(f.B.shape)}, {tuple(f.A.shape)}")
+            model.add_to_base({layer: f.dense(scaling[layer])})

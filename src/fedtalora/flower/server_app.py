@@ -6,8 +6,8 @@ Why no ``flwr.serverapp.strategy.Strategy.start`` loop: ``Strategy.start`` owns 
 tasks and rounds with per-task evaluation, update screening (a bad update is rejected and logged, not
 an exception), round checkpoints and resume, a per-client residual catch-up that depends on when each
 client last synchronised, and end-of-task queries. Re-implementing that inside a Strategy would be a
-second copy of :func:`fedtalora.engine.run`. Instead the ServerApp's ``main`` calls that very function
-with a :class:`~fedtalora.flower.transport.GridTransport`: the Grid carries the messages, the loop (and
+second copy of :func:`fedtalora.fed.loop.run_loop`. Instead the ServerApp's ``main`` calls that very function
+with a :class:`~fedtalora.flower.grid.GridTransport`: the Grid carries the messages, the loop (and
 the method hooks and pure ResWU functions it calls) does everything else, once.
 
 Run config (``[tool.flwr.app.config]`` of the Flower app, ``flwr run --run-config``):
@@ -32,6 +32,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..errors import ConfigError
+from ..runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,18 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[Any, Path, str, 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """The deployment entry point (``engine=flower``): resolve the config, run the loop over ``grid``."""
-    from ..engine import prepare, run
-    from .transport import GridTransport
+    from ..fed.build import prepare, torch_threads
+    from ..fed.loop import run_loop
+    from .grid import GridTransport
 
     _log_to_stderr()
     cfg, run_dir, partitions, resume = config_from_run_config(dict(context.run_config))
-    setup = prepare(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("fedtalora ServerApp: run directory %s", run_dir)
-    transport = GridTransport(grid, engine="flower", partitions=partitions or None, run_dir=run_dir)
-    result = run(setup, run_dir=run_dir, resume=resume, transport=transport)
+    with torch_threads(cfg.train.threads):
+        setup = prepare(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("fedtalora ServerApp: run directory %s", run_dir)
+        transport = GridTransport(grid, engine="flower", partitions=partitions or None, run_dir=run_dir)
+        with RunLock(run_dir):  # the one writer of run_dir (the submitting command does not hold it)
+            result = run_loop(setup, run_dir, None, transport, resume=resume)
     logger.info("fedtalora ServerApp: done, final average accuracy %.4f, metrics in %s",
-                result.metrics["final_average_accuracy"], run_dir / "metrics.json")
+                result.history.final_average_accuracy, run_dir / "metrics.json")

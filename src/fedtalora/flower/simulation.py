@@ -1,9 +1,9 @@
 """``engine=flower-sim``: the run through Flower's simulation runtime (Ray), in this process's driver.
 
 :func:`run` starts ``flwr.simulation.run_simulation`` with ``fed.num_clients`` virtual SuperNodes (node
-``i`` gets ``partition-id=i``) and a ServerApp whose ``main`` calls :func:`fedtalora.engine.run` with a
-:class:`~fedtalora.flower.transport.GridTransport` over the simulation's Grid. The ServerApp runs in a
-thread of this process (so it reuses what :func:`fedtalora.engine.prepare` built and reports progress);
+``i`` gets ``partition-id=i``) and a ServerApp whose ``main`` runs the task x round loop
+(:func:`fedtalora.fed.loop.run_loop`) with a :class:`~fedtalora.flower.grid.GridTransport` over the simulation's Grid. The ServerApp runs in a
+thread of this process (so it reuses what :func:`fedtalora.fed.build.prepare` built and reports progress);
 the ClientApps run in Ray actor processes and share nothing with it but Flower messages and the
 partition manifest file.
 """
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import FedTaLoRAError
 
 if TYPE_CHECKING:
-    from ..engine import ProgressFn, RunResult, Setup
+    from ..fed.build import Setup
+    from ..fed.loop import Emit, RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,15 @@ def backend_config(cfg: Any) -> dict[str, Any]:
     }
 
 
-def run(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, *, resume: bool) -> RunResult:
+def run(setup: Setup, run_dir: Path | None, progress: Emit | None, *, resume: bool) -> RunResult:
     """Run ``setup`` with ``engine=flower-sim``; returns what the ServerApp's loop returned."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from .. import engine
+    from ..fed.loop import run_loop
     from .client_app import app as client_app
-    from .transport import GridTransport
+    from .grid import GridTransport
 
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
@@ -50,7 +51,7 @@ def run(setup: Setup, run_dir: Path | None, progress: ProgressFn | None, *, resu
     def main(grid: Grid, context: Context) -> None:
         try:
             transport = GridTransport(grid, engine="flower-sim", run_dir=run_dir)
-            outcome["result"] = engine.run(setup, run_dir, progress, resume=resume, transport=transport)
+            outcome["result"] = run_loop(setup, run_dir, progress, transport, resume=resume)
         except BaseException as e:  # re-raised in the caller's thread below
             outcome["error"] = e
 

@@ -1,4 +1,4 @@
-"""The hooks through which a method plugs into the single task x round loop (:mod:`fedtalora.engine`).
+"""The hooks through which a method plugs into the single task x round loop (:mod:`fedtalora.fed.loop`).
 
 A method says only what differs from Fed-TaLoRA; the loop, data, partitions, screening, evaluation,
 metrics and checkpoints are shared. Where each hook is called::
@@ -20,37 +20,47 @@ metrics and checkpoints are shared. Where each hook is called::
                         uplink += method.on_round_end(model, task, r, TaskData)
             (last round) uplink += method.on_task_end(model, task, TaskData)   -> new global state
                         evaluate: argmax of method.forward(model, x) over the classes seen so far
-            record:     round record |= method.round_record()
+            record:     the round record's method fields <- method.round_costs()
     checkpoint:         method.checkpoint_state() / load_checkpoint_state(state)
 
-The hooks marked "client" run where the client runs; everything a client needs beyond the global
-trainable state is either derived from public data (class names, seeds) or counted by
-:meth:`Method.downlink` as data the server sends.
+The hooks marked "client" run where the client runs. Everything a client needs beyond the global trainable
+state is derived from public data (class names, the root seed) or counted by :meth:`Method.downlink` as data
+the server sends; a method whose clients need such server-side state says so with
+:attr:`Method.needs_server_state`.
 
-Per-method options come from the config's ``method_options`` mapping, parsed strictly into the
-method's :attr:`Method.Options` dataclass (:meth:`Method.parse_options`).
+A method is built from its options (the config's ``method_options`` mapping, parsed strictly into the
+method's :attr:`Method.Options` dataclass by :meth:`Method.parse_options`) and a :class:`MethodContext`:
+the few run settings a method may read (the ``train`` section, the root seed, ``fed.residual``,
+``data.max_length``), never the whole run config. What a method can do that the engines must know about is
+said by explicit class flags (:attr:`Method.predicts_with_head`, :attr:`Method.needs_server_state`,
+:attr:`Method.folds_residual`, :attr:`Method.merges_into_base`), not detected by comparing its functions with
+the base class's.
+
+How the global model *predicts* is not a method hook but a separate component, the classifier
+(:mod:`.classifier`, ``classifier.kind``): the loop asks it for evaluation scores and gives it the end of
+every task, beside the method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..aggregation import Aggregate, aggregate_lora, normalize_weights
 from ..config import build_section
+from ..core.aggregation import Aggregate, aggregate_lora, normalize_weights
 from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..config import TrainConfig
+    from ..core.scenario import Task
     from ..model import FedModel
-    from ..scenario import Task
 
 
 @dataclass
@@ -67,12 +77,12 @@ class TaskData:
     preprocessed for evaluation (no augmentation) on the model's device, head-output labels on the same
     device, and the samples' positions in the training split. Client-side work of a method that needs the
     inputs themselves (feature statistics, exemplar selection, prototype gradients); None where the
-    transport cannot run it (Flower, for now)."""
+    transport cannot run it."""
 
     def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
         head positions ``classes``, and the uplink bytes of sending them (the classes a client holds)."""
-        from ..prototypes import class_sums, prototype_nbytes
+        from ..core.prototypes import class_sums, prototype_nbytes
 
         sums, counts, nbytes = [], [], 0
         for k in self.clients:
@@ -82,6 +92,24 @@ class TaskData:
             counts.append(n)
             nbytes += prototype_nbytes(int((n > 0).sum()), feats.shape[1])
         return sums, counts, nbytes
+
+
+@dataclass
+class MethodCosts:
+    """What a method's own machinery cost in one round (the round record's method fields,
+    :class:`fedtalora.fed.history.RoundRecord`)."""
+
+    server_seconds: float = 0.0
+    """Server time of the method's own work (a generator's training, GLFC's proxy): a timing field."""
+    downlink_bytes: int = 0
+    """Bytes sent to clients beyond the global state and residuals (generator, old model); already included in
+    the round's ``downlink_bytes``."""
+    synthetic_samples: dict[int, int] = field(default_factory=dict)
+    """Client -> synthetic samples it drew this round."""
+    memory_samples: dict[int, int] | None = None
+    """Client -> exemplars it keeps (None: the method keeps no memory)."""
+    proxy_accuracy: float | None = None
+    """GLFC: the new global model's accuracy on the proxy server's reconstructed monitor set."""
 
 
 class UpdateBuffer:
@@ -100,6 +128,20 @@ class UpdateBuffer:
         return len(self.counts)
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """The run settings a method may read (built from the config by :func:`fedtalora.fed.build.build_method`)."""
+
+    train: TrainConfig
+    """Local training: learning rates (``lr`` for LoRA and other backbone tensors, ``head_lr``), optimiser."""
+    seed: int = 0
+    """The root seed; a method derives its generators from it (:mod:`fedtalora.seeding`)."""
+    residual: bool = True
+    """``fed.residual``: fold the exact LoRA residual into the base (ResWU)."""
+    max_length: int = 128
+    """``data.max_length``: the longest token sequence of text data."""
+
+
 class Method:
     """Base hooks. The defaults implement Fed-TaLoRA; subclasses override what differs."""
 
@@ -108,9 +150,32 @@ class Method:
     Options: type | None = None
     """A dataclass of the method's options (``method_options.*``), or None when it takes none."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.options: Any = self.parse_options(cfg.method_options)
+    predicts_with_head: ClassVar[bool] = True
+    """The method's predictions are the argmax of the linear head on the backbone's features (false when
+    :meth:`forward` computes logits otherwise: prompts, prototypes). A model exported as a timm classifier
+    reproduces only such methods."""
+    needs_server_state: ClassVar[bool] = False
+    """Its clients need state the global trainable state and the base residuals do not carry (the model
+    changed at a task start, server-side method state in the loss). Engines whose clients only receive
+    messages (Flower) refuse such a method until that state travels."""
+    folds_residual: ClassVar[bool] = True
+    """Its aggregation folds the ResWU residual into the adapted layers' base weights when ``fed.residual`` is
+    on (the defaults of :meth:`aggregate` and :meth:`apply`)."""
+    merges_into_base: ClassVar[bool] = False
+    """Its hooks add into the adapted layers' base weights whatever ``fed.residual`` says (PILoRA merges a
+    finished task's LoRA at the next task's start)."""
+
+    def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        self.options: Any = self.parse_options(dict(options or {}))
+
+    @property
+    def changes_base(self) -> bool:
+        """The adapted layers' base weights change during the run (:attr:`folds_residual` with
+        ``fed.residual``, or :attr:`merges_into_base`). Such bases are kept exactly: the model is built with
+        :meth:`FedModel.enable_exact_base` (:func:`fedtalora.fed.build.build_components`), and what a method
+        adds with :meth:`FedModel.add_to_base` should be float64 (``docs/exactness.md``)."""
+        return (self.folds_residual and self.ctx.residual) or self.merges_into_base
 
     @classmethod
     def parse_options(cls, data: dict[str, Any]) -> Any:
@@ -131,8 +196,9 @@ class Method:
     # --- model ------------------------------------------------------------------------------------
 
     def set_class_names(self, names: Sequence[str]) -> None:
-        """Called once before :meth:`attach`: ``names[j]`` is the dataset's name of the class at head output
-        ``j`` (public information every party has, e.g. for label-text embeddings)."""
+        """Called once before :meth:`attach` when the dataset is known: ``names[j]`` is the dataset's name of
+        the class at head output ``j`` (public information every party has, e.g. for label-text embeddings).
+        Not called where only the model is rebuilt (loading a final model)."""
 
     def attach(self, model: FedModel) -> None:
         """Called once after the model is built (before it moves to the device): add what the method
@@ -149,9 +215,9 @@ class Method:
         head = [params[k] for k in keys if k.startswith("head.")]
         groups = []
         if body:
-            groups.append({"params": body, "lr": self.cfg.train.lr})
+            groups.append({"params": body, "lr": self.ctx.train.lr})
         if head:
-            groups.append({"params": head, "lr": self.cfg.train.head_lr})
+            groups.append({"params": head, "lr": self.ctx.train.head_lr})
         return groups
 
     # --- tasks ------------------------------------------------------------------------------------
@@ -173,13 +239,12 @@ class Method:
 
     def downlink(self, task: Task, round_: int, client: int) -> int:
         """Bytes the server sends ``client`` in this round beyond the global state and its residual catch-up
-        (e.g. a generator, or the previous task's model); added to the round's ``downlink_bytes``."""
+        (e.g. a generator, the previous task's model); added to the round's ``downlink_bytes``."""
         return 0
 
-    def round_record(self) -> dict[str, Any]:
-        """Extra fields of the round's record (costs: server seconds, synthetic samples, memory size), asked
-        once per round after the task-end work. Fields ending in ``_seconds`` are timing fields."""
-        return {}
+    def round_costs(self) -> MethodCosts:
+        """The method's costs since the last call (asked once per round, after the task-end work)."""
+        return MethodCosts()
 
     # --- local training ---------------------------------------------------------------------------
 
@@ -225,8 +290,11 @@ class Method:
 
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:
-        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``)."""
-        return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.cfg.fed.residual)
+        """Server aggregation of the clients' trainable states (FedAvg + residual per ``fed.residual``; the
+        float64 residual and its :class:`~fedtalora.core.aggregation.ResidualFactors` when the model keeps the
+        exact base)."""
+        return aggregate_lora(updates, weights, model.lora_pairs(), residual=self.ctx.residual,
+                              exact=model.exact_base is not None)
 
     def apply(self, model: FedModel, agg: Aggregate) -> None:
         """Make ``agg`` the new global model: load the averaged state, fold residuals into the base."""

@@ -5,7 +5,7 @@
   (LoRA, head, extras) and the adapted layers' base weights (which the residual updates). Its outputs
   come from the one shared model with these tensors substituted (:func:`torch.func.functional_call`), so
   no second backbone is ever built and the frozen weights are shared.
-* :func:`soft_cross_entropy` and :func:`kl_divergence` -- the two distillation losses of the papers.
+* The losses themselves are pure functions in :mod:`fedtalora.core.distill`.
 * :class:`ServedClients` -- which clients already hold what the server sends once per task (so a
   method's :meth:`~fedtalora.methods.base.Method.downlink` counts it once per client and task).
 """
@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
@@ -24,7 +23,7 @@ from ..errors import CheckpointError
 if TYPE_CHECKING:
     from ..model import FedModel
 
-__all__ = ["ServedClients", "Snapshot", "kl_divergence", "parameter_names", "soft_cross_entropy"]
+__all__ = ["ServedClients", "Snapshot", "parameter_names"]
 
 
 def parameter_names(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -105,22 +104,6 @@ class Snapshot:
         for n, t in self.tensors.items():
             if n not in params or params[n].shape != t.shape:
                 raise CheckpointError(f"snapshot tensor {n} does not fit the model")
-
-
-def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``mean_i -sum_c softmax(t_i / T)_c log softmax(s_i / T)_c`` (the distillation loss of TARGET's and
-    LANDER's clients, without the ``T^2`` factor)."""
-    target = F.softmax(teacher / temperature, dim=1)
-    return -(target * F.log_softmax(student / temperature, dim=1)).sum(1).mean()
-
-
-def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, *,
-                  per_sample: bool = False) -> torch.Tensor:
-    """``T^2 KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (or per sample)."""
-    log_q = F.log_softmax(student / temperature, dim=1)
-    p = F.softmax(teacher / temperature, dim=1)
-    kl = (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(1) * temperature ** 2
-    return kl if per_sample else kl.mean()
 
 
 class ServedClients:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..model import FedModel
 
 __all__ = ["EmbedSpace", "StatsRecorder", "complete_tokens", "embed_inputs", "embed_space",
-           "features_from_embeddings", "moments"]
+           "features_from_embeddings"]
 
 
 @dataclass(frozen=True)
@@ -99,19 +99,6 @@ def features_from_embeddings(model: FedModel, tokens: torch.Tensor, mask: torch.
     vit = model.backbone
     h = vit.norm_pre(vit.patch_drop(vit._pos_embed(tokens)))
     return vit.forward_head(vit.norm(vit.blocks(h)), pre_logits=True)
-
-
-def moments(h: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel ``(sum, sum of squares, count)`` of the tokens of ``h (B, N, D)`` where ``mask`` is set
-    (float64, no gradient): what a client sends for the prior."""
-    h = h.detach().to(torch.float64)
-    if mask is not None:
-        if mask.shape[1] != h.shape[1]:  # e.g. a ViT block's class token: all tokens are real
-            mask = None
-        else:
-            h = h[mask.bool()]
-    flat = h.reshape(-1, h.shape[-1])
-    return flat.sum(0), (flat * flat).sum(0), torch.tensor(float(flat.shape[0]), dtype=torch.float64)
 
 
 class StatsRecorder:

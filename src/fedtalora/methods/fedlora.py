@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate, aggregate_lora
+from ..core.aggregation import Aggregate, aggregate_lora
 from .base import METHODS, Method
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class FedLoRA(Method):
 
     name = "fedlora"
     summary = "shared LoRA + head, naive FedAvg of A and B (FedIT-style, no residual)"
+    folds_residual = False  # naive FedAvg: fed.residual is ignored
 
     def aggregate(self, model: FedModel, updates: Sequence[dict[str, torch.Tensor]],
                   weights: torch.Tensor) -> Aggregate:

@@ -13,12 +13,12 @@ its full ``train.local_epochs``. Option: ``method_options.mu`` (default 0.01, Fe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import METHODS, check_option
+from .base import METHODS, MethodContext, check_option
 from .fedtalora import FedTaLoRA
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ class FedProx(FedTaLoRA):
     summary = "fedtalora + proximal term mu/2 ||w - w_global||^2 (options: mu)"
     Options = FedProxOptions
 
-    def __init__(self, cfg) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg)
+    def __init__(self, options: Any, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
         self._anchor: dict[str, torch.Tensor] = {}
 
     def on_local_start(self, model: FedModel, global_state: dict[str, torch.Tensor]) -> None:

@@ -6,9 +6,9 @@ the sample-weighted FedAvg of A, B and the head and folds the exact residual
 ``s (sum_k p_k B_k A_k - Bbar Abar)`` into the frozen base every round (``fed.residual``, on by default),
 so the global model is the exact weighted average of the clients' models.
 
-Departures: the paper's body was not available (see ``paper-notes.md`` §0); the residual accumulates
-into the running base, weights are sample counts, and old-class logits are masked out of the local loss
-(``train.logit_mask``) -- decisions recorded in ``paper-notes.md`` §9.
+Departures: the paper's body was not available; the residual accumulates into the running base, weights
+are sample counts, and old-class logits are masked out of the local loss (``train.logit_mask``) -- the
+decisions where the paper is silent are listed in ``docs/design.md`` §4.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate, fedavg, relative_aggregation_error
+from ..core.aggregation import Aggregate, fedavg, relative_aggregation_error
 from ..errors import AggregationError
 from .base import METHODS, Method
 
@@ -31,6 +31,7 @@ class FFALoRA(Method):
 
     name = "ffa-lora"
     summary = "A frozen at init, only B + head trained and averaged (exact by construction)"
+    folds_residual = False  # exact by construction: nothing to fold
 
     def trainable_keys(self, model: FedModel) -> list[str]:
         return [p.b_key for p in model.lora_pairs()] + list(model.head_parameters())

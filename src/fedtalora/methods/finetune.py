@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate
+from ..core.aggregation import Aggregate
 from ..errors import AggregationError
 from .base import METHODS, Method, UpdateBuffer
 
@@ -68,6 +68,7 @@ class Finetune(Method):
 
     name = "finetune"
     summary = "full fine-tuning of backbone + head, FedAvg of everything (streamed on the server)"
+    folds_residual = False  # the LoRA layers stay at B = 0; the backbone trains and travels
 
     def attach(self, model: FedModel) -> None:
         model.add_trainable({f"backbone.{n}": p for n, p in model.backbone.named_parameters()

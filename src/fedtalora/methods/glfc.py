@@ -70,15 +70,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.distill import glfc_loss, herding
 from ..errors import CheckpointError, ConfigError
 from ..seeding import seeded_torch, torch_generator
-from .base import METHODS, Method, TaskData, check_option
+from .base import METHODS, Method, MethodContext, MethodCosts, TaskData, check_option
 from .distill import ServedClients, Snapshot
 from .embedspace import embed_inputs, features_from_embeddings
 
 if TYPE_CHECKING:
+    from ..core.scenario import Task
     from ..model import FedModel
-    from ..scenario import Task
 
 
 @dataclass
@@ -119,62 +120,6 @@ class GLFCOptions:
 
 
 # --- the loss (pure) ---------------------------------------------------------------------------------------
-
-
-def compensation_weights(true_prob: torch.Tensor, is_old: torch.Tensor) -> torch.Tensor:
-    """GLFC's class-aware gradient compensation: ``w_i = g_i / mean_{j in group(i)} g_j`` with
-    ``g_i = |p_{y_i} - 1|`` and the groups old / new classes (a group whose ``g`` are all 0 gets weight 0)."""
-    g = (true_prob.detach() - 1).abs()
-    w = torch.zeros_like(g)
-    for group in (is_old, ~is_old):
-        if group.any():
-            mean = g[group].mean()
-            w[group] = g[group] / mean if mean > 0 else 0.0
-    return w
-
-
-def relation_target(old_probs: torch.Tensor, targets: torch.Tensor, num_seen: int) -> torch.Tensor:
-    """The relation-distillation target ``(B, num_seen)``: the old model's probabilities over the old classes
-    (``old_probs (B, C_old)``) next to the one-hot label over the new classes, each row normalised to sum 1."""
-    num_old = old_probs.shape[1]
-    onehot = F.one_hot(targets, num_seen).to(old_probs.dtype)[:, num_old:]
-    target = torch.cat([old_probs, onehot], dim=1)
-    return target / target.sum(1, keepdim=True)
-
-
-def glfc_loss(logits: torch.Tensor, targets: torch.Tensor, num_old: int, old_logits: torch.Tensor | None, *,
-              gc: float, rd: float) -> torch.Tensor:
-    """``gc * L_GC + rd * L_RD`` over ``logits (B, C_seen)`` (``L_GC`` alone, unweighted, when ``num_old = 0``);
-    ``old_logits (B, C_old)``: the old model's logits over the old classes (None: no distillation)."""
-    logp = F.log_softmax(logits, dim=1)
-    ce = -logp.gather(1, targets[:, None]).squeeze(1)
-    if num_old == 0:
-        return ce.mean()
-    w = compensation_weights(ce.detach().neg().exp(), targets < num_old)
-    loss = gc * (w * ce).mean()
-    if old_logits is not None and rd:
-        target = relation_target(F.softmax(old_logits.float(), dim=1), targets, logits.shape[1])
-        kl = (target * (torch.log(target.clamp_min(1e-12)) - logp)).sum(1).mean()
-        loss = loss + rd * kl
-    return loss
-
-
-def herding(features: torch.Tensor, m: int) -> list[int]:
-    """iCaRL herding: ``min(m, n)`` distinct row indices whose running mean best tracks the mean of the
-    L2-normalised ``features (n, d)``, in the order chosen."""
-    f = F.normalize(features.double(), dim=1)
-    mu = f.mean(0)
-    chosen: list[int] = []
-    running = torch.zeros_like(mu)
-    available = torch.ones(len(f), dtype=torch.bool)
-    for k in range(min(m, len(f))):
-        dist = (mu - (running + f) / (k + 1)).norm(dim=1)
-        dist[~available] = float("inf")
-        i = int(dist.argmin())
-        chosen.append(i)
-        available[i] = False
-        running += f[i]
-    return chosen
 
 
 # --- the proxy server's gradient encoding and inversion ---------------------------------------------------
@@ -267,10 +212,11 @@ class GLFC(Method):
                "opt-in (options: memory_per_class, gc, rd, proxy, proto_steps, proto_lr, recon_iters, recon_evals, "
                "recon_lr, recon_images, recon_per_class)")
     Options = GLFCOptions
+    needs_server_state = True  # the old model, the proxy's choice and each client's memory live on the server
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.seed = int(cfg.seed)
+    def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
+        self.seed = int(ctx.seed)
         self.num_classes = 0
         self.keys: list[str] = []
         self.memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -288,11 +234,7 @@ class GLFC(Method):
         self._encoder: nn.Module | None = None
         self._task: Task | None = None
         self._teacher_dev: Snapshot | None = None
-        self._costs = self._zero_costs()
-
-    @staticmethod
-    def _zero_costs() -> dict[str, Any]:
-        return {"proxy_seconds": 0.0, "proxy_accuracy": None, "method_downlink_bytes": 0}
+        self._costs = MethodCosts()
 
     def set_class_names(self, names: Sequence[str]) -> None:
         self.num_classes = len(names)
@@ -324,10 +266,10 @@ class GLFC(Method):
             uplink = self._build_monitor(model, task, data)
         if self.monitor is not None:
             accuracy = self._monitor_accuracy(model, task)
-            self._costs["proxy_accuracy"] = accuracy
+            self._costs.proxy_accuracy = accuracy
             if accuracy >= self.best_accuracy:
                 self.best, self.best_accuracy, self.best_round = Snapshot.take(model, self.keys), accuracy, round_
-        self._costs["proxy_seconds"] += time.perf_counter() - t0
+        self._costs.server_seconds += time.perf_counter() - t0
         return uplink
 
     def on_task_end(self, model: FedModel, task: Task, data: TaskData) -> int:
@@ -467,13 +409,14 @@ class GLFC(Method):
         if round_ == 0 and self.teacher_is_final:
             return 0  # the global model of the task's first round is the old model
         nbytes = self.teacher.nbytes()
-        self._costs["method_downlink_bytes"] += nbytes
+        self._costs.downlink_bytes += nbytes
         return nbytes
 
-    def round_record(self) -> dict[str, Any]:
-        costs, self._costs = self._costs, self._zero_costs()
-        sizes = {str(k): int(len(v[0])) for k, v in sorted(self.memory.items())}
-        return {**costs, "memory_samples": sum(sizes.values()), "memory_samples_per_client": sizes}
+    def round_costs(self) -> MethodCosts:
+        costs, self._costs = self._costs, MethodCosts()
+        if self.options.memory_per_class:
+            costs.memory_samples = {k: int(len(v[0])) for k, v in sorted(self.memory.items())}
+        return costs
 
     # --- local training -------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..aggregation import Aggregate, fedavg
+from ..core.aggregation import Aggregate, fedavg
 from .base import METHODS, Method
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ class HeadOnly(Method):
 
     name = "head-only"
     summary = "frozen backbone, only the linear head trained and averaged"
+    folds_residual = False  # no LoRA
 
     def trainable_keys(self, model: FedModel) -> list[str]:
         return list(model.head_parameters())

@@ -36,7 +36,7 @@ def _embed(texts: tuple[str, ...], encoder: str) -> torch.Tensor:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ..text_model import resolve_source
+    from ..model.hf import resolve_source
 
     if encoder != "minilm" and not encoder.startswith("hf:"):
         raise ConfigError(f"method_options.text_encoder={encoder!r} is invalid: expected minilm or hf:<path or hub id>")

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,18 +64,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.distill import bounding_loss, lander_weights, soft_cross_entropy
 from ..errors import ConfigError
 from ..seeding import seeded_torch
-from .base import METHODS, check_option
-from .distill import soft_cross_entropy
+from .base import METHODS, MethodContext, check_option
 from .embedspace import features_from_embeddings
 from .labeltext import label_text_embeddings
 from .synthesis import TokenGenerator
 from .target import Target
 
 if TYPE_CHECKING:
+    from ..core.scenario import Task
     from ..model import FedModel
-    from ..scenario import Task
 
 PROJ_KEYS = ("lander.proj.weight", "lander.proj.bias")
 
@@ -135,23 +135,11 @@ class LanderOptions:
                      self.text_encoder, "minilm or hf:<folder or hub id>")
 
 
-def bounding_loss(anchored: torch.Tensor, anchors: torch.Tensor, radius: float) -> torch.Tensor:
-    """LANDER's bounding loss ``max(0, MSE(anchored, anchors) - radius)`` (MSE averaged over all entries)."""
-    return F.relu(F.mse_loss(anchored, anchors) - radius)
-
-
-def lander_weights(num_old: int, num_seen: int, cur: float, pre: float) -> tuple[float, float]:
-    """LANDER's ``(cur, pre)`` weights for a task with ``num_old`` earlier classes among ``num_seen``."""
-    alpha = math.log2(num_seen / 2 + 1)
-    beta = math.sqrt(num_old / num_seen)
-    return cur * (1 + 1 / alpha) / beta, pre * alpha * beta
-
-
 @functools.lru_cache(maxsize=4)
 def _encoder_width(encoder: str) -> int:
     from transformers import AutoConfig
 
-    from ..text_model import resolve_source
+    from ..model.hf import resolve_source
 
     try:
         return int(AutoConfig.from_pretrained(resolve_source(encoder)).hidden_size)
@@ -170,8 +158,8 @@ class Lander(Target):
     Options = LanderOptions
     condition = "label_text"
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
         self.names: list[str] = []
         self.anchors: torch.Tensor | None = None
         """``(C, E)`` label-text embeddings in head order, scaled to root-mean-square 1 per coordinate."""

@@ -5,7 +5,8 @@ class-incremental learning", ECCV 2024; official code ``Ghy0501/PILoRA``):
 
 * **Incremental LoRA.** Each task trains a fresh LoRA; the LoRAs of earlier tasks stay frozen and keep
   contributing. Here the finished task's global LoRA is merged into the frozen base at the next task's
-  start (``W_base += s B A``, the same effective weight as PILoRA's sum of per-task LoRAs) and A, B are
+  start (``W_base += s B A``, the same effective weight as PILoRA's sum of per-task LoRAs; in float64 into
+  the exact base, :mod:`fedtalora.core.exact`, so merging never rounds the sum) and A, B are
   re-initialised (A ~ kaiming-uniform seeded by ``(seed, "pilora-lora", task, layer)``, B = 0). During a
   task the base therefore never changes: aggregation is naive FedAvg (as in PILoRA), without residual.
 * **Orthogonality + sparsity of A.** The local loss adds ``ortho * sum_{j<t} |A_j A_t^T|_1`` (every
@@ -33,7 +34,7 @@ Departures and approximations:
 * LoRA placement, rank and optimiser are this project's (``lora.*``, ``train.*``), not PILoRA's rank-4
   q/v LoRA in block 0 with Adam; no early stopping on the test set; the partition is fixed per task.
 * Extra uplink: ``D`` float32 sums and an int64 count per (client, class it holds) at each task's end
-  (:func:`~fedtalora.prototypes.prototype_nbytes`), added to the last round's ``uplink_bytes``.
+  (:func:`~fedtalora.core.prototypes.prototype_nbytes`), added to the last round's ``uplink_bytes``.
 
 Options (``method_options``): ``ortho`` (0.5), ``l1`` (0.01), ``pl`` (0.001), ``temperature`` (1.0),
 ``prototypes`` (``mean`` | ``reweight``).
@@ -49,15 +50,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ..core.prototypes import aggregate_class_sums
+from ..core.prototypes import class_sums as shared_class_sums
 from ..errors import CheckpointError
-from ..prototypes import aggregate_class_sums
-from ..prototypes import class_sums as shared_class_sums
 from ..seeding import torch_generator
-from .base import METHODS, Method, TaskData, check_option
+from .base import METHODS, Method, MethodContext, TaskData, check_option
 
 if TYPE_CHECKING:
+    from ..core.scenario import Task
     from ..model import FedModel
-    from ..scenario import Task
 
 
 @dataclass
@@ -91,7 +92,7 @@ def prototype_distance(features: torch.Tensor, centers: torch.Tensor) -> torch.T
 
 def class_sums(features: torch.Tensor, targets: torch.Tensor, classes: range) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class of ``classes`` (head positions), the float64 sum of ``features`` and the (float64) count:
-    :func:`fedtalora.prototypes.class_sums` over the task's positions.
+    :func:`fedtalora.core.prototypes.class_sums` over the task's positions.
 
     Shapes: ``features (n, D)``, ``targets (n,)`` -> ``sums (len(classes), D)``, ``counts (len(classes),)``.
     """
@@ -100,7 +101,7 @@ def class_sums(features: torch.Tensor, targets: torch.Tensor, classes: range) ->
 
 
 def pooled_prototypes(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_k S_kc / sum_k n_kc`` (:func:`fedtalora.prototypes.aggregate_class_sums`): ``sums (K, C, D)``,
+    """``sum_k S_kc / sum_k n_kc`` (:func:`fedtalora.core.prototypes.aggregate_class_sums`): ``sums (K, C, D)``,
     ``counts (K, C)`` -> ``(C, D)`` and which classes any client holds ``(C,)`` (rows of absent classes are
     zero)."""
     protos, total = aggregate_class_sums(list(sums), [c.round().to(torch.int64) for c in counts])
@@ -149,9 +150,13 @@ class PILoRA(Method):
     summary = ("PILoRA (ECCV 2024): LoRA per task + orthogonality, prototype classifier "
                "(options: ortho, l1, pl, temperature, prototypes)")
     Options = PILoRAOptions
+    predicts_with_head = False  # nearest prototype (its head rows hold the prototypes)
+    needs_server_state = True  # the task-start merge and the previous tasks' A (orthogonality) live on the server
+    folds_residual = False  # naive FedAvg within a task (as in PILoRA)
+    merges_into_base = True  # the finished task's LoRA, at the next task's start (kept exactly: float64)
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, options: Any, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
         self.previous_A: list[dict[str, torch.Tensor]] = []
         """Per finished task (merged into the base), the global A of every adapted layer (CPU)."""
         self._previous_dev: list[dict[str, torch.Tensor]] = []
@@ -160,7 +165,7 @@ class PILoRA(Method):
         return list(model.lora_parameters()) + ["head.weight"]  # the bias plays no part in distances
 
     def aggregate(self, model: FedModel, updates: Any, weights: torch.Tensor) -> Any:
-        from ..aggregation import aggregate_lora
+        from ..core.aggregation import aggregate_lora
 
         return aggregate_lora(updates, weights, model.lora_pairs(), residual=False)
 
@@ -172,14 +177,16 @@ class PILoRA(Method):
             return
         params = model.parameters_by_key()
         pairs = model.lora_pairs()
-        model.add_to_base({p.layer: p.scaling * (params[p.b_key] @ params[p.a_key]) for p in pairs})
+        # s B A in float64 (exact products of float32 factors): the exact base adds it without rounding
+        model.add_to_base({p.layer: (params[p.b_key].double() @ params[p.a_key].double()).mul_(p.scaling)
+                           for p in pairs})
         self.previous_A.append({p.layer: params[p.a_key].detach().to("cpu", copy=True) for p in pairs})
         self._previous_dev = []
         for p in pairs:
             A = params[p.a_key]
             fresh = torch.empty(A.shape, dtype=A.dtype)
             torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5),
-                                           generator=torch_generator(self.cfg.seed, "pilora-lora", task.index, p.layer))
+                                           generator=torch_generator(self.ctx.seed, "pilora-lora", task.index, p.layer))
             A.copy_(fresh)
             params[p.b_key].zero_()
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..seeding import torch_generator
-from .base import METHODS, Method, check_option
+from .base import METHODS, Method, MethodContext, check_option
 
 if TYPE_CHECKING:
     from ..model import FedModel
@@ -97,7 +97,7 @@ def vit_prompted_features(vit: nn.Module, x: torch.Tensor, prompts: torch.Tensor
 
 
 def text_prompted_features(encoder: nn.Module, x: dict[str, torch.Tensor], prompts: torch.Tensor) -> torch.Tensor:
-    """A transformers encoder (:class:`~fedtalora.text_model.HFEncoder`) with ``prompts (B, P, D)`` after the
+    """A transformers encoder (:class:`~fedtalora.model.hf.HFEncoder`) with ``prompts (B, P, D)`` after the
     first token: the encoder's own pooling (masked mean) over the outputs of the input's tokens ``(B, D)``."""
     ids, mask = x["input_ids"], x["attention_mask"]
     emb = encoder.model.get_input_embeddings()(ids)
@@ -118,20 +118,22 @@ class Prompt(Method):
     summary = ("L2P-style prompt pool, key-query selection, FedAvg of prompts + keys + head "
                "(options: pool_size, length, top_k, key_weight)")
     Options = PromptOptions
+    predicts_with_head = False  # the head reads prompt-conditioned features
+    folds_residual = False  # no LoRA residual: prompts, keys and head are averaged
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, options: Any, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
         self._match: torch.Tensor | None = None
 
     def attach(self, model: FedModel) -> None:
         o = self.options
         D = model.spec.num_features
-        g = torch_generator(self.cfg.seed, "prompt-init")
+        g = torch_generator(self.ctx.seed, "prompt-init")
         keys = torch.rand(o.pool_size, D, generator=g) * 2 - 1
         if model.spec.modality == "text":
             hf = model.backbone.model
             limit = int(getattr(hf.config, "max_position_embeddings", 0) or 0)
-            need = self.cfg.data.max_length + o.top_k * o.length
+            need = self.ctx.max_length + o.top_k * o.length
             if limit and need > limit:
                 raise ConfigError(f"method_options: data.max_length + top_k * length = {need} exceeds the encoder's "
                                   f"{limit} positions; lower data.max_length or the prompt size")
@@ -163,6 +165,6 @@ class Prompt(Method):
         return loss
 
     def aggregate(self, model: FedModel, updates: Any, weights: torch.Tensor) -> Any:
-        from ..aggregation import Aggregate, fedavg
+        from ..core.aggregation import Aggregate, fedavg
 
         return Aggregate(state=fedavg(updates, weights), residuals={}, errors={}, residual_ranks={})

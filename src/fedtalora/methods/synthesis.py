@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import kl_divergence, parameter_names
+from ..core.distill import balanced_labels, kl_divergence, moments
+from .distill import parameter_names
 from .embedspace import (
     EmbedSpace,
     StatsRecorder,
     complete_tokens,
     embed_inputs,
     features_from_embeddings,
-    moments,
 )
 
 if TYPE_CHECKING:
@@ -54,15 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FeaturePrior", "GeneratorConfig", "TokenGenerator", "balanced_labels", "client_moments",
            "train_generator"]
-
-
-def balanced_labels(num_classes: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` labels in ``[0, num_classes)``: concatenated random permutations (each class ``floor`` or
-    ``ceil`` of ``n / num_classes`` times; any ``num_classes`` consecutive labels from a permutation
-    boundary are distinct)."""
-    reps = math.ceil(n / num_classes)
-    perms = [torch.randperm(num_classes, generator=generator) for _ in range(reps)]
-    return torch.cat(perms)[:n]
 
 
 class TokenGenerator(nn.Module):

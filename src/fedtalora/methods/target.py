@@ -56,32 +56,33 @@ Reads from the run config: ``seed``; ``train.batch_size``, ``train.lr``, ``train
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from ..core.distill import balanced_labels, soft_cross_entropy
 from ..errors import CheckpointError, ConfigError
 from ..seeding import seeded_torch, torch_generator
-from .base import METHODS, Method, TaskData, check_option
-from .distill import ServedClients, Snapshot, soft_cross_entropy
+from .base import METHODS, Method, MethodContext, MethodCosts, TaskData, check_option
+from .distill import ServedClients, Snapshot
 from .embedspace import EmbedSpace, complete_tokens, embed_space, features_from_embeddings
 from .synthesis import (
     FeaturePrior,
     GeneratorConfig,
     TokenGenerator,
-    balanced_labels,
     client_moments,
     moments_nbytes,
     train_generator,
 )
 
 if TYPE_CHECKING:
+    from ..core.scenario import Task
     from ..model import FedModel
-    from ..scenario import Task
 
 
 @dataclass
@@ -135,13 +136,14 @@ class Target(Method):
                "(options: kd, temperature, syn_batch, gen_steps, gen_batch, gen_lr, nz, hidden, oh, bn, adv, "
                "adv_warmup, text_tokens)")
     Options = TargetOptions
+    needs_server_state = True  # the generator and the old model are the server's (not yet in Flower messages)
     condition = "embedding"
     """How the generator is conditioned on the class (see :class:`~fedtalora.methods.synthesis.TokenGenerator`)."""
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.seed = int(cfg.seed)
-        self.train_cfg = cfg.train
+    def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
+        super().__init__(options, ctx)
+        self.seed = int(ctx.seed)
+        self.train_cfg = ctx.train
         self.num_classes = 0
         self.space: EmbedSpace | None = None
         self.keys: list[str] = []
@@ -155,13 +157,9 @@ class Target(Method):
         self._task: Task | None = None
         self._rng: torch.Generator | None = None
         self._client = -1
-        self._costs = self._zero_costs()
+        self._costs = MethodCosts()
         self.last_generator_stats: dict[str, float] = {}
         """The generator's last training step: loss terms and the teacher's accuracy on its batch."""
-
-    @staticmethod
-    def _zero_costs() -> dict[str, Any]:
-        return {"generator_seconds": 0.0, "synthetic_samples": {}, "method_downlink_bytes": 0}
 
     # --- model --------------------------------------------------------------------------------------
 
@@ -192,7 +190,7 @@ class Target(Method):
             uplink += moments_nbytes(totals)
         t0 = time.perf_counter()
         self.generator = self._train_generator(model, task, seen)
-        self._costs["generator_seconds"] += time.perf_counter() - t0
+        self._costs.server_seconds += time.perf_counter() - t0
         return uplink
 
     def _new_generator(self, seen: int) -> TokenGenerator:
@@ -225,14 +223,11 @@ class Target(Method):
         if self.teacher is None or self.generator is None or not self.served.first_time(task.index, client):
             return 0
         nbytes = self.generator.nbytes() + (self.teacher.nbytes() if round_ > 0 else 0)
-        self._costs["method_downlink_bytes"] += nbytes
+        self._costs.downlink_bytes += nbytes
         return nbytes
 
-    def round_record(self) -> dict[str, Any]:
-        costs, self._costs = self._costs, self._zero_costs()
-        per_client = costs["synthetic_samples"]
-        costs["synthetic_samples"] = int(sum(per_client.values()))
-        costs["synthetic_samples_per_client"] = {str(k): n for k, n in sorted(per_client.items())}
+    def round_costs(self) -> MethodCosts:
+        costs, self._costs = self._costs, MethodCosts()
         return costs
 
     # --- local training ---------------------------------------------------------------------------------
@@ -255,14 +250,14 @@ class Target(Method):
         labels = balanced_labels(task.label_offset, n, self._rng)
         with torch.no_grad():
             tokens = complete_tokens(model, self._dev["generator"].sample(labels, self._rng))
-        counts = self._costs["synthetic_samples"]
+        counts = self._costs.synthetic_samples
         counts[self._client] = counts.get(self._client, 0) + n
         return tokens, labels.to(tokens.device)
 
     def _autocast(self, device: torch.device) -> Any:
-        from ..client import autocast  # (fedtalora.client imports the methods)
-
-        return autocast(device, self.train_cfg.precision)
+        if self.train_cfg.precision == "bf16":  # as the clients' forward pass (fedtalora.fed.client.autocast)
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _logits_of(self, model: FedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher, student) logits of synthetic tokens."""

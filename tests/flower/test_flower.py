@@ -1,0 +1,411 @@
+"""The Flower engines (``engine=flower-sim`` / ``flower``) against the in-process engine.
+
+* unit: the residual catch-up on the wire reproduces the server's base bit for bit; methods whose
+  clients would need server-side state are refused; the engine does not change config fingerprints;
+* an in-memory Grid (no Ray, no network; relies on Flower's private ``TaskIdentity``) runs the real
+  ServerApp transport and ClientApp: partial participation, injected crashes, the prototype classifier's
+  end-of-task feature queries, factored and dense catch-ups -- and the numbers of ``engine=inprocess``;
+* ``flower-sim`` end to end on Ray (2 tasks x 2 rounds, 3 clients) matches ``inprocess``; a client that
+  crashes mid-round is dropped, logged and counted, the run goes on;
+* a loopback deployment: a SuperLink and 3 SuperNodes as subprocesses on 127.0.0.1, ``fedtalora run
+  ... engine=flower`` through ``flwr run``; every process is stopped afterwards, also on failure.
+
+Every test here needs ``flwr`` (``pip install 'fedtalora[flower]'``) and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+
+from fedtalora.api import prepare, run  # noqa: E402
+from fedtalora.config import resolve  # noqa: E402
+from fedtalora.core.aggregation import aggregate_lora, normalize_weights  # noqa: E402
+from fedtalora.errors import ConfigError  # noqa: E402
+from fedtalora.fed.loop import run_loop  # noqa: E402
+from fedtalora.fed.rundir import config_fingerprint  # noqa: E402
+from fedtalora.flower import protocol as P  # noqa: E402
+from fedtalora.flower.client_app import app as client_app  # noqa: E402
+from fedtalora.flower.grid import GridTransport, short_error  # noqa: E402
+
+ROUNDING_BOUND = 2.0
+"""The error of the global model, per round and since the start, in units of one float32 rounding of the
+weight (``u ||W||``): with the exact base it is float32 resolution and nothing more."""
+EXACT = ("train_loss", "aggregation_error", "aggregation_error_rounding", "aggregation_error_accumulated",
+         "aggregation_error_accumulated_rounding", "naive_aggregation_loss")
+"""Round fields the engines reproduce bit for bit on one machine: the clients compute on the same bits (the
+exact base's catch-up) and the server measures the same model."""
+
+
+def tiny(tiny_overrides: list[str], *extra: str):  # noqa: ANN201
+    return resolve("demo", [*tiny_overrides, *extra])
+
+
+def assert_same_numbers(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Same accuracy matrix, training losses and per-round errors of the global model (bit for bit), same round
+    bookkeeping; the errors at float32 resolution."""
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert len(a["rounds"]) == len(b["rounds"])
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        for key in ("clients", "aggregated", "num_samples", "dropped", "skipped", "uplink_bytes", "downlink_bytes",
+                    *EXACT):
+            assert ra[key] == rb[key], (ra["task"], ra["round"], key)
+        if ra["aggregation_error"] is not None:
+            for key in ("aggregation_error_rounding", "aggregation_error_accumulated_rounding"):
+                assert 0 <= ra[key] <= ROUNDING_BOUND, key
+    for key in ("max_aggregation_error_rounding", "max_aggregation_error_accumulated_rounding"):
+        assert a[key] == b[key] and 0 <= a[key] <= ROUNDING_BOUND, key
+
+
+# --- unit ---------------------------------------------------------------------------------------------
+
+
+def test_catch_up_on_the_wire_reproduces_the_servers_base_bit_for_bit(make_tiny_model) -> None:
+    """Three residual rounds added into the server's exact base vs. the same rounds sent as factors (and as a
+    dense accumulator) and applied by a client model built from the same seed: base weights and accumulators
+    equal bit for bit, and a factored catch-up after a dense one stays so."""
+    server, client, late = make_tiny_model(), make_tiny_model(), make_tiny_model()
+    for m in (server, client, late):
+        m.enable_exact_base()
+    pairs = server.lora_pairs()
+    keys = list(server.lora_parameters())
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for v in range(1, 5):
+        updates = [{k: torch.randn(t.shape, generator=g) * 0.1 for k, t in server.trainable_state(keys).items()}
+                   for _ in range(3)]
+        agg = aggregate_lora(updates, normalize_weights([5, 3, 2]), pairs, residual=True, exact=True)
+        assert set(agg.factors) == set(agg.residuals)
+        server.add_to_base(agg.residuals)
+        history.append((v, agg.factors))
+        if v == 3:  # the late client: a dense catch-up (D) to version 3, then the factors of round 4
+            P.apply_catch_up(late, P.decode_catch_up(P.catch_up_record(
+                {p.layer: server.exact_base.acc[p.layer] for p in pairs})))
+    plan = {p.layer: [(v, f[p.layer]) for v, f in history] for p in pairs}
+    decoded = P.decode_catch_up(P.catch_up_record(plan))
+    assert list(decoded) == [p.layer for p in pairs]
+    P.apply_catch_up(client, decoded)
+    P.apply_catch_up(late, P.decode_catch_up(P.catch_up_record({p.layer: plan[p.layer][-1:] for p in pairs})))
+    for p in pairs:
+        for m in (client, late):
+            assert torch.equal(m.base_weight(p.layer), server.base_weight(p.layer)), p.layer
+            assert torch.equal(m.exact_base.acc[p.layer], server.exact_base.acc[p.layer]), p.layer
+    with pytest.raises(ValueError, match="float64"):  # a float32 base is not an accumulator
+        P.apply_catch_up(late, {pairs[0].layer: server.base_weight(pairs[0].layer).detach()})
+    # The wire carries at least the payload, and not much more.
+    record = P.catch_up_record(plan)
+    payload = sum(t.numel() * t.element_size() for t in P.from_record(record).values())
+    assert payload <= P.wire_nbytes(record) <= 1.3 * payload + 4096
+
+
+def test_malformed_catch_up_is_refused(make_tiny_model) -> None:
+    layer = make_tiny_model().lora_pairs()[0].layer
+    with pytest.raises(ValueError, match="malformed"):
+        P.decode_catch_up(P.to_record({f"X1:{layer}": torch.zeros(2, 2)}))
+    with pytest.raises(ValueError, match="lacks B, A or p"):
+        P.decode_catch_up(P.to_record({f"B1:{layer}": torch.zeros(2, 2), f"A1:{layer}": torch.zeros(2, 2)}))
+    with pytest.raises(ValueError, match="does not adapt"):
+        P.apply_catch_up(make_tiny_model(), {"no.such.layer": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="without the exact base"):
+        P.apply_catch_up(make_tiny_model(), {layer: torch.zeros(2, 2, dtype=torch.float64)})
+
+
+def test_engine_key_is_validated_and_methods_needing_server_state_are_refused(tiny_overrides) -> None:
+    with pytest.raises(ConfigError, match="engine"):
+        tiny(tiny_overrides, "engine=flower-simulation")
+    with pytest.raises(ConfigError, match="flower.round_timeout"):
+        tiny(tiny_overrides, "flower.round_timeout=-1")
+    with pytest.raises(ConfigError, match="method=.pilora. cannot run with engine=flower-sim.*server-side state"):
+        prepare(tiny(tiny_overrides, "method=pilora", "engine=flower-sim"))
+    for method in ("fedtalora", "fedlora", "ffa-lora", "fedprox", "head-only", "finetune"):
+        prepare(tiny(tiny_overrides, f"method={method}", "engine=flower-sim", "model.kwargs={patch_size: 4, depth: 1, embed_dim: 16, "
+                     "num_heads: 2}", "lora.blocks=[0]"))
+
+
+def test_the_engine_does_not_change_what_a_run_computes(tiny_overrides) -> None:
+    """A run can be resumed under another engine: the checkpoint fingerprint ignores engine and flower.*."""
+    fps = {config_fingerprint(tiny(tiny_overrides, f"engine={e}", "flower.round_timeout=5").to_dict())
+           for e in ("inprocess", "flower-sim", "flower")}
+    assert len(fps) == 1
+    assert config_fingerprint(tiny(tiny_overrides, "seed=1").to_dict()) not in fps
+
+
+def test_short_error_keeps_the_clients_message() -> None:
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+           "(pid=1)\n   ^^^^\nClientAppException: \nException ClientAppException occurred. Message: boom (x)'>")
+    assert short_error(ray) == "boom (x)"
+    assert short_error("<class 'fedtalora.flower.client_app.InjectedCrash'>:<'injected crash'>") == \
+        "InjectedCrash: injected crash"
+
+
+def test_flower_app_folder(tmp_path: Path, run_cli, tiny_overrides) -> None:
+    rc, out, err = run_cli(["flower-app", str(tmp_path / "app"), "demo", *tiny_overrides], cwd=tmp_path)
+    assert rc == 0, err
+    text = (tmp_path / "app" / "pyproject.toml").read_text()
+    assert 'serverapp = "fedtalora.flower.server_app:app"' in text
+    assert 'clientapp = "fedtalora.flower.client_app:app"' in text
+    assert "dependencies = []" in text
+    assert f'config = "{tmp_path / "app" / "config.yaml"}"' in text
+    manifest = json.loads((tmp_path / "app" / "partitions.json").read_text())
+    assert manifest["num_clients"] == 3 and len(manifest["tasks"]) == 2
+    assert resolve(str(tmp_path / "app" / "config.yaml")).engine == "flower"
+
+
+# --- an in-memory Grid: the real transport and ClientApp, no Ray ----------------------------------------
+
+
+class InMemoryGrid(Grid):
+    """Delivers each message to ``client_app`` in this process, one Context per node (like a SuperNode:
+    the node's ``context.state`` persists only when the ClientApp succeeds). Test-only: it sets Flower's
+    private ``TaskIdentity`` so that ``Message`` can be built outside a Flower runtime."""
+
+    def __init__(self, num_nodes: int, node_config: dict[int, dict[str, Any]] | None = None) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config={"partition-id": i, **(node_config or {}).get(i, {})},
+                          state=RecordDict(), run_config={})
+            for i, node in enumerate(self.node_ids)
+        }
+        self.log: list[tuple[str, int]] = []
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        pass
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's Grids do when pushing
+            reply = self.send_and_receive([msg])[0]
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.log.append((msg.metadata.message_type, node))
+            ctx = self.contexts[node]
+            trial = Context(run_id=1, node_id=node, node_config=ctx.node_config,
+                            state=RecordDict(ctx.state.copy()), run_config={})
+            for name, rec in ctx.state.config_records.items():  # records are mutable: isolate them
+                trial.state[name] = type(rec)(dict(rec))
+            try:
+                reply = client_app(msg, trial)
+            except Exception as e:  # noqa: BLE001 - a SuperNode turns any ClientApp exception into an error
+                replies.append(Message(Error(code=0, reason=f"<class '{type(e).__name__}'>:<'{e}'>"), reply_to=msg))
+                continue
+            ctx.state = trial.state
+            replies.append(reply)
+        return replies
+
+
+def run_on_grid(cfg: Any, grid: InMemoryGrid, run_dir: Path | None = None) -> dict[str, Any]:
+    transport = GridTransport(grid, engine="flower", run_dir=run_dir)
+    return run_loop(prepare(cfg), run_dir, None, transport).metrics
+
+
+def test_in_memory_grid_matches_inprocess_with_partial_participation_crashes_and_prototypes(tmp_path: Path, tiny_overrides) -> None:
+    overrides = ["fed.num_clients=4", "fed.clients_per_round=2", "fed.rounds_per_task=3",
+                 "faults.client_dropout=0.25", "classifier.kind=prototype", "partition.min_samples=3"]
+    ref = run(tiny(tiny_overrides, *overrides)).metrics
+    grid = InMemoryGrid(4)
+    got = run_on_grid(tiny(tiny_overrides, *overrides, "engine=flower"), grid, tmp_path / "run")
+    assert_same_numbers(ref, got)
+    assert got["engine"] == "flower"
+    # Injected crashes happened on the clients, were dropped, and are counted.
+    assert ref["reliability"]["dropped_clients"] > 0
+    assert got["reliability"]["dropped_clients"] == ref["reliability"]["dropped_clients"]
+    errors = [e for r in got["rounds"] for e in r["client_errors"]]
+    assert len(errors) == got["reliability"]["client_errors"] == ref["reliability"]["dropped_clients"]
+    assert all(e["injected"] and "InjectedCrash" in e["error"] for e in errors)
+    # End-of-task feature queries reached exactly the clients aggregated in each task's last round.
+    feature_nodes = [node for kind, node in grid.log if kind == P.FEATURES]
+    last = [r for r in got["rounds"] if r["round"] == 2]
+    assert len(feature_nodes) == sum(len(r["aggregated"]) for r in last)
+    # The residual really travelled: each round after the first carries one, and every wire count is
+    # at least the payload it stands for.
+    rounds = got["rounds"]
+    assert rounds[0]["wire_residual_bytes"] == 0
+    assert all(r["wire_residual_bytes"] > 0 for r in rounds[1:])
+    # The wire carries at least the modelled payload (a crashed client gets a dense base; the end-of-task
+    # feature queries sync their clients one round early, so compare totals).
+    assert got["wire"]["downlink_bytes"] >= got["downlink_bytes_total"]
+    for r in rounds:
+        if r["round"] < 2:  # (the last round's modelled uplink adds prototype sums, the wire carries features)
+            assert r["wire_uplink_bytes"] >= r["uplink_bytes"]
+    assert got["wire"]["residual_bytes"] == sum(r["wire_residual_bytes"] for r in rounds)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["wire"] == got["wire"]
+
+
+def test_catch_up_is_factored_when_smaller_and_dense_otherwise(tmp_path: Path, tiny_overrides) -> None:
+    """A client that missed few rounds gets the factors of those rounds; one whose factors would outweigh
+    the dense base gets the base. The client's base always equals the server's afterwards."""
+    # 6 clients, 2 per round (the residual of one update is zero): most clients miss several rounds.
+    overrides = ["fed.num_clients=6", "fed.clients_per_round=2", "fed.rounds_per_task=6", "scenario.num_tasks=1",
+                 "partition.min_samples=3", "lora.rank=8"]
+    grid = InMemoryGrid(6)
+    cfg = tiny(tiny_overrides, *overrides, "engine=flower")
+    setup = prepare(cfg)
+    transport = GridTransport(grid, engine="flower")
+    seen_plans: list[dict[str, Any]] = []
+    original = transport._catch_up
+
+    def spy(k: int):  # noqa: ANN202
+        frm, record = original(k)
+        if record is not None:
+            seen_plans.append({"from": frm, "to": transport.version, "plan": P.decode_catch_up(record)})
+        return frm, record
+
+    transport._catch_up = spy  # type: ignore[method-assign]
+    server_acc: dict[int, dict[str, torch.Tensor]] = {}  # the server's accumulators D at each base version
+    after_round = transport.after_round
+
+    def keep(agg):  # noqa: ANN001, ANN202
+        after_round(agg)
+        server_acc[transport.version] = setup.model.exact_base.state_dict()
+
+    transport.after_round = keep  # type: ignore[method-assign]
+    metrics = run_loop(setup, None, None, transport).metrics
+    assert_same_numbers(run(tiny(tiny_overrides, *overrides)).metrics, metrics)
+    # Per layer, the smaller form: the factors of the missed rounds (the K = 2 live clients' B_k, A_k in
+    # float32 and their weights in float64: 4 (d_out + d_in) K r + 8 K bytes each) unless they outweigh the
+    # dense float64 accumulator D (or the client's version is unknown).
+    r = setup.cfg.lora.rank
+    forms = set()
+    for seen in seen_plans:
+        for layer, item in seen["plan"].items():
+            d_out, d_in = setup.model.base_weight(layer).shape
+            one_round, dense = (d_out + d_in) * 2 * r * 4 + 8 * 2, d_out * d_in * 8
+            if isinstance(item, torch.Tensor):
+                forms.add("dense")
+                assert item.dtype == torch.float64 and item.shape == (d_out, d_in)
+                assert seen["from"] == -1 or (seen["to"] - seen["from"]) * one_round > dense
+            else:
+                forms.add("factors")
+                assert [v for v, _ in item] == list(range(seen["from"] + 1, seen["to"] + 1))
+                assert all(f.nbytes == one_round for _, f in item)
+                assert len(item) * one_round <= dense
+    assert forms == {"dense", "factors"}
+    # Every node's stored accumulator is the server's at the node's version, bit for bit.
+    checked = 0
+    for node, ctx in grid.contexts.items():
+        stored = ctx.state.array_records.get(P.STATE_BASE)
+        version = int(ctx.state.config_records[P.STATE_CONFIG]["version"])
+        if stored is None:
+            continue
+        for name, t in P.from_record(stored).items():
+            assert t.dtype == torch.float64 and torch.equal(t, server_acc[version][name]), (node, version, name)
+        checked += 1
+    assert checked >= 4
+
+
+def test_a_client_without_its_partition_or_with_another_manifest_stops_the_run_at_the_start(tmp_path: Path, tiny_overrides) -> None:
+    cfg = tiny(tiny_overrides, "engine=flower", "flower.connect_timeout=5")
+    with pytest.raises(Exception, match="partition-id"):
+        run_on_grid(cfg, InMemoryGrid(3, {1: {"partition-id": "x"}}))
+    other = tmp_path / "other.json"
+    manifest = prepare(tiny(tiny_overrides, "seed=7")).exp.partitions_json()
+    other.write_text(json.dumps(manifest))
+    grid = InMemoryGrid(3, {2: {"partitions": str(other)}})
+    metrics = run_on_grid(cfg, grid)  # hello succeeds; client 2's samples disagree -> it fails every round
+    failed = [e for r in metrics["rounds"] for e in r["client_errors"] if e["client"] == 2]
+    assert failed and all("other samples" in e["error"] and not e["injected"] for e in failed)
+    assert all(2 in r["dropped"] for r in metrics["rounds"])
+
+
+# --- Flower's simulation runtime (Ray) ------------------------------------------------------------------
+
+
+def test_flower_sim_matches_inprocess(tmp_path: Path, tiny_overrides) -> None:
+    pytest.importorskip("ray")
+    cfg = tiny(tiny_overrides)  # 2 tasks x 2 rounds, 3 clients
+    ref = run(cfg).metrics
+    got = run(tiny(tiny_overrides, "engine=flower-sim"), tmp_path / "sim").metrics
+    assert_same_numbers(ref, got)
+    assert got["engine"] == "flower-sim"
+    saved = json.loads((tmp_path / "sim" / "metrics.json").read_text())
+    assert saved["complete"] and saved["wire"]["residual_bytes"] > 0
+    # Round 2 of each task: every client catches up on one residual round, factored.
+    for r_prev, r in zip(got["rounds"], got["rounds"][1:], strict=False):
+        assert r["wire_residual_bytes"] >= len(r["clients"]) * r_prev["residual_bytes_factored"]
+
+
+def test_flower_sim_survives_a_client_crash_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_overrides) -> None:
+    pytest.importorskip("ray")
+    extra = ["scenario.num_tasks=1", "faults.client_dropout=0.35", "seed=3"]
+    ref = run(tiny(tiny_overrides, *extra)).metrics
+    assert ref["reliability"]["dropped_clients"] >= 1 and not any(r["skipped"] for r in ref["rounds"])
+    with caplog.at_level(logging.WARNING, logger="fedtalora"):
+        got = run(tiny(tiny_overrides, *extra, "engine=flower-sim"), tmp_path / "sim").metrics
+    assert got["complete"]
+    assert_same_numbers(ref, got)
+    crashed = [(r["round"], e["client"]) for r in got["rounds"] for e in r["client_errors"]]
+    assert crashed == [(r["round"], k) for r in ref["rounds"] for k in r["dropped"]]
+    assert all("injected crash" in e["error"] for r in got["rounds"] for e in r["client_errors"])
+    assert got["reliability"]["client_errors"] == got["reliability"]["dropped_clients"] == len(crashed)
+    logged = {rec.getMessage() for rec in caplog.records if "dropped out (injected fault)" in rec.getMessage()}
+    assert logged == {f"[task 1/1 | round {r + 1}/2] client {k} dropped out (injected fault)" for r, k in crashed}
+
+
+# --- a loopback deployment: SuperLink + SuperNodes as subprocesses -------------------------------------
+
+
+def test_loopback_deployment(tmp_path: Path, cli_env, tiny_overrides) -> None:
+    from fedtalora.flower.deployment import LocalDeployment
+
+    overrides = [o for o in tiny_overrides if not o.startswith("scenario.num_tasks")]
+    overrides += ["scenario.num_tasks=1", "fed.rounds_per_task=2", "flower.round_timeout=300",
+                  "flower.connect_timeout=120"]
+    dep = LocalDeployment(3, tmp_path / "deployment", env=cli_env)
+    try:
+        with dep:
+            assert len(dep.alive()) >= 4  # SuperLink, its SuperExec, 3 SuperNodes (+ theirs)
+            proc = subprocess.run(
+                [sys.executable, "-m", "fedtalora", "run", "demo", *overrides, "engine=flower",
+                 f"output.dir={tmp_path}", "output.name=run"],
+                env=dep.env, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL)
+            assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    finally:
+        dep.stop()
+    assert dep.alive() == []
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["engine"] == "flower"
+    assert [(r["task"], r["round"]) for r in metrics["rounds"]] == [(0, 0), (0, 1)]
+    assert all(r["aggregated"] == [0, 1, 2] and not r["client_errors"] for r in metrics["rounds"])
+    assert metrics["rounds"][1]["wire_residual_bytes"] >= 3 * metrics["rounds"][0]["residual_bytes_factored"] > 0
+    assert 0 < metrics["max_aggregation_error_rounding"] <= ROUNDING_BOUND  # measured, at float32 resolution
+    assert len(metrics["accuracy_matrix"]) == 1 and not math.isnan(metrics["final_average_accuracy"])
+    ref = run(resolve("demo", overrides)).metrics
+    assert_same_numbers(ref, metrics)
