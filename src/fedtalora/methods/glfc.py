@@ -8,7 +8,7 @@ backbone with the shared LoRA and head, aggregated as Fed-TaLoRA (``fed.residual
   ``m`` exemplars of each class of the task it holds, chosen by herding (iCaRL) on L2-normalised features of
   the task's final global model, and trains on its new data together with its memory in every later task.
   The memory stays on the client (nothing travels); its size is in every round record
-  (``memory_samples``, ``memory_samples_per_client``). ``m = 0`` (the default) runs GLFC exemplar-free.
+  (``memory_samples``, ``memory_samples_per_client``; null when exemplar-free). ``m = 0`` (the default) runs GLFC exemplar-free.
 * **Class-aware gradient compensation (L_GC).** Local training covers all classes seen so far (the logits of
   every seen class take part, whatever ``train.logit_mask`` says). Each sample's cross-entropy is weighted by
   ``|p_y - 1|`` (the gradient of its true-class logit) divided by the mean of that quantity over the batch's
@@ -47,7 +47,7 @@ Departures:
 * What travels: the prototype gradients (uplink, in that round's ``uplink_bytes``), the old model (downlink,
   once per client and task, unless the client took part in the task's first round and the old model is the
   previous task's final one -- then it already has it; ``method_downlink_bytes``). The encoding network is
-  seeded from the run's root seed, so nobody sends it. Server time of the proxy: ``proxy_seconds``.
+  seeded from the run's root seed, so nobody sends it. Server time of the proxy: ``method_server_seconds``.
 * Local optimiser, rounds, LoRA placement and aggregation are this project's (GLFC: SGD with a step decay,
   plain FedAvg).
 

@@ -43,7 +43,7 @@ of BatchNorm statistics, the generator sent instead of a pool of images, the stu
 * Anchors come from ``Dataset.class_names``; a dataset naming classes by ids (Tiny-ImageNet's WordNet ids)
   gives uninformative anchors.
 
-Costs in the round records: as TARGET (``generator_seconds``, ``synthetic_samples``,
+Costs in the round records: as TARGET (``method_server_seconds``, ``synthetic_samples``,
 ``method_downlink_bytes``); the projection travels with the trainable state every round.
 
 Options (``method_options``): ``ltc`` (5), ``r`` (0.015), ``cur`` (0.2), ``pre`` (0.4), ``temperature``

@@ -45,7 +45,7 @@ Departures (each forced by the pre-trained backbone or by federated accounting, 
   initialised from the clients' embedding statistics (TARGET: sigmoid + a fixed normaliser).
 * Local optimiser, rounds, LoRA placement and aggregation are this project's; the partition is fixed per task.
 
-Costs in the round records: ``generator_seconds`` (server time to train the generator, in the task's last
+Costs in the round records: ``method_server_seconds`` (server time to train the generator, in the task's last
 round), ``synthetic_samples`` (per client and in total), ``method_downlink_bytes``.
 
 Options (``method_options``): ``kd`` (25), ``temperature`` (2), ``syn_batch`` (0 = ``train.batch_size``),
