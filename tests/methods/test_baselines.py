@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtalora.api import run
+from fedtalora.app.cli import main as cli_main
 from fedtalora.config import resolve
 from fedtalora.core.distill import (
     balanced_labels,
@@ -144,6 +150,35 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(variant: str, cfg_of,
             run(cfg, run_dir=run_dir, progress=progress)
         got = run(cfg, run_dir=run_dir, resume=True).metrics
         assert without_timing(got) == without_timing(ref), crash
+
+
+@pytest.mark.parametrize("variant", ["target", "lander", "glfc-memory"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(variant: str, tiny_overrides, fast_method_options,
+                                                          cli_env, tmp_path) -> None:
+    """A real process killed with SIGKILL once the task-0 checkpoints exist (the generator, the old model,
+    the exemplar memory are in it), then ``fedtalora resume``: the metrics equal an uninterrupted run's."""
+    overrides = [*tiny_overrides, *_variant(variant, fast_method_options), "fed.num_clients=4",
+                 "fed.clients_per_round=3"]
+    ref = run(resolve("demo", overrides), run_dir=tmp_path / "ref").metrics
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
+                             f"output.dir={tmp_path}", "output.name=killed"],
+                            env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hung child, not a timing assertion
+        while not (run_dir / "checkpoints" / "round-000002.json").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint of round 2 appeared"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert cli_main(["resume", str(run_dir), "--quiet"]) == 0
+    got = json.loads((run_dir / "metrics.json").read_text())
+    assert without_timing(got) == without_timing(ref)
 
 
 # --- the distillation pulls towards the old model -------------------------------------------------------
