@@ -52,6 +52,11 @@ def measure(name: str, base: list[str], runs: Path, options: list[str] | None = 
         **{k: m[k] for k in ("final_average_accuracy", "average_incremental_accuracy", "forgetting",
                              "max_aggregation_error", "trainable_parameters", "wall_seconds")},
         "uplink_params_per_client_round": m["uplink_bytes_total"] / FLOAT_BYTES / client_rounds,
+        # the method's own costs (glfc, target, lander): server time, what it sent beyond the global state
+        "method_server_seconds": sum(r.get("method_server_seconds", 0.0) for r in rounds),
+        "method_downlink_params_per_client_round": sum(r.get("method_downlink_bytes", 0) for r in rounds)
+        / FLOAT_BYTES / client_rounds,
+        "synthetic_samples": sum(r.get("synthetic_samples", 0) for r in rounds),
         "downlink_params_per_client_round": m["downlink_bytes_total"] / FLOAT_BYTES / client_rounds,
         "rounds": len(rounds),
         "settings": base,
@@ -148,18 +153,22 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
         "",
         "Parameters are counted per client and round (float32 values: bytes / 4); *up* is what a client sends, "
         "*down* what it receives (global trainable state + the residuals it missed, factored or dense, "
-        "whichever is smaller). `pilora`'s up includes its per-task class feature sums.",
+        "whichever is smaller). `pilora`'s up includes its per-task class feature sums; `target`/`lander`'s "
+        "their feature moments, `glfc`'s its prototype gradients. *of which method* is the part of *down* that is "
+        "the method's own (a generator, the old model); *server s* the server time of the method's own work "
+        "(generator training, GLFC's proxy), inside *wall s*.",
         "",
         "| method | F_AA % | AIA % | forgetting % | trainable | up / client / round | down / client / round "
-        "| max agg. error | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| of which method | max agg. error | server s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.get('label', r['method'])} | {_pct(r['final_average_accuracy'])} | {_pct(r['average_incremental_accuracy'])} "
             f"| {_pct(r['forgetting'])} | {_count(r['trainable_parameters'])} "
             f"| {_count(r['uplink_params_per_client_round'])} | {_count(r['downlink_params_per_client_round'])} "
-            f"| {r['max_aggregation_error']:.1e} | {r['wall_seconds']:.0f} |")
+            f"| {_count(r.get('method_downlink_params_per_client_round', 0.0))} "
+            f"| {r['max_aggregation_error']:.1e} | {r.get('method_server_seconds', 0.0):.0f} | {r['wall_seconds']:.0f} |")
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 

@@ -89,12 +89,18 @@ def _crash_at(index: int):
 
 def test_without_timing_drops_exactly_the_timing_fields(reference) -> None:
     m = reference["metrics"]
-    assert TIMING_FIELDS == ("wall_seconds", "rounds[*].seconds", "tasks[*].seconds")
+    assert TIMING_FIELDS == ("wall_seconds", "rounds[*].seconds", "rounds[*].method_server_seconds",
+                             "tasks[*].seconds")
     stripped = without_timing(m)
     assert set(m) - set(stripped) == {"wall_seconds"}
-    assert all(set(a) - set(b) == {"seconds"} for a, b in zip(m["rounds"], stripped["rounds"], strict=True))
+    assert all(set(a) - set(b) == {"seconds", "method_server_seconds"}
+               for a, b in zip(m["rounds"], stripped["rounds"], strict=True))
     assert all(set(a) - set(b) == {"seconds"} for a, b in zip(m["tasks"], stripped["tasks"], strict=True))
     assert "seconds" in m["rounds"][0]  # the input is not modified
+    # the method's server time (e.g. target's generator training) is a timing field; its sample counts are not
+    timed = {**m, "rounds": [{**r, "method_server_seconds": 1.5, "synthetic_samples": 3} for r in m["rounds"]]}
+    assert all(set(a) - set(b) == {"seconds", "method_server_seconds"}
+               for a, b in zip(timed["rounds"], without_timing(timed)["rounds"], strict=True))
 
 
 def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path, cli_env) -> None:

@@ -9,7 +9,7 @@ themselves in :data:`DATASETS` (:mod:`.builtin`, :mod:`.images`, :mod:`.text`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,12 @@ class Dataset:
     def num_classes(self) -> int:
         """Number of classes (the length of :attr:`class_names`)."""
         return len(self.class_names)
+
+    def names_of(self, class_ids: Sequence[int]) -> list[str]:
+        """The names of ``class_ids`` (original ids), in that order: e.g. the scenario's head order, for a
+        method that embeds the label texts (``lander``). Class names are public: every party may compute
+        with them."""
+        return [self.class_names[int(c)] for c in class_ids]
 
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,17 +101,23 @@ class Components:
     classifier: Classifier
 
 
-def build_components(cfg: RunConfig, num_classes: int, device: torch.device | str = "cpu") -> Components:
+def build_components(cfg: RunConfig, num_classes: int, device: torch.device | str = "cpu",
+                     class_names: Sequence[str] | None = None) -> Components:
     """Model from ``model.*``/``lora.*`` with a head over ``num_classes``, the method attached, on ``device``.
 
     When the method changes the adapted layers' base weights (:attr:`Method.changes_base`: the ResWU residual,
     a merged LoRA) the model keeps them exactly (:meth:`FedModel.enable_exact_base`, ``docs/exactness.md``),
     from the weights as built: the server, every Flower client and a reloaded final model start from the same
     ``W0`` and an empty accumulator, before anything is restored into them.
+
+    ``class_names``: the dataset's class names in head order (:meth:`Method.set_class_names`, before
+    :meth:`Method.attach`); None where only the model is rebuilt.
     """
     method = build_method(cfg)
     classifier = build_classifier(cfg)
     model = build_model(cfg.model, cfg.lora, num_classes, cfg.data.image_size, cfg.seed)
+    if class_names is not None:
+        method.set_class_names(class_names)  # e.g. lander: label-text anchors
     method.attach(model)  # what the method trains beyond LoRA and head
     if method.changes_base:
         model.enable_exact_base()
@@ -260,7 +266,8 @@ def prepare(cfg: RunConfig) -> Setup:
     check_config(cfg)
     check_engine(cfg)
     exp = Experiment.build(cfg)
-    parts = build_components(cfg, exp.scenario.num_classes, device)
+    parts = build_components(cfg, exp.scenario.num_classes, device, class_names=exp.dataset.names_of(
+        [c for task in exp.scenario.tasks for c in task.classes]))  # head order
     transform = input_transform(cfg, exp.dataset, parts.model)
     cache = None if cfg.train.feature_cache == "none" else FeatureCache(parts.model, parts.method, transform,
                                                                        cfg.train, device)

@@ -178,7 +178,7 @@ def train_steps(
             logits = logits.float()
             if drop is not None:
                 logits = logits.masked_fill(drop, float("-inf"))
-            loss = method.loss(logits, y, model=model)
+            loss = method.local_loss(model, x, logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

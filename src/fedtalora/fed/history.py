@@ -101,6 +101,23 @@ class RoundRecord:
     residual_bytes_factored: int = 0
     """This round's residual as its factors."""
     seconds: float = field(default=0.0, metadata=_narrow(Float(min=0.0)))
+    # --- the method's own costs (:class:`fedtalora.methods.base.MethodCosts`; 0 / empty for most methods) ---
+    method_server_seconds: float = field(default=0.0, metadata=_narrow(Float(min=0.0)))
+    """Server time of the method's own work this round: a generator's training (target, lander: in the last
+    round of every task but the last), GLFC's proxy (gradient inversion, monitoring). A timing field."""
+    method_downlink_bytes: int = 0
+    """What the server sent beyond the global state and residuals (a generator, the old model); included in
+    :attr:`downlink_bytes`."""
+    synthetic_samples: int = 0
+    """Synthetic samples the clients trained on this round (target, lander)."""
+    synthetic_samples_per_client: dict[str, int] = field(default_factory=dict)
+    """Client id -> its synthetic samples this round."""
+    memory_samples: int | None = None
+    """Exemplars the clients hold after the round (glfc with ``memory_per_class``; None: no memory)."""
+    memory_samples_per_client: dict[str, int] = field(default_factory=dict)
+    """Client id -> the exemplars it holds."""
+    proxy_accuracy: float | None = field(default=None, metadata=_narrow(Maybe(_ACC)))
+    """GLFC: the new global model's accuracy on the proxy server's reconstructed monitor set."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Engine-specific fields (e.g. Flower's ``wire_*`` bytes, ``client_errors``)."""
 
@@ -315,7 +332,7 @@ def load_history(path: Path, *, error: Callable[[str], Exception] = CheckpointEr
         raise error(f"{label} is not a fedtalora metrics file: {e}") from None
 
 
-TIMING_FIELDS = ("wall_seconds", "rounds[*].seconds", "tasks[*].seconds")
+TIMING_FIELDS = ("wall_seconds", "rounds[*].seconds", "rounds[*].method_server_seconds", "tasks[*].seconds")
 """The fields of ``metrics.json`` that measure time: the only ones that differ between two runs of the
 same config on CPU, or between an interrupted-and-resumed run and an uninterrupted one."""
 
@@ -325,5 +342,6 @@ def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in metrics.items() if k != "wall_seconds"}
     for key in ("rounds", "tasks"):
         if key in out:
-            out[key] = [{k: v for k, v in rec.items() if k != "seconds"} for rec in out[key]]
+            out[key] = [{k: v for k, v in rec.items() if k not in ("seconds", "method_server_seconds")}
+                        for rec in out[key]]
     return out

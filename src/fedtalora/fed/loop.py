@@ -151,6 +151,9 @@ class _Loop:
                 t_round = time.perf_counter()
                 rnd = self.collect(task, r, self.sample(t, r))
                 self.aggregate(task, r, rnd)
+                if rnd.agg is not None:  # e.g. glfc: the proxy server watches every new global model
+                    rnd.uplink += s.method.on_round_end(s.model, task, r, self.transport.task_data(
+                        t, [res.client for res in rnd.accepted]))
                 if r == self.R - 1:
                     rnd.uplink += self.end_task(task, rnd)
                 self.record(task, r, rnd, t_round)
@@ -173,8 +176,9 @@ class _Loop:
         rnd = _Round(clients)
         faults = {k: draw_fault(cfg.faults, cfg.seed, t, r, k) for k in clients}
         for k in clients:
-            rnd.downlink += state_nbytes(self.global_state) + self.ledger.catch_up_bytes(k)
-            rnd.downlink_dense += state_nbytes(self.global_state) + self.ledger.catch_up_bytes(k, "dense")
+            extra = method.downlink(task, r, k)  # e.g. a generator, the previous task's model
+            rnd.downlink += state_nbytes(self.global_state) + self.ledger.catch_up_bytes(k) + extra
+            rnd.downlink_dense += state_nbytes(self.global_state) + self.ledger.catch_up_bytes(k, "dense") + extra
             self.ledger.sync(k)
         self.buffer = method.new_buffer()
         for outcome in self.transport.train(RoundJob(task, r, clients, self.global_state, faults)):
@@ -271,6 +275,7 @@ class _Loop:
 
     def record(self, task: Task, r: int, rnd: _Round, t_round: float) -> None:
         agg, t = rnd.agg, task.index
+        costs = self.s.method.round_costs()  # e.g. generator training time, synthetic samples, memory size
         rec = RoundRecord(
             task=t, round=r, clients=rnd.clients,
             aggregated=[res.client for res in rnd.accepted], num_samples=[res.num_samples for res in rnd.accepted],
@@ -290,6 +295,12 @@ class _Loop:
             residual_bytes_dense=sum(self.dense[layer] for layer, n in rnd.factored.items() if n),  # 0: no residual
             residual_bytes_factored=sum(rnd.factored.values()),
             seconds=time.perf_counter() - t_round,
+            method_server_seconds=costs.server_seconds, method_downlink_bytes=costs.downlink_bytes,
+            synthetic_samples=sum(costs.synthetic_samples.values()),
+            synthetic_samples_per_client={str(k): n for k, n in sorted(costs.synthetic_samples.items())},
+            memory_samples=None if costs.memory_samples is None else sum(costs.memory_samples.values()),
+            memory_samples_per_client={str(k): n for k, n in sorted((costs.memory_samples or {}).items())},
+            proxy_accuracy=costs.proxy_accuracy,
             extra=self.transport.round_stats(),  # e.g. Flower: the bytes that went over the wire
         )
         self.history.rounds.append(rec)

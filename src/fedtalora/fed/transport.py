@@ -32,7 +32,7 @@ import torch
 from ..methods import Method, TaskData
 from ..seeding import seeded_torch, torch_generator
 from .cache import cached_inputs
-from .client import ClientJob, ClientResult, extract_features, local_train
+from .client import ClientJob, ClientResult, extract_features, local_train, to_device
 from .faults import Fault
 from .parallel import train_together, why_serial
 
@@ -135,11 +135,17 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
         indices: the client's samples of the task (positions in ``split``).
         targets: their head-output labels.
     """
+    method.on_client_round(task, round_, client)
+    extra = method.replay(task, client)  # e.g. glfc: the client's exemplar memory
+    if extra is not None and len(extra[0]):
+        indices = np.concatenate([indices, extra[0]])
+        targets = np.concatenate([targets, extra[1]])
     job = client_job(cfg, task, round_, client, num_classes, indices, targets)
+    mask = method.local_mask(task, job.class_mask)
     with seeded_torch(cfg.seed, "model-rng", task.index, round_, client, device=device):  # LoRA dropout, drop-path
         return local_train(
             model, method, global_state, client=client, split=split, indices=indices, targets=targets,
-            class_mask=job.class_mask, transform=transform, cfg=cfg.train, generator=job.generator, device=device,
+            class_mask=mask, transform=transform, cfg=cfg.train, generator=job.generator, device=device,
         )
 
 
@@ -247,4 +253,13 @@ class InProcessTransport(Transport):
         def statistics(k: int) -> dict[str, torch.Tensor]:  # what client k computes from its features and sends
             return s.classifier.client_statistics(exp.scenario.tasks[t], *features(k))
 
-        return TaskData(clients=clients, features=features, statistics=statistics)
+
+        def batches(k: int) -> Iterator[tuple[Any, torch.Tensor, np.ndarray]]:
+            idx = exp.partitions[t][k]
+            step = s.cfg.train.eval_batch_size
+            for start in range(0, len(idx), step):
+                sel = idx[start:start + step]
+                x = s.transform(to_device(exp.dataset.train.inputs[torch.as_tensor(sel)], s.device), train=False)
+                yield x, torch.as_tensor(exp.train_targets[sel], device=s.device), sel
+
+        return TaskData(clients=clients, features=features, statistics=statistics, batches=batches)

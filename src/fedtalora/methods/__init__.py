@@ -7,14 +7,19 @@
 
 from __future__ import annotations
 
-from . import fedlora, fedprox, fedtalora, ffa_lora, finetune, head_only, pilora, prompt  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    fedlora,
+    fedprox,
+    fedtalora,
+    ffa_lora,
+    finetune,
+    glfc,
+    head_only,
+    lander,
+    pilora,
+    prompt,
+    target,
+)
 from .base import METHODS, Method, TaskData, UpdateBuffer
 
 __all__ = ["METHODS", "Method", "TaskData", "UpdateBuffer"]
-
-for _name, _note in {
-    "target": "TARGET (ICCV 2023): server-side generator, data-free distillation of old tasks",
-    "lander": "LANDER (CVPR 2024): label-text embedding anchors + data-free distillation",
-    "glfc": "GLFC (CVPR 2022): gradient compensation, relation distillation; needs an exemplar memory (opt-in)",
-}.items():
-    METHODS.plan(_name, _note)

@@ -3,18 +3,30 @@
 A method says only what differs from Fed-TaLoRA; the loop, data, partitions, screening, evaluation,
 metrics and checkpoints are shared. Where each hook is called::
 
-    prepare:            model = build_model(...); method.attach(model)
+    prepare:            model = build_model(...); method.set_class_names(names); method.attach(model)
     for task t:
         (fresh task)    method.on_task_start(model, task)             -> new global state
-        for round r, for sampled client k:
-            client:     load global state; method.on_local_start(model, global_state)
-                        per batch: logits = method.forward(model, x); loss = method.loss(logits, y, model=model)
+        for round r:
+            server:     downlink += method.downlink(task, r, k) for each sampled client k
+            for sampled client k:
+                client: method.on_client_round(task, r, k); samples += method.replay(task, k)
+                        mask = method.local_mask(task, mask)
+                        load global state; method.on_local_start(model, global_state)
+                        per batch: logits = method.forward(model, x)
+                                   loss = method.local_loss(model, x, logits, y)   (default: method.loss)
                         send the tensors of method.trainable_keys(model)
-            server:     screen the update; buffer.add(state, weight)   (buffer = method.new_buffer())
-        server:         agg = method.aggregate_buffer(model, buffer); method.apply(model, agg)
-        (last round)    uplink += method.on_task_end(model, task, TaskData)   -> new global state
+                server: screen the update; buffer.add(state, weight)   (buffer = method.new_buffer())
+            server:     agg = method.aggregate_buffer(model, buffer); method.apply(model, agg)
+                        uplink += method.on_round_end(model, task, r, TaskData)
+            (last round) uplink += method.on_task_end(model, task, TaskData)   -> new global state
                         evaluate: argmax of method.forward(model, x) over the classes seen so far
+            record:     the round record's method fields <- method.round_costs()
     checkpoint:         method.checkpoint_state() / load_checkpoint_state(state)
+
+The hooks marked "client" run where the client runs. Everything a client needs beyond the global trainable
+state is derived from public data (class names, the root seed) or counted by :meth:`Method.downlink` as data
+the server sends; a method whose clients need such server-side state says so with
+:attr:`Method.needs_server_state`.
 
 A method is built from its options (the config's ``method_options`` mapping, parsed strictly into the
 method's :attr:`Method.Options` dataclass by :meth:`Method.parse_options`) and a :class:`MethodContext`:
@@ -32,10 +44,11 @@ every task, beside the method.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +76,12 @@ class TaskData:
     """``statistics(k)`` -> what client ``k`` computes from those features for the classifier and sends in
     their place (:meth:`fedtalora.methods.classifier.Classifier.client_statistics`, e.g. the analytic
     classifier's ridge sums): computed where the client runs (Flower: on the client node). None: not offered."""
+    batches: Callable[[int], Iterator[tuple[Any, torch.Tensor, np.ndarray]]] | None = None
+    """``batches(k)`` -> client ``k``'s training data of the task as ``(x, targets, indices)`` batches: inputs
+    preprocessed for evaluation (no augmentation) on the model's device, head-output labels on the same
+    device, and the samples' positions in the training split. Client-side work of a method that needs the
+    inputs themselves (feature statistics, exemplar selection, prototype gradients); None where the
+    transport cannot run it."""
 
     def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
@@ -77,6 +96,24 @@ class TaskData:
             counts.append(n)
             nbytes += prototype_nbytes(int((n > 0).sum()), feats.shape[1])
         return sums, counts, nbytes
+
+
+@dataclass
+class MethodCosts:
+    """What a method's own machinery cost in one round (the round record's method fields,
+    :class:`fedtalora.fed.history.RoundRecord`)."""
+
+    server_seconds: float = 0.0
+    """Server time of the method's own work (a generator's training, GLFC's proxy): a timing field."""
+    downlink_bytes: int = 0
+    """Bytes sent to clients beyond the global state and residuals (generator, old model); already included in
+    the round's ``downlink_bytes``."""
+    synthetic_samples: dict[int, int] = field(default_factory=dict)
+    """Client -> synthetic samples it drew this round."""
+    memory_samples: dict[int, int] | None = None
+    """Client -> exemplars it keeps (None: the method keeps no memory)."""
+    proxy_accuracy: float | None = None
+    """GLFC: the new global model's accuracy on the proxy server's reconstructed monitor set."""
 
 
 class UpdateBuffer:
@@ -158,6 +195,9 @@ class Method:
     @classmethod
     def parse_options(cls, data: dict[str, Any]) -> Any:
         """``method_options`` -> an :attr:`Options` instance (strict; :class:`ConfigError` naming the key)."""
+        if MEMORY_OPTION in data and MEMORY_OPTION not in cls.option_names():
+            raise ConfigError(f"method_options.{MEMORY_OPTION}={data[MEMORY_OPTION]!r} is invalid: method {cls.name!r} "
+                              "is exemplar-free (it keeps no exemplar memory); only glfc takes an exemplar memory")
         if cls.Options is None:
             if data:
                 raise ConfigError(f"method_options={data!r} is invalid: method {cls.name!r} takes no options")
@@ -169,6 +209,11 @@ class Method:
         return [f.name for f in dataclasses.fields(cls.Options)] if cls.Options is not None else []
 
     # --- model ------------------------------------------------------------------------------------
+
+    def set_class_names(self, names: Sequence[str]) -> None:
+        """Called once before :meth:`attach` when the dataset is known: ``names[j]`` is the dataset's name of
+        the class at head output ``j`` (public information every party has, e.g. for label-text embeddings).
+        Not called where only the model is rebuilt (loading a final model)."""
 
     def attach(self, model: FedModel) -> None:
         """Called once after the model is built (before it moves to the device): add what the method
@@ -201,7 +246,35 @@ class Method:
         model (the loop re-reads the global state). Returns the extra uplink bytes it cost."""
         return 0
 
+    def on_round_end(self, model: FedModel, task: Task, round_: int, data: TaskData) -> int:
+        """After every aggregated round (before :meth:`on_task_end` in the task's last round), with the
+        round's aggregated clients in ``data``; must not change the global model. Returns the extra uplink
+        bytes it cost (e.g. GLFC's prototype gradients)."""
+        return 0
+
+    def downlink(self, task: Task, round_: int, client: int) -> int:
+        """Bytes the server sends ``client`` in this round beyond the global state and its residual catch-up
+        (e.g. a generator, the previous task's model); added to the round's ``downlink_bytes``."""
+        return 0
+
+    def round_costs(self) -> MethodCosts:
+        """The method's costs since the last call (asked once per round, after the task-end work)."""
+        return MethodCosts()
+
     # --- local training ---------------------------------------------------------------------------
+
+    def on_client_round(self, task: Task, round_: int, client: int) -> None:
+        """On the client, before its local round: which task, round and client this is (e.g. to derive the
+        seeds of per-client draws)."""
+
+    def replay(self, task: Task, client: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Samples ``client`` trains on in addition to its task data: ``(indices into the training split,
+        head-output labels)`` (an exemplar memory), or None."""
+        return None
+
+    def local_mask(self, task: Task, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The head outputs taking part in the local loss; ``mask`` is ``train.logit_mask``'s."""
+        return mask
 
     def on_local_start(self, model: FedModel, global_state: dict[str, torch.Tensor]) -> None:
         """Before a client's local training; the model already holds ``global_state``."""
@@ -214,6 +287,11 @@ class Method:
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, *, model: FedModel) -> torch.Tensor:
         """The local objective on one batch of (already masked) logits."""
         return F.cross_entropy(logits, targets)
+
+    def local_loss(self, model: FedModel, x: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The local objective with the batch's inputs ``x`` at hand (distillation terms); the default is
+        :meth:`loss`."""
+        return self.loss(logits, targets, model=model)
 
     # --- server -----------------------------------------------------------------------------------
 
@@ -272,5 +350,8 @@ def check_option(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"method_options.{key}={value!r} is invalid: expected {allowed}")
 
+
+MEMORY_OPTION = "memory_per_class"
+"""The option of methods that keep an exemplar memory; exemplar-free methods refuse it with one line."""
 
 METHODS: Registry[type[Method]] = Registry("method")
