@@ -73,10 +73,13 @@ FLWR_VERSION = "1.42.0"
 
 def check_engine(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` unless ``cfg.engine`` can run here with ``cfg.method``: Flower (and Ray for
-    the simulation) installed (every method runs on every engine: what its clients need travels in messages,
-    :mod:`fedtalora.flower.protocol`)."""
+    the simulation) installed (what a method's clients need travels in messages, :mod:`fedtalora.flower.protocol`;
+    methods with ``runs_on_flower = False`` are refused)."""
     if cfg.engine == "inprocess":
         return
+    if not METHODS.get(cfg.method).runs_on_flower:
+        raise ConfigError(f"method={cfg.method} keeps server-side state its clients need (generator, old model, "
+                          f"exemplar memory) that Flower messages do not carry yet; use engine=inprocess")
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None:

@@ -170,6 +170,9 @@ class Method:
     cached activations of the frozen layers below the first adapted block (``train.feature_cache``,
     :mod:`fedtalora.fed.cache`). Off unless a method says so."""
     needs_server_state: ClassVar[bool] = False
+    runs_on_flower: ClassVar[bool] = True
+    """False: what the method's clients need (beyond :meth:`client_state`) does not travel in Flower messages
+    yet; ``engine=flower``/``flower-sim`` refuse it with one line."""
     """Its clients need server-side method state beyond the global trainable state and the base (e.g. in
     the loss). Informative: engines whose clients only receive messages (Flower) send whatever
     :meth:`client_state` returns, for every method."""

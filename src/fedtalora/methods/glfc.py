@@ -213,6 +213,7 @@ class GLFC(Method):
                "recon_lr, recon_images, recon_per_class)")
     Options = GLFCOptions
     needs_server_state = True  # the old model, the proxy's choice and each client's memory live on the server
+    runs_on_flower = False  # the client-side hooks' state (generator, old model, memory) is not in the messages yet
 
     def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
         super().__init__(options, ctx)

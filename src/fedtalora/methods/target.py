@@ -137,6 +137,7 @@ class Target(Method):
                "adv_warmup, text_tokens)")
     Options = TargetOptions
     needs_server_state = True  # the generator and the old model are the server's (not yet in Flower messages)
+    runs_on_flower = False  # the client-side hooks' state (generator, old model, memory) is not in the messages yet
     condition = "embedding"
     """How the generator is conditioned on the class (see :class:`~fedtalora.methods.synthesis.TokenGenerator`)."""
 
