@@ -71,7 +71,7 @@ from .base import METHODS, MethodContext, check_option
 from .embedspace import features_from_embeddings
 from .labeltext import label_text_embeddings
 from .synthesis import TokenGenerator
-from .target import Target
+from .target import GeneratorOptions, Target
 
 if TYPE_CHECKING:
     from ..core.scenario import Task
@@ -81,7 +81,7 @@ PROJ_KEYS = ("lander.proj.weight", "lander.proj.bias")
 
 
 @dataclass
-class LanderOptions:
+class LanderOptions(GeneratorOptions):
     ltc: float = 5.0
     """Weight of the bounding loss (LANDER's ``lambda_ltc``)."""
     r: float = 0.015
@@ -90,45 +90,17 @@ class LanderOptions:
     """LANDER's ``alpha_cur``: base weight of the current task's terms."""
     pre: float = 0.4
     """LANDER's ``alpha_pre``: base weight of the distillation terms."""
-    temperature: float = 2.0
-    """Distillation temperature on the clients (LANDER's ``tau``)."""
     template: str = ""
     """Prompt of a class name (``{}`` = the name); empty: ``a photo of a {}`` for images, ``{}`` for text."""
     text_encoder: str = "minilm"
     """Sentence encoder of the label texts: ``minilm`` (all-MiniLM-L6-v2) or ``hf:<folder or hub id>``."""
-    syn_batch: int = 0
-    """Synthetic samples per local step (0: ``train.batch_size``)."""
-    gen_steps: int = 100
-    """Generator training steps on the server after each task but the last."""
-    gen_batch: int = 64
-    """Synthetic samples per generator step."""
-    gen_lr: float = 0.002
-    """Adam learning rate of the generator."""
-    nz: int = 256
-    """Size of the generator's conditioning vector (LANDER's ``nz``)."""
-    hidden: int = 256
-    """Width of the generator's token MLP."""
-    oh: float = 0.5
-    """Weight of the teacher's cross-entropy on generated samples."""
     bn: float = 1.0
-    """Weight of the feature-statistics prior."""
-    adv: float = 1.0
-    """Weight of the adversarial term; 0 disables the student."""
-    adv_warmup: int = 20
-    """Generator steps before the adversarial term starts."""
-    text_tokens: int = 16
-    """Length of a synthetic text sample, with ``[CLS]`` and ``[SEP]``."""
+    """Weight of the feature-statistics prior (LANDER's default; TARGET's is 10)."""
 
     def validate(self) -> None:
-        for key in ("ltc", "r", "cur", "pre", "oh", "bn", "adv"):
+        for key in ("ltc", "r", "cur", "pre"):
             check_option(getattr(self, key) >= 0, key, getattr(self, key), "a number >= 0")
-        for key in ("temperature", "gen_lr"):
-            check_option(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
-        for key in ("gen_batch", "nz", "hidden"):
-            check_option(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
-        for key in ("syn_batch", "gen_steps", "adv_warmup"):
-            check_option(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
-        check_option(self.text_tokens >= 3, "text_tokens", self.text_tokens, "an integer >= 3")
+        super().validate()
         check_option(not self.template or "{}" in self.template, "template", self.template,
                      "a prompt with {} where the class name goes")
         check_option(self.text_encoder == "minilm" or self.text_encoder.startswith("hf:"), "text_encoder",

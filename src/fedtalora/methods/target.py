@@ -86,9 +86,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class TargetOptions:
-    kd: float = 25.0
-    """Weight of the distillation term on synthetic samples (TARGET's ``--kd``)."""
+class GeneratorOptions:
+    """Options of the server's data-free generator and the clients' distillation on its samples, shared by
+    TARGET and LANDER (each sets its own defaults where its paper differs)."""
+
     temperature: float = 2.0
     """Temperature of the clients' distillation."""
     syn_batch: int = 0
@@ -116,7 +117,7 @@ class TargetOptions:
     """Length of a synthetic text sample, with ``[CLS]`` and ``[SEP]``."""
 
     def validate(self) -> None:
-        for key in ("kd", "oh", "bn", "adv"):
+        for key in ("oh", "bn", "adv"):
             check_option(getattr(self, key) >= 0, key, getattr(self, key), "a number >= 0")
         for key in ("temperature", "gen_lr"):
             check_option(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
@@ -125,6 +126,16 @@ class TargetOptions:
         for key in ("syn_batch", "gen_steps", "adv_warmup"):
             check_option(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
         check_option(self.text_tokens >= 3, "text_tokens", self.text_tokens, "an integer >= 3")
+
+
+@dataclass
+class TargetOptions(GeneratorOptions):
+    kd: float = 25.0
+    """Weight of the distillation term on synthetic samples (TARGET's ``--kd``)."""
+
+    def validate(self) -> None:
+        check_option(self.kd >= 0, "kd", self.kd, "a number >= 0")
+        super().validate()
 
 
 @METHODS.register("target")
