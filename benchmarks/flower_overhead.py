@@ -260,7 +260,7 @@ def wire_per_round(metrics: dict[str, Any]) -> dict[str, float]:
 
 def timed_run(overrides: list[str], run_dir: Path | None = None) -> dict[str, Any]:
     """One run in this process, phases from its progress events; Ray pre-started where the code can."""
-    cfg = resolve("demo", overrides)
+    cfg = resolve("tiny-vit", overrides)
     marks: dict[str, float] = {}
 
     def progress(event: dict[str, Any]) -> None:
@@ -332,7 +332,7 @@ def deployment_run(num_nodes: int, overrides: list[str], workdir: Path, env: dic
     with dep, Monitor(roots, groups=group) as mon:
         t_up = time.perf_counter() - t0
         t1 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
+        proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "tiny-vit", "--quiet", *overrides,
                                  "engine=flower", f"output.dir={workdir}", "output.name=run"],
                                 env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         run_proc.append(proc)
@@ -366,7 +366,7 @@ def clientapp_cold_start(overrides: list[str], env: dict[str, str], folder: Path
     model build), measured in a fresh Python process like the ``flwr-clientapp`` a SuperNode starts."""
     from fedtalora.fed.build import Experiment
 
-    cfg = resolve("demo", overrides)
+    cfg = resolve("tiny-vit", overrides)
     (folder / "config.yaml").write_text(cfg.to_yaml())
     (folder / "partitions.json").write_text(json.dumps(Experiment.build(cfg).partitions_json()))
     t0 = time.perf_counter()

@@ -396,7 +396,7 @@ def rss_child(clients: int, image_size: int) -> dict[str, Any]:
     from fedtalora.api import prepare, run
     from fedtalora.config import resolve
 
-    cfg = resolve("demo", [
+    cfg = resolve("tiny-vit", [
         "data.dataset=digits", f"data.image_size={image_size}", "scenario.num_tasks=1",
         f"fed.num_clients={clients}", f"fed.clients_per_round={clients}", "fed.rounds_per_task=1",
         "partition.kind=iid", "partition.min_samples=1", "train.local_epochs=1", "train.batch_size=32",

@@ -54,7 +54,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
 
 @pytest.fixture(scope="session")
 def tiny_overrides() -> list[str]:
-    """``key=value`` overrides (on top of the ``demo`` preset) for a run of a few seconds.
+    """``key=value`` overrides (on top of the ``tiny-vit`` preset) for a run of a few seconds.
 
     Shared by the whole session: extend it as ``[*tiny_overrides, "x=y"]``, never mutate it.
     """
@@ -272,7 +272,7 @@ def run_documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fedtalora.fed.rundir import FINAL_MODEL, latest_path
 
     run_dir = tmp_path_factory.mktemp("documents") / "run"
-    run(resolve("demo", [*TINY_OVERRIDES, "output.checkpoints=all"]), run_dir=run_dir)
+    run(resolve("tiny-vit", [*TINY_OVERRIDES, "output.checkpoints=all"]), run_dir=run_dir)
     exported = export(run_dir)
     with safe_open(str(run_dir / FINAL_MODEL), framework="pt") as f:
         meta = dict(f.metadata())

@@ -32,10 +32,10 @@ def test_defaults_validate() -> None:
     assert cfg.lora.scaling == pytest.approx(cfg.lora.alpha / cfg.lora.rank)
 
 
-def test_demo_preset_loads() -> None:
-    assert "demo" in preset_names()
-    assert preset_description("demo")
-    cfg = resolve("demo")
+def test_tiny_vit_preset_loads() -> None:
+    assert "tiny-vit" in preset_names()
+    assert preset_description("tiny-vit")
+    cfg = resolve("tiny-vit")
     assert cfg.data.dataset == "digits"
     assert cfg.model.pretrained is False
     assert cfg.scenario.num_tasks == 5
@@ -46,7 +46,7 @@ def test_demo_preset_loads() -> None:
 
 
 def test_overrides_parse_yaml_values(tiny_overrides: list[str]) -> None:
-    cfg = resolve("demo", [
+    cfg = resolve("tiny-vit", [
         "lora.blocks=[0, 2]", "lora.targets=[qkv,fc2]", "fed.residual=false", "train.lr=0.003",
         "train.head_lr=1", "model.kwargs={patch_size: 2, depth: 3}", "output.name=my run",
         "output.dir=C:/tmp/x", "seed=7", "fed.weighting=uniform", "model.checkpoint=",
@@ -62,11 +62,11 @@ def test_overrides_parse_yaml_values(tiny_overrides: list[str]) -> None:
     assert cfg.seed == 7 and cfg.fed.weighting == "uniform"
     assert cfg.model.checkpoint == ""
     # A dotted key reaches into model.kwargs and keeps the preset's other entries.
-    cfg = resolve("demo", ["model.kwargs.depth=2"])
+    cfg = resolve("tiny-vit", ["model.kwargs.depth=2"])
     assert cfg.model.kwargs == {"patch_size": 4, "depth": 2, "embed_dim": 96, "num_heads": 3}
     # Later overrides win.
-    assert resolve("demo", ["fed.rounds_per_task=2", "fed.rounds_per_task=4"]).fed.rounds_per_task == 4
-    cfg = resolve("demo", tiny_overrides)
+    assert resolve("tiny-vit", ["fed.rounds_per_task=2", "fed.rounds_per_task=4"]).fed.rounds_per_task == 4
+    cfg = resolve("tiny-vit", tiny_overrides)
     assert cfg.model.kwargs == {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
     assert cfg.scenario.num_tasks == 2 and cfg.fed.num_clients == 3 and cfg.data.image_size == 8
 
@@ -84,20 +84,20 @@ def test_parse_override_basics() -> None:
 
 
 def test_apply_overrides_does_not_modify_its_input() -> None:
-    data = load_preset("demo")
+    data = load_preset("tiny-vit")
     apply_overrides(data, ["fed.num_clients=4"])
     assert data["fed"]["num_clients"] == 5
 
 
 def test_scientific_notation_float_override() -> None:
-    assert resolve("demo", ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+    assert resolve("tiny-vit", ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 
 
 def test_extends_a_shipped_preset(tmp_path: Path) -> None:
     child = tmp_path / "child.yaml"
-    child.write_text("extends: demo\nfed:\n  rounds_per_task: 7\nlora: {rank: 2}\n")
+    child.write_text("extends: tiny-vit\nfed:\n  rounds_per_task: 7\nlora: {rank: 2}\n")
     cfg = resolve(str(child), ["fed.num_clients=6", "fed.clients_per_round=6"])
-    demo = resolve("demo")
+    demo = resolve("tiny-vit")
     assert cfg.fed.rounds_per_task == 7 and cfg.lora.rank == 2
     assert cfg.fed.num_clients == 6  # overrides apply on top of the file
     # Everything the child does not set comes from demo (deep merge inside sections).
@@ -107,7 +107,7 @@ def test_extends_a_shipped_preset(tmp_path: Path) -> None:
 
 
 def test_extends_chain_relative_to_the_file(tmp_path: Path) -> None:
-    (tmp_path / "base.yaml").write_text("extends: demo\nseed: 3\ntrain: {lr: 0.5}\n")
+    (tmp_path / "base.yaml").write_text("extends: tiny-vit\nseed: 3\ntrain: {lr: 0.5}\n")
     sub = tmp_path / "sub"
     sub.mkdir()
     (sub / "leaf.yaml").write_text("extends: ../base.yaml\ntrain: {head_lr: 0.25}\n")
@@ -133,7 +133,7 @@ def test_extends_cycle_by_path(tmp_path: Path) -> None:
 
 def test_extends_must_be_a_string(tmp_path: Path) -> None:
     f = tmp_path / "x.yaml"
-    f.write_text("extends: [demo]\n")
+    f.write_text("extends: [tiny-vit]\n")
     with pytest.raises(ConfigError, match="extends"):
         load_preset(str(f))
 
@@ -159,7 +159,7 @@ def test_unknown_key_suggests(data: dict, suggestion: str) -> None:
 
 def test_unknown_key_without_close_match_lists_allowed() -> None:
     with pytest.raises(ConfigError, match="allowed keys here") as exc:
-        resolve("demo", ["fed.zzzzzz=1"])
+        resolve("tiny-vit", ["fed.zzzzzz=1"])
     assert "fed.num_clients" in str(exc.value)
 
 
@@ -184,7 +184,7 @@ def test_unknown_key_without_close_match_lists_allowed() -> None:
 ])
 def test_wrong_types_rejected(override: str, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as exc:
-        resolve("demo", [override])
+        resolve("tiny-vit", [override])
     msg = str(exc.value)
     assert msg.startswith(key + "="), msg
     assert expected in msg
@@ -225,14 +225,14 @@ def test_wrong_types_rejected(override: str, key: str, expected: str) -> None:
 ])
 def test_out_of_range_rejected_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as exc:
-        resolve("demo", [override])
+        resolve("tiny-vit", [override])
     msg = str(exc.value)
     assert msg.startswith(key + "="), msg
     assert "invalid" in msg
 
 
 def test_valid_edge_values_accepted() -> None:
-    cfg = resolve("demo", ["train.device=cuda:1", "train.momentum=0", "lora.dropout=0.5", "train.lr=0",
+    cfg = resolve("tiny-vit", ["train.device=cuda:1", "train.momentum=0", "lora.dropout=0.5", "train.lr=0",
                            "fed.clients_per_round=5", "partition.beta=0.001", "lora.blocks=[3, 0]"])
     assert cfg.train.device == "cuda:1" and cfg.lora.blocks == [3, 0]
 
@@ -245,13 +245,13 @@ def test_method_must_be_implemented(method: str, match: str, monkeypatch) -> Non
     monkeypatch.setitem(METHODS._planned, "future", "a method listed before it exists")
     from fedtalora.fed.build import check_config
 
-    cfg = resolve("demo", [f"method={method}"])  # the config knows no methods: the registry checks the name
+    cfg = resolve("tiny-vit", [f"method={method}"])  # the config knows no methods: the registry checks the name
     with pytest.raises(ConfigError, match=match):
         check_config(cfg)
 
 
 def test_preset_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*tiny-vit"):
         resolve("nope")
     with pytest.raises(ConfigError, match="does not exist"):
         resolve(str(tmp_path / "missing.yaml"))
@@ -268,11 +268,11 @@ def test_preset_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fed must be a mapping"):
         resolve(str(section))
     with pytest.raises(ConfigError, match="'seed' is not a section"):
-        resolve("demo", ["seed.x=1"])
+        resolve("tiny-vit", ["seed.x=1"])
 
 
 def test_round_trip_through_yaml(tiny_overrides: list[str]) -> None:
-    for cfg in (RunConfig(), resolve("demo"), resolve("demo", [*tiny_overrides, "fed.residual=false",
+    for cfg in (RunConfig(), resolve("tiny-vit"), resolve("tiny-vit", [*tiny_overrides, "fed.residual=false",
                                                                "lora.targets=[fc2, qkv]", "seed=11"])):
         text = cfg.to_yaml()
         data = yaml.safe_load(text)
@@ -286,14 +286,14 @@ def test_round_trip_through_yaml(tiny_overrides: list[str]) -> None:
 def test_the_speed_keys_parse_from_overrides_and_are_validated() -> None:
     """``train.parallel_clients``, ``feature_cache``, ``feature_cache_mb``, ``compile``, ``fused_attention`` (issue 20):
     the words a user types on the command line (``none``, not YAML's ``off`` = false) and their ranges."""
-    cfg = resolve("demo", ["train.parallel_clients=4", "train.feature_cache=host", "train.feature_cache_mb=512",
+    cfg = resolve("tiny-vit", ["train.parallel_clients=4", "train.feature_cache=host", "train.feature_cache_mb=512",
                            "train.compile=none", "train.fused_attention=false"])
     t = cfg.train
     assert (t.parallel_clients, t.feature_cache, t.feature_cache_mb, t.compile, t.fused_attention) == (
         4, "host", 512, "none", False)
-    assert resolve("demo", []).train.feature_cache == "none" and resolve("demo", []).train.parallel_clients == 1
+    assert resolve("tiny-vit", []).train.feature_cache == "none" and resolve("tiny-vit", []).train.parallel_clients == 1
     for bad, key in (("train.parallel_clients=0", "train.parallel_clients"), ("train.feature_cache_mb=0",
                      "train.feature_cache_mb"), ("train.feature_cache=yes", "train.feature_cache"),
                      ("train.compile=fast", "train.compile")):
         with pytest.raises(ConfigError, match=key):
-            resolve("demo", [bad])
+            resolve("tiny-vit", [bad])

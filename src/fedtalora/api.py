@@ -3,7 +3,7 @@
 ::
 
     import fedtalora
-    cfg = fedtalora.config.resolve("demo", ["fed.residual=false"])
+    cfg = fedtalora.config.resolve("tiny-vit", ["fed.residual=false"])
     result = fedtalora.run(cfg, run_dir=Path("runs/x"))
     result.history.final_average_accuracy, result.metrics   # typed record / metrics.json as a dict
 

@@ -48,7 +48,7 @@ def _one_error_line(err: str) -> str:
 def e2e(run_cli, tiny_overrides, tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("e2e")
     overrides = [*tiny_overrides, f"output.dir={out}", "output.name=e2e"]
-    rc, stdout, stderr = run_cli(["run", "demo", *overrides], cwd=out)
+    rc, stdout, stderr = run_cli(["run", "tiny-vit", *overrides], cwd=out)
     run_dir = out / "e2e"
     res: dict[str, Any] = {"rc": rc, "stdout": stdout, "stderr": stderr, "run_dir": run_dir,
                            "overrides": overrides}
@@ -69,7 +69,7 @@ def test_e2e_exit_code_and_files(e2e) -> None:
     assert sorted(p.name for p in (e2e["run_dir"] / "checkpoints").iterdir()) == [
         f"{last}.json", f"{last}.safetensors"]
     cfg = from_dict(yaml.safe_load((e2e["run_dir"] / "config.yaml").read_text()))
-    assert cfg == resolve("demo", e2e["overrides"])
+    assert cfg == resolve("tiny-vit", e2e["overrides"])
 
 
 def test_e2e_metrics(e2e) -> None:
@@ -177,7 +177,7 @@ def test_demo_command_in_process_matches_subprocess(e2e, tiny_overrides, tmp_pat
 def test_naive_averaging_has_aggregation_error(tiny_overrides) -> None:
     from fedtalora.api import run
 
-    m = run(resolve("demo", [*tiny_overrides, "fed.residual=false"])).metrics
+    m = run(resolve("tiny-vit", [*tiny_overrides, "fed.residual=false"])).metrics
     errors = [r["aggregation_error"] for r in m["rounds"]]
     assert len(errors) == NUM_TASKS * ROUNDS
     assert max(errors) > 1e-5
@@ -192,45 +192,45 @@ def test_naive_averaging_has_aggregation_error(tiny_overrides) -> None:
 TINY = "<tiny>"
 BAD_INPUTS: list[tuple[str, list[str], list[str]]] = [
     # (id, argv with {tmp} / <tiny> placeholders, words the message must contain)
-    ("unknown-key", ["run", "demo", "fed.resdual=true"], ["fed.resdual", "did you mean", "residual"]),
-    ("string-for-int", ["run", "demo", "fed.num_clients=abc"], ["fed.num_clients", "int"]),
-    ("bool-for-int", ["run", "demo", "train.batch_size=true"], ["train.batch_size", "int"]),
-    ("float-for-int", ["run", "demo", "lora.rank=1.5"], ["lora.rank", "int"]),
-    ("int-for-bool", ["run", "demo", "fed.residual=1"], ["fed.residual", "bool"]),
-    ("rank-0", ["run", "demo", "lora.rank=0"], ["lora.rank", ">= 1"]),
-    ("beta-0", ["run", "demo", "partition.beta=0"], ["partition.beta", "> 0"]),
-    ("beta-negative", ["run", "demo", "partition.beta=-1"], ["partition.beta", "> 0"]),
-    ("clients-per-round", ["run", "demo", "fed.clients_per_round=9"], ["fed.clients_per_round", "fed.num_clients"]),
-    ("partition-kind", ["run", "demo", "partition.kind=foo"], ["partition.kind", "dirichlet"]),
-    ("lora-target", ["run", "demo", "lora.targets=[qkv,foo]"], ["lora.targets", "foo"]),
-    ("lora-blocks-empty", ["run", "demo", "lora.blocks=[]"], ["lora.blocks", "non-empty"]),
-    ("num-tasks-0", ["run", "demo", "scenario.num_tasks=0"], ["scenario.num_tasks"]),
-    ("unknown-preset", ["run", "no_such_preset"], ["no_such_preset", "demo"]),
+    ("unknown-key", ["run", "tiny-vit", "fed.resdual=true"], ["fed.resdual", "did you mean", "residual"]),
+    ("string-for-int", ["run", "tiny-vit", "fed.num_clients=abc"], ["fed.num_clients", "int"]),
+    ("bool-for-int", ["run", "tiny-vit", "train.batch_size=true"], ["train.batch_size", "int"]),
+    ("float-for-int", ["run", "tiny-vit", "lora.rank=1.5"], ["lora.rank", "int"]),
+    ("int-for-bool", ["run", "tiny-vit", "fed.residual=1"], ["fed.residual", "bool"]),
+    ("rank-0", ["run", "tiny-vit", "lora.rank=0"], ["lora.rank", ">= 1"]),
+    ("beta-0", ["run", "tiny-vit", "partition.beta=0"], ["partition.beta", "> 0"]),
+    ("beta-negative", ["run", "tiny-vit", "partition.beta=-1"], ["partition.beta", "> 0"]),
+    ("clients-per-round", ["run", "tiny-vit", "fed.clients_per_round=9"], ["fed.clients_per_round", "fed.num_clients"]),
+    ("partition-kind", ["run", "tiny-vit", "partition.kind=foo"], ["partition.kind", "dirichlet"]),
+    ("lora-target", ["run", "tiny-vit", "lora.targets=[qkv,foo]"], ["lora.targets", "foo"]),
+    ("lora-blocks-empty", ["run", "tiny-vit", "lora.blocks=[]"], ["lora.blocks", "non-empty"]),
+    ("num-tasks-0", ["run", "tiny-vit", "scenario.num_tasks=0"], ["scenario.num_tasks"]),
+    ("unknown-preset", ["run", "no_such_preset"], ["no_such_preset", "tiny-vit"]),
     ("missing-file", ["run", "{tmp}/missing.yaml"], ["missing.yaml", "does not exist"]),
     ("yaml-syntax", ["run", "{tmp}/bad.yaml"], ["bad.yaml", "not valid YAML"]),
     ("yaml-list", ["run", "{tmp}/list.yaml"], ["list.yaml", "mapping"]),
-    ("no-equals", ["run", "demo", "fedresidual"], ["fedresidual", "key=value"]),
-    ("empty-key", ["run", "demo", "=3"], ["empty key"]),
-    ("not-a-section", ["run", "demo", "seed.x=1"], ["seed", "section"]),
-    ("unknown-method", ["run", "demo", "method=nope"], ["method", "nope", "fedtalora"]),
-    ("exemplar-free-memory", ["run", "demo", "method=target", "method_options.memory_per_class=5"],
+    ("no-equals", ["run", "tiny-vit", "fedresidual"], ["fedresidual", "key=value"]),
+    ("empty-key", ["run", "tiny-vit", "=3"], ["empty key"]),
+    ("not-a-section", ["run", "tiny-vit", "seed.x=1"], ["seed", "section"]),
+    ("unknown-method", ["run", "tiny-vit", "method=nope"], ["method", "nope", "fedtalora"]),
+    ("exemplar-free-memory", ["run", "tiny-vit", "method=target", "method_options.memory_per_class=5"],
      ["memory_per_class", "exemplar-free"]),
-    ("device", ["run", "demo", "train.device=tpu"], ["train.device", "tpu"]),
+    ("device", ["run", "tiny-vit", "train.device=tpu"], ["train.device", "tpu"]),
     ("demo-subcommand", ["demo", "lora.rank=-2"], ["lora.rank"]),
     # Errors raised after the config validated (dataset, partition, model, run directory).
-    ("num-tasks-too-many", ["run", "demo", TINY, "scenario.num_tasks=11"], ["scenario.num_tasks", "10 classes"]),
-    ("unknown-dataset", ["run", "demo", TINY, "data.dataset=nope"], ["dataset", "nope", "digits"]),
-    ("quantity-alpha", ["run", "demo", TINY, "scenario.num_tasks=5", "partition.kind=quantity",
+    ("num-tasks-too-many", ["run", "tiny-vit", TINY, "scenario.num_tasks=11"], ["scenario.num_tasks", "10 classes"]),
+    ("unknown-dataset", ["run", "tiny-vit", TINY, "data.dataset=nope"], ["dataset", "nope", "digits"]),
+    ("quantity-alpha", ["run", "tiny-vit", TINY, "scenario.num_tasks=5", "partition.kind=quantity",
                         "partition.alpha=5"], ["partition.alpha", "2 classes"]),
-    ("min-samples", ["run", "demo", TINY, "fed.num_clients=500", "fed.clients_per_round=2"],
+    ("min-samples", ["run", "tiny-vit", TINY, "fed.num_clients=500", "fed.clients_per_round=2"],
      ["partition.min_samples", "fed.num_clients"]),
-    ("block-out-of-range", ["run", "demo", TINY, "lora.blocks=[7]"], ["lora.blocks", "2 blocks"]),
-    ("backbone", ["run", "demo", TINY, "model.backbone=not_a_model"], ["model.backbone", "not_a_model"]),
-    ("model-kwargs", ["run", "demo", TINY, "model.kwargs={foo: 1}"], ["model.kwargs", "foo"]),
-    ("checkpoint", ["run", "demo", TINY, "model.checkpoint={tmp}/nope.pth"], ["model.checkpoint", "nope.pth"]),
-    ("cifar-missing", ["run", "demo", TINY, "data.dataset=cifar100", "data.root={tmp}/empty"],
+    ("block-out-of-range", ["run", "tiny-vit", TINY, "lora.blocks=[7]"], ["lora.blocks", "2 blocks"]),
+    ("backbone", ["run", "tiny-vit", TINY, "model.backbone=not_a_model"], ["model.backbone", "not_a_model"]),
+    ("model-kwargs", ["run", "tiny-vit", TINY, "model.kwargs={foo: 1}"], ["model.kwargs", "foo"]),
+    ("checkpoint", ["run", "tiny-vit", TINY, "model.checkpoint={tmp}/nope.pth"], ["model.checkpoint", "nope.pth"]),
+    ("cifar-missing", ["run", "tiny-vit", TINY, "data.dataset=cifar100", "data.root={tmp}/empty"],
      ["CIFAR-100", "cifar-100-python.tar.gz", "empty"]),
-    ("run-dir-exists", ["run", "demo", TINY, "output.name=exists"], ["exists", "output.overwrite"]),
+    ("run-dir-exists", ["run", "tiny-vit", TINY, "output.name=exists"], ["exists", "output.overwrite"]),
 ]
 
 
@@ -272,7 +272,7 @@ def test_bad_input_is_one_line_exit_2(argv, words, bad_inputs_dir, tiny_override
 @pytest.mark.parametrize(("argv", "prog", "word"), [
     pytest.param([], "fedtalora", "command", id="no-subcommand"),
     pytest.param(["frobnicate"], "fedtalora", "frobnicate", id="unknown-subcommand"),
-    pytest.param(["run", "demo", "--bogus"], "fedtalora", "--bogus", id="unknown-flag"),
+    pytest.param(["run", "tiny-vit", "--bogus"], "fedtalora", "--bogus", id="unknown-flag"),
     pytest.param(["presets", "x"], "fedtalora", "unrecognized", id="extra-arg"),
     # argparse reports errors of a subcommand's own arguments under the subcommand's prog.
     pytest.param(["run"], "fedtalora run", "PRESET_OR_PATH", id="missing-preset"),
@@ -290,7 +290,7 @@ def test_argparse_errors_are_one_line_exit_2(argv, prog, word, capsys) -> None:
 
 def test_real_entry_point_errors(run_cli, tiny_overrides, tmp_path) -> None:
     # A config error: exactly one line.
-    rc, out, err = run_cli(["run", "demo", "fed.resdual=true"], cwd=tmp_path)
+    rc, out, err = run_cli(["run", "tiny-vit", "fed.resdual=true"], cwd=tmp_path)
     assert rc == 2 and out == ""
     assert "did you mean" in _one_error_line(err)
     # An argparse error: exactly one line.
@@ -300,7 +300,7 @@ def test_real_entry_point_errors(run_cli, tiny_overrides, tmp_path) -> None:
     # An error raised while building the partition, after logging started. Without a terminal the
     # CLI logs progress at INFO on stderr, so only the last line is the error; every other line is
     # a log record.
-    rc, out, err = run_cli(["run", "demo", *tiny_overrides, "scenario.num_tasks=5", "partition.kind=quantity",
+    rc, out, err = run_cli(["run", "tiny-vit", *tiny_overrides, "scenario.num_tasks=5", "partition.kind=quantity",
                             "partition.alpha=5", f"output.dir={tmp_path}"], cwd=tmp_path)
     assert rc == 2 and out == "" and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -311,13 +311,13 @@ def test_real_entry_point_errors(run_cli, tiny_overrides, tmp_path) -> None:
 # --- listing commands -----------------------------------------------------------------------------
 
 
-def test_presets_lists_demo(capsys) -> None:
+def test_presets_lists_tiny_vit(capsys) -> None:
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert "demo" in names
-    demo_line = next(line for line in out.splitlines() if line.startswith("demo"))
-    assert "digits" in demo_line  # the preset's one-line description
+    assert "tiny-vit" in names
+    line = next(line for line in out.splitlines() if line.startswith("tiny-vit"))
+    assert "digits" in line and "not the demo" in line  # the preset's one-line description
 
 
 def test_methods_lists_fedtalora_and_planned(capsys) -> None:

@@ -24,7 +24,7 @@ from fedtalora.fed.rundir import FINAL_MODEL, final_state, load_final
 def tiny_run(tiny_overrides, tmp_path_factory) -> dict[str, Any]:
     """A finished tiny run (2 tasks x 2 rounds, residual on), its final model and real test inputs."""
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    cfg = resolve("demo", [*tiny_overrides, "output.checkpoints=none"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, "output.checkpoints=none"])
     setup = prepare(cfg)
     result = run(setup, run_dir=run_dir)
     test = setup.exp.dataset.test
@@ -218,7 +218,7 @@ def test_every_method_exports_or_refuses_in_one_line(method, tiny_overrides, tmp
     models that predict like the run's; a method with its own logits is refused before any file is written."""
     from fedtalora.methods import METHODS
 
-    cfg = resolve("demo", [*tiny_overrides, f"method={method}", "output.checkpoints=none"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, f"method={method}", "output.checkpoints=none"])
     setup = prepare(cfg)
     result = run(setup, run_dir=tmp_path / "run")
     x = setup.transform(setup.exp.dataset.test.inputs[:32], train=False)

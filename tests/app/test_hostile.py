@@ -216,123 +216,123 @@ class Case:
     """Paths (relative to tmp) that must not exist afterwards (e.g. the run directory)."""
 
 
-BLOCK_DEEP = "extends: demo\nmodel:\n  kwargs:\n" + "".join("  " * (i + 2) + f"k{i}:\n" for i in range(80)) + \
+BLOCK_DEEP = "extends: tiny-vit\nmodel:\n  kwargs:\n" + "".join("  " * (i + 2) + f"k{i}:\n" for i in range(80)) + \
     "  " * 82 + "1\n"
 
 CASES: list[Case] = [
     # Config values: finite, bounded, typed.
-    Case("lr-inf", ["run", "demo", "train.lr=.inf"], ["train.lr=inf", "finite"], issue="#7"),
-    Case("alpha-1e400", ["run", "demo", "lora.alpha=1e400"], ["lora.alpha=inf", "finite"], issue="#8"),
-    Case("max-norm-inf", ["run", "demo", "fed.max_update_norm=.inf"], ["fed.max_update_norm", "finite"]),
-    Case("kwargs-nan", ["run", "demo", "model.kwargs={drop_rate: .nan}"], ["model.kwargs.drop_rate=nan", "finite"]),
-    Case("method-option-inf", ["run", "demo", "method=fedprox", "method_options={mu: .inf}"], ["mu", "finite"]),
-    Case("threads-2^31", ["run", "demo", "train.threads=2147483648"], ["train.threads", "[0, 1024]"], issue="#28"),
-    Case("seed-2^100", ["run", "demo", f"seed={2**100}"], ["seed", "2**63"]),
-    Case("int-5000-digits", ["run", "demo", "train.batch_size=" + "9" * 5000], ["train.batch_size", "4300 digits"]),
-    Case("output-name-300", ["run", "demo", "output.name=" + "n" * 300], ["output.name", "255 bytes"], issue="#29"),
-    Case("options-type", ["run", "demo", "data.dataset=text-csv", "data.root={tmp}", "data.options={test_fraction: abc}"],
+    Case("lr-inf", ["run", "tiny-vit", "train.lr=.inf"], ["train.lr=inf", "finite"], issue="#7"),
+    Case("alpha-1e400", ["run", "tiny-vit", "lora.alpha=1e400"], ["lora.alpha=inf", "finite"], issue="#8"),
+    Case("max-norm-inf", ["run", "tiny-vit", "fed.max_update_norm=.inf"], ["fed.max_update_norm", "finite"]),
+    Case("kwargs-nan", ["run", "tiny-vit", "model.kwargs={drop_rate: .nan}"], ["model.kwargs.drop_rate=nan", "finite"]),
+    Case("method-option-inf", ["run", "tiny-vit", "method=fedprox", "method_options={mu: .inf}"], ["mu", "finite"]),
+    Case("threads-2^31", ["run", "tiny-vit", "train.threads=2147483648"], ["train.threads", "[0, 1024]"], issue="#28"),
+    Case("seed-2^100", ["run", "tiny-vit", f"seed={2**100}"], ["seed", "2**63"]),
+    Case("int-5000-digits", ["run", "tiny-vit", "train.batch_size=" + "9" * 5000], ["train.batch_size", "4300 digits"]),
+    Case("output-name-300", ["run", "tiny-vit", "output.name=" + "n" * 300], ["output.name", "255 bytes"], issue="#29"),
+    Case("options-type", ["run", "tiny-vit", "data.dataset=text-csv", "data.root={tmp}", "data.options={test_fraction: abc}"],
          ["data.options.test_fraction='abc'", "float"], issue="#19"),
-    Case("options-list-type", ["run", "demo", "data.dataset=omniglot", "data.options={parts: 3}"],
+    Case("options-list-type", ["run", "tiny-vit", "data.dataset=omniglot", "data.options={parts: 3}"],
          ["data.options.parts=3", "list[str]"]),
     Case("huge-value-message", ["run", "{tmp}/zeros.yaml"], ["lora.blocks=[0, 0, 0", "distinct"],
-         setup=_write("zeros.yaml", "extends: demo\nlora: {blocks: [" + ", ".join(["0"] * 9000) + "]}\n"),
+         setup=_write("zeros.yaml", "extends: tiny-vit\nlora: {blocks: [" + ", ".join(["0"] * 9000) + "]}\n"),
          issue="#10 (a long value in a message)"),
     # YAML: encoding, size, depth, aliases, special files.
     Case("preset-latin1", ["run", "{tmp}/latin.yaml"], ["latin.yaml", "not UTF-8", "0xe9"],
-         setup=_write("latin.yaml", "extends: demo\n# caf\xe9\n".encode("latin-1")), issue="#12"),
+         setup=_write("latin.yaml", "extends: tiny-vit\n# caf\xe9\n".encode("latin-1")), issue="#12"),
     Case("preset-alias-bomb-1e9", ["run", "{tmp}/bomb.yaml"], ["bomb.yaml", "expands to more than 10,000 nodes"],
          setup=_write("bomb.yaml", _bomb_yaml(9)), issue="#9"),
     Case("preset-alias-bomb-1e5", ["run", "{tmp}/bomb5.yaml"], ["bomb5.yaml", "expands to more than"],
          setup=_write("bomb5.yaml", _bomb_yaml(5)), issue="#10"),
     Case("preset-self-alias", ["run", "{tmp}/loop.yaml"], ["loop.yaml", "refers to a node containing it"],
-         setup=_write("loop.yaml", "extends: demo\nmodel: &m {kwargs: {x: *m}}\n")),
+         setup=_write("loop.yaml", "extends: tiny-vit\nmodel: &m {kwargs: {x: *m}}\n")),
     Case("preset-flow-deep", ["run", "{tmp}/deep.yaml"], ["deep.yaml", "not valid YAML", "nesting depth"],
-         setup=_write("deep.yaml", "extends: demo\nlora: {blocks: " + "[" * 5000 + "]" * 5000 + "}\n"), issue="#14"),
+         setup=_write("deep.yaml", "extends: tiny-vit\nlora: {blocks: " + "[" * 5000 + "]" * 5000 + "}\n"), issue="#14"),
     Case("preset-block-deep", ["run", "{tmp}/deep2.yaml"], ["deep2.yaml", "nested too deeply"],
          setup=_write("deep2.yaml", BLOCK_DEEP), issue="#14"),
     Case("preset-fifo", ["run", "{tmp}/fifo.yaml"], ["fifo.yaml", "not a regular file"], setup=_fifo("fifo.yaml")),
     Case("preset-too-big", ["run", "{tmp}/big.yaml"], ["big.yaml", "too large"],
-         setup=_write("big.yaml", "extends: demo\n" + "#" * (2**20 + 10) + "\n")),
-    Case("override-deep", ["run", "demo", "lora.blocks=" + "[" * 100 + "]" * 100], ["lora.blocks", "nested too deeply"],
+         setup=_write("big.yaml", "extends: tiny-vit\n" + "#" * (2**20 + 10) + "\n")),
+    Case("override-deep", ["run", "tiny-vit", "lora.blocks=" + "[" * 100 + "]" * 100], ["lora.blocks", "nested too deeply"],
          issue="#15"),
-    Case("override-bomb", ["run", "demo", "model.kwargs=" + _bomb_yaml(6, flow=True)], ["model.kwargs", "expands"]),
-    Case("override-bad-date", ["run", "demo", "seed=2020-13-45"], ["seed", "not valid YAML"]),
+    Case("override-bomb", ["run", "tiny-vit", "model.kwargs=" + _bomb_yaml(6, flow=True)], ["model.kwargs", "expands"]),
+    Case("override-bad-date", ["run", "tiny-vit", "seed=2020-13-45"], ["seed", "not valid YAML"]),
     # Dataset files: only regular files, UTF-8, bounded JSON, decodable images.
-    Case("wnids-latin1", ["run", "demo", "data.dataset=tiny-imagenet", "data.root={tmp}/tiny"],
+    Case("wnids-latin1", ["run", "tiny-vit", "data.dataset=tiny-imagenet", "data.root={tmp}/tiny"],
          ["wnids.txt", "not UTF-8"], issue="#13",
          setup=lambda t, ctx: (_write("tiny/tiny-imagenet-200/wnids.txt", "n0144\xe9\n".encode("latin-1"))(t, ctx),
                           (t / "tiny/tiny-imagenet-200/train").mkdir())),
-    Case("clinc-deep", ["run", "demo", "data.dataset=clinc150", "data.root={tmp}/clinc"],
+    Case("clinc-deep", ["run", "tiny-vit", "data.dataset=clinc150", "data.root={tmp}/clinc"],
          ["data_full.json", "nested too deeply"], issue="#16",
          setup=_write("clinc/data_full.json", '{"train": ' + "[" * 100_000 + "]" * 100_000 + "}")),
-    Case("image-fifo", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
+    Case("image-fifo", ["run", "tiny-vit", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
          ["x.png", "not a regular file"], issue="#11", setup=lambda t, ctx: _imagefolder(t, os.mkfifo)),
-    Case("image-bomb", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
+    Case("image-bomb", ["run", "tiny-vit", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
          ["x.png", "too large to decode safely"], issue="#23",
          setup=lambda t, ctx: _imagefolder(t, lambda p: p.write_bytes(_png(20_000, 20_000)))),
-    Case("image-bomb-warning-range", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
+    Case("image-bomb-warning-range", ["run", "tiny-vit", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
          ["x.png", "too large to decode safely"], issue="#23",
          setup=lambda t, ctx: _imagefolder(t, lambda p: p.write_bytes(_png(10_000, 10_000)))),
-    Case("image-garbage", ["run", "demo", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
+    Case("image-garbage", ["run", "tiny-vit", "data.dataset=imagefolder", "data.root={tmp}/imgs"],
          ["cannot decode image", "x.png"], setup=lambda t, ctx: _imagefolder(t, lambda p: p.write_bytes(b"\x89PNG junk"))),
     # The model: not a ViT, geometry, weight files. The run directory must not be created.
-    Case("not-a-vit", ["run", "demo", TINY, "model.backbone=resnet18"], ["resnet18", "not a ViT"], issue="#39",
+    Case("not-a-vit", ["run", "tiny-vit", TINY, "model.backbone=resnet18"], ["resnet18", "not a ViT"], issue="#39",
          absent=["runs"]),
-    Case("heads-divide", ["run", "demo", TINY, "model.kwargs={patch_size: 4, depth: 2, embed_dim: 30, num_heads: 4}"],
+    Case("heads-divide", ["run", "tiny-vit", TINY, "model.kwargs={patch_size: 4, depth: 2, embed_dim: 30, num_heads: 4}"],
          ["divisible by num_heads"], issue="#24", absent=["runs"]),
-    Case("image-smaller-than-patch", ["run", "demo", TINY, "data.image_size=3"],
+    Case("image-smaller-than-patch", ["run", "tiny-vit", TINY, "data.image_size=3"],
          ["data.image_size=3", "cannot take 3x3 images"], issue="#25", absent=["runs"]),
-    Case("img-size-mismatch", ["run", "demo", TINY, "model.kwargs={patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, "
+    Case("img-size-mismatch", ["run", "tiny-vit", TINY, "model.kwargs={patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, "
                                                     "img_size: 16}"], ["cannot take 8x8 images"], absent=["runs"]),
-    Case("pth-text", ["run", "demo", TINY, "model.checkpoint={tmp}/w.pth"], ["w.pth", "not a valid .pth"],
+    Case("pth-text", ["run", "tiny-vit", TINY, "model.checkpoint={tmp}/w.pth"], ["w.pth", "not a valid .pth"],
          setup=_write("w.pth", "these are not weights\n"), issue="#27", absent=["runs"]),
-    Case("pth-pickle", ["run", "demo", TINY, "model.checkpoint={tmp}/p.pth"], ["p.pth", "never unpickles"],
+    Case("pth-pickle", ["run", "tiny-vit", TINY, "model.checkpoint={tmp}/p.pth"], ["p.pth", "never unpickles"],
          setup=lambda t, ctx: torch.save({"w": torch.zeros(1), "obj": _Anything()}, t / "p.pth"), issue="#35",
          absent=["runs"]),
-    Case("safetensors-1d-pos-embed", ["run", "demo", TINY, "model.checkpoint={tmp}/w.safetensors"],
+    Case("safetensors-1d-pos-embed", ["run", "tiny-vit", TINY, "model.checkpoint={tmp}/w.safetensors"],
          ["w.safetensors", "does not fit"], issue="#26", absent=["runs"],
          setup=lambda t, ctx: _tiny_weights(t, ctx, lambda sd: sd.update(pos_embed=torch.zeros(32)), "w.safetensors")),
-    Case("weights-nan", ["run", "demo", TINY, "model.checkpoint={tmp}/nan.safetensors"], ["nan.safetensors", "non-finite"],
+    Case("weights-nan", ["run", "tiny-vit", TINY, "model.checkpoint={tmp}/nan.safetensors"], ["nan.safetensors", "non-finite"],
          setup=lambda t, ctx: _tiny_weights(t, ctx, lambda sd: sd["cls_token"].fill_(float("nan")), "nan.safetensors"),
          issue="#6",
          absent=["runs"]),
     # Output locations in the way.
-    Case("partitions-is-a-dir", ["run", "demo", TINY, "output.name=x", "output.overwrite=true"],
+    Case("partitions-is-a-dir", ["run", "tiny-vit", TINY, "output.name=x", "output.overwrite=true"],
          ["partitions.json", "is a directory"],
          setup=lambda t, ctx: (t / "runs" / "x" / "partitions.json").mkdir(parents=True), issue="#30"),
-    Case("overwrite-not-a-run-dir", ["run", "demo", TINY, "output.name=x", "output.overwrite=true"],
+    Case("overwrite-not-a-run-dir", ["run", "tiny-vit", TINY, "output.name=x", "output.overwrite=true"],
          ["output.overwrite=true", "notes.txt", "not a file fedtalora writes"],
          setup=_write("runs/x/notes.txt", "mine\n"), issue="#3"),
-    Case("run-dir-locked", ["run", "demo", TINY, "output.name=x"], ["runs/x", "in use by process"], issue="#4",
+    Case("run-dir-locked", ["run", "tiny-vit", TINY, "output.name=x"], ["runs/x", "in use by process"], issue="#4",
          setup=lambda t, ctx: _hold_lock(t / "runs" / "x", ctx)),
     Case("resume-locked", ["resume", RUN], ["run", "in use by process"], needs_run="interrupted", issue="#4",
          setup=lambda t, ctx: _hold_lock(t / "run", ctx)),
     Case("resume-complete-edited", ["resume", RUN], ["complete", "config.yaml was edited"], needs_run="finished",
          issue="#1", setup=lambda t, ctx: _edit_config(t / "run", "lr: 0.003", "lr: 0.5")),
     Case("sweep-output-a-file", ["sweep", "{tmp}/grid.yaml", "--quiet"], ["sweep folder", "output"], issue="#31",
-         setup=lambda t, ctx: (_write("out", "a file")(t, ctx), _write("grid.yaml", "presets: [demo]\noutput: " + str(t / "out")
+         setup=lambda t, ctx: (_write("out", "a file")(t, ctx), _write("grid.yaml", "presets: [tiny-vit]\noutput: " + str(t / "out")
                                                              + "\n")(t, ctx))),
     Case("sweep-grid-latin1", ["sweep", "{tmp}/g.yaml"], ["g.yaml", "not UTF-8"],
-         setup=_write("g.yaml", "presets: [demo]  # \xe9\n".encode("latin-1"))),
+         setup=_write("g.yaml", "presets: [tiny-vit]  # \xe9\n".encode("latin-1"))),
     Case("sweep-grid-fifo", ["sweep", "{tmp}/g.yaml"], ["g.yaml", "not a regular file"], setup=_fifo("g.yaml")),
     Case("sweep-grid-bomb", ["sweep", "{tmp}/g.yaml"], ["g.yaml", "expands"], setup=_write("g.yaml", _bomb_yaml(7))),
     Case("flower-app-into-file", ["flower-app", "{tmp}/f"], ["flower-app", "not a folder"], issue="#32",
          setup=_write("f", "x")),
     Case("flower-app-unwritable", ["flower-app", "/proc/fedtalora-app"], ["flower-app", "cannot create"], issue="#33"),
-    Case("flower-app-bad-data", ["flower-app", "{tmp}/app", "demo", "data.dataset=cifar100", "data.root={tmp}/none"],
+    Case("flower-app-bad-data", ["flower-app", "{tmp}/app", "tiny-vit", "data.dataset=cifar100", "data.root={tmp}/none"],
          ["CIFAR-100", "not found"], issue="#2 (dest written before the config was checked)", absent=["app"]),
     Case("flower-app-existing", ["flower-app", "{tmp}/app"], ["pyproject.toml", "--force"],
          setup=_write("app/pyproject.toml", "# mine\n"), issue="#2"),
-    Case("flower-app-existing-config", ["flower-app", "{tmp}/app", "demo", "seed=3"], ["config.yaml", "--force"],
+    Case("flower-app-existing-config", ["flower-app", "{tmp}/app", "tiny-vit", "seed=3"], ["config.yaml", "--force"],
          setup=_write("app/config.yaml", "# mine\n"), issue="#2"),
-    Case("flower-app-bad-override", ["flower-app", "{tmp}/app", "demo", "fed.bogus=1"], ["fed.bogus"],
+    Case("flower-app-bad-override", ["flower-app", "{tmp}/app", "tiny-vit", "fed.bogus=1"], ["fed.bogus"],
          setup=_write("app/config.yaml", "# mine\n"), issue="#2"),
-    Case("superlink-missing", ["run", "demo", "engine=flower", "flower.superlink=nonexistent", "output.dir={tmp}/runs"],
+    Case("superlink-missing", ["run", "tiny-vit", "engine=flower", "flower.superlink=nonexistent", "output.dir={tmp}/runs"],
          ["flower.superlink='nonexistent'", "no such SuperLink connection"], issue="#36", absent=["runs"]),
-    Case("superlink-unreachable", ["run", "demo", "engine=flower", "flower.superlink=dead", "output.dir={tmp}/runs"],
+    Case("superlink-unreachable", ["run", "tiny-vit", "engine=flower", "flower.superlink=dead", "output.dir={tmp}/runs"],
          ["flower.superlink='dead'", "unreachable at 127.0.0.1:", "is it running?"], issue="#36 (defined, unreachable)",
          setup=_flwr_config("127.0.0.1:{free}"), absent=["runs"]),
-    Case("superlink-bad-address", ["run", "demo", "engine=flower", "flower.superlink=dead", "output.dir={tmp}/runs"],
+    Case("superlink-bad-address", ["run", "tiny-vit", "engine=flower", "flower.superlink=dead", "output.dir={tmp}/runs"],
          ["flower.superlink='dead'", "expected HOST:PORT"], setup=_flwr_config("nowhere"), absent=["runs"]),
     # Documents read back: report, compare, export.
     Case("report-metrics-deep", ["report", "{tmp}/r"], ["metrics.json", "nested too deeply"], issue="#18",
@@ -369,7 +369,7 @@ CASES: list[Case] = [
 @pytest.fixture(scope="module")
 def finished(tiny_overrides, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("hostile") / "run"
-    run(resolve("demo", list(tiny_overrides)), run_dir=run_dir)
+    run(resolve("tiny-vit", list(tiny_overrides)), run_dir=run_dir)
     return run_dir
 
 
@@ -490,7 +490,7 @@ def test_an_unexpected_error_is_one_line_exit_1_with_a_traceback_log(tmp_path, t
         raise RuntimeError("a third-party library failed\nwith a second line " + "x" * 5000)
 
     monkeypatch.setattr(fedtalora.api, "prepare", boom)
-    rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs"])
+    rc = main(["run", "tiny-vit", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs"])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and "Traceback" not in err
@@ -512,7 +512,7 @@ def test_an_unexpected_error_inside_a_run_logs_into_the_run_directory(tmp_path, 
         raise ValueError("inside the loop")
 
     monkeypatch.setattr(fedtalora.api, "run", boom)
-    rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs", "output.name=r"])
+    rc = main(["run", "tiny-vit", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs", "output.name=r"])
     err = capsys.readouterr().err
     assert rc == 1 and f"traceback in {tmp_path / 'runs' / 'r' / 'error.log'}" in err
     assert "ValueError: inside the loop" in (tmp_path / "runs" / "r" / "error.log").read_text()
@@ -526,7 +526,7 @@ def test_ctrl_c_names_the_real_run_directory(tmp_path, tiny_overrides, capsys, m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fedtalora.api, "run", interrupted)
-    rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs", "output.name=r",
+    rc = main(["run", "tiny-vit", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs", "output.name=r",
                f"output.checkpoints={checkpoints}"])
     err = capsys.readouterr().err
     assert rc == 130 and err.count("\n") == 1 and "RUN_DIR" not in err
@@ -541,7 +541,7 @@ def test_ctrl_c_before_the_run_directory_exists(tmp_path, tiny_overrides, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fedtalora.api, "prepare", interrupted)
-    assert main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs"]) == 130
+    assert main(["run", "tiny-vit", "--quiet", *tiny_overrides, f"output.dir={tmp_path}/runs"]) == 130
     err = capsys.readouterr().err
     assert "no run directory had been created yet" in err and "RUN_DIR" not in err
 
@@ -577,7 +577,7 @@ def test_overwrite_clears_the_old_run_before_writing_anything(finished, tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fedtalora.api, "run", interrupted)
-    rc = main(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={runs}", "output.name=x",
+    rc = main(["run", "tiny-vit", "--quiet", *tiny_overrides, f"output.dir={runs}", "output.name=x",
                "output.overwrite=true", "seed=7"])
     assert rc == 130
     capsys.readouterr()

@@ -24,7 +24,7 @@ ROUND_LINE = re.compile(r"INFO fedtalora\.fed\.loop: \[task (\d)/2 \| round (\d)
 
 
 def test_not_a_terminal_gives_plain_log_lines_and_no_bar(run_cli, tiny_overrides, tmp_path) -> None:
-    rc, out, err = run_cli(["run", "demo", *tiny_overrides, f"output.dir={tmp_path}", "output.name=plain"])
+    rc, out, err = run_cli(["run", "tiny-vit", *tiny_overrides, f"output.dir={tmp_path}", "output.name=plain"])
     assert rc == 0, err
     for text in (out, err):
         assert BAR not in text and "\r" not in text and "\x1b[" not in text
@@ -67,7 +67,7 @@ def _run_in_pty(args: list[str], cwd: Path, cli_env: dict[str, str], limit: floa
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal test needs Linux")
 def test_terminal_shows_bars_with_eta_accuracy_and_loss(tiny_overrides, tmp_path, cli_env) -> None:
-    rc, text = _run_in_pty(["run", "demo", *tiny_overrides, f"output.dir={tmp_path}", "output.name=tty"], tmp_path,
+    rc, text = _run_in_pty(["run", "tiny-vit", *tiny_overrides, f"output.dir={tmp_path}", "output.name=tty"], tmp_path,
                            cli_env)
     plain = ANSI.sub("", text)
     assert rc == 0, plain[-2000:]
@@ -80,7 +80,7 @@ def test_terminal_shows_bars_with_eta_accuracy_and_loss(tiny_overrides, tmp_path
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal test needs Linux")
 def test_quiet_draws_nothing_even_on_a_terminal(tiny_overrides, tmp_path, cli_env) -> None:
-    rc, text = _run_in_pty(["run", "demo", "--quiet", *tiny_overrides, f"output.dir={tmp_path}", "output.name=q"],
+    rc, text = _run_in_pty(["run", "tiny-vit", "--quiet", *tiny_overrides, f"output.dir={tmp_path}", "output.name=q"],
                            tmp_path, cli_env)
     plain = ANSI.sub("", text)
     assert rc == 0, plain[-2000:]

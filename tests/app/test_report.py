@@ -35,7 +35,7 @@ def sweep(tiny_overrides, tmp_path_factory) -> Path:
     """A sweep-like tree: residual on (seeds 0 and 1) and off (seed 0), nested two levels deep."""
     root = tmp_path_factory.mktemp("sweep")
     for residual, seed in (("true", 0), ("true", 1), ("false", 0)):
-        cfg = resolve("demo", [*tiny_overrides, f"fed.residual={residual}", f"seed={seed}", "output.checkpoints=none"])
+        cfg = resolve("tiny-vit", [*tiny_overrides, f"fed.residual={residual}", f"seed={seed}", "output.checkpoints=none"])
         run(cfg, run_dir=root / f"residual-{residual}" / f"seed-{seed}")
     return root
 

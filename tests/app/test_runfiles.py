@@ -86,8 +86,8 @@ def test_the_writer_lock_is_taken_unless_a_flower_server_app_takes_it(tmp_path: 
 def test_resume_state(tmp_path: Path, tiny_overrides, run_documents) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(run_documents["run_dir"], run_dir)
-    cfg = resolve("demo", [*tiny_overrides, "output.checkpoints=none"])  # output.* is not part of the fingerprint
-    edited = resolve("demo", [*tiny_overrides, "train.lr=0.5"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, "output.checkpoints=none"])  # output.* is not part of the fingerprint
+    edited = resolve("tiny-vit", [*tiny_overrides, "train.lr=0.5"])
     assert final_config_sha256(run_dir) == config_fingerprint(cfg.to_dict())
     done = resume_state(run_dir, cfg)
     assert done is not None and done.complete and done.to_dict() == run_documents["metrics"]
@@ -111,7 +111,7 @@ def test_a_final_model_without_a_fingerprint_is_taken_as_it_is(tmp_path: Path, t
     shutil.copytree(run_documents["run_dir"], run_dir)
     meta = {k: v for k, v in run_documents["meta"].items() if k != "config_sha256"}
     save_file(load_file(str(run_dir / FINAL_MODEL)), str(run_dir / FINAL_MODEL), metadata=meta)
-    edited = resolve("demo", [*tiny_overrides, "train.lr=0.5"])
+    edited = resolve("tiny-vit", [*tiny_overrides, "train.lr=0.5"])
     assert final_config_sha256(run_dir) is None and resume_state(run_dir, edited) is not None
     (run_dir / FINAL_MODEL).write_bytes(b"not safetensors")
     assert final_config_sha256(run_dir) is None and resume_state(run_dir, edited) is not None

@@ -66,7 +66,7 @@ def test_describe_uneven_counts_and_frozen_backbone() -> None:
     assert "1-2 train / 1 test samples per class" in rows["data"] and rows["data"].startswith("mine:")
     assert "LoRA" not in rows["method"] and "IID" in rows["federation"]
     assert "NOT pretrained" in rows["model"]
-    cfg = resolve("demo", ["fed.rounds_per_task=2", "lora.blocks=[0,2]"]).to_dict()
+    cfg = resolve("tiny-vit", ["fed.rounds_per_task=2", "lora.blocks=[0,2]"]).to_dict()
     rows = dict(describe_run(cfg, data_facts("digits", 2, [0, 1], [0, 1]), True))
     assert "2 rounds x 3 local epochs per task" in rows["federation"] and "in blocks 0, 2 (" in rows["method"]
 

@@ -29,8 +29,8 @@ def common(tiny_overrides) -> list[str]:
 def write_grid(folder: Path, common: list[str], **grid: Any) -> Path:
     """Two presets next to the grid file (relative paths) and the grid itself."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "dir.yaml").write_text("# Dirichlet\nextends: demo\npartition: {kind: dirichlet, beta: 0.5, min_samples: 5}\n")
-    (folder / "iid.yaml").write_text("# IID\nextends: demo\npartition: {kind: iid}\n")
+    (folder / "dir.yaml").write_text("# Dirichlet\nextends: tiny-vit\npartition: {kind: dirichlet, beta: 0.5, min_samples: 5}\n")
+    (folder / "iid.yaml").write_text("# IID\nextends: tiny-vit\npartition: {kind: iid}\n")
     data = {"name": "g", "output": str(folder / "out"), "presets": ["dir.yaml", "iid.yaml"], "seeds": [0, 1],
             "common": common, **grid}
     path = folder / "grid.yaml"
@@ -268,23 +268,23 @@ def test_shipped_grids_resolve(common) -> None:
 BAD_GRIDS = [
     ("notyaml", "presets: [a\n", "not valid YAML"),
     ("list", "- a\n- b\n", "YAML mapping"),
-    ("unknown-key", "presets: [demo]\nseed: [0]\n", "unknown key 'seed'"),
+    ("unknown-key", "presets: [tiny-vit]\nseed: [0]\n", "unknown key 'seed'"),
     ("no-presets", "seeds: [0]\n", "'presets' is required"),
     ("empty-presets", "presets: []\n", "must not be empty"),
     ("preset-string", "presets: demo\n", "must be a list of strings"),
     ("unknown-preset", "presets: [nope]\n", "unknown preset 'nope'"),
-    ("dup-preset", "presets: [demo, demo]\n", "twice"),
-    ("bad-key", "presets: [demo]\noverrides: [[fed.nope=1]]\n", "fed.nope"),
-    ("bad-value", "presets: [demo]\noverrides: [[fed.num_clients=0]]\n", "fed.num_clients"),
-    ("no-equals", "presets: [demo]\noverrides: [[fed.residual]]\n", "key=value"),
-    ("overrides-dict", "presets: [demo]\noverrides: {a: 1}\n", "non-empty list of settings"),
-    ("setting-key", "presets: [demo]\noverrides: [{label: x, sett: []}]\n", "unknown key 'sett'"),
-    ("same-slug", "presets: [demo]\noverrides: [{label: a b, set: []}, {label: a-b, set: [seed=1]}]\n", "share the run name"),
-    ("neg-seed", "presets: [demo]\nseeds: [-1]\n", "seeds must be"),
-    ("str-seed", "presets: [demo]\nseeds: [one]\n", "seeds must be"),
-    ("dup-seed", "presets: [demo]\nseeds: [1, 1]\n", "twice"),
-    ("bad-name", "name: a/b\npresets: [demo]\n", "plain folder name"),
-    ("bad-common", "presets: [demo]\ncommon: [train.lr=fast]\n", "train.lr"),
+    ("dup-preset", "presets: [tiny-vit, tiny-vit]\n", "twice"),
+    ("bad-key", "presets: [tiny-vit]\noverrides: [[fed.nope=1]]\n", "fed.nope"),
+    ("bad-value", "presets: [tiny-vit]\noverrides: [[fed.num_clients=0]]\n", "fed.num_clients"),
+    ("no-equals", "presets: [tiny-vit]\noverrides: [[fed.residual]]\n", "key=value"),
+    ("overrides-dict", "presets: [tiny-vit]\noverrides: {a: 1}\n", "non-empty list of settings"),
+    ("setting-key", "presets: [tiny-vit]\noverrides: [{label: x, sett: []}]\n", "unknown key 'sett'"),
+    ("same-slug", "presets: [tiny-vit]\noverrides: [{label: a b, set: []}, {label: a-b, set: [seed=1]}]\n", "share the run name"),
+    ("neg-seed", "presets: [tiny-vit]\nseeds: [-1]\n", "seeds must be"),
+    ("str-seed", "presets: [tiny-vit]\nseeds: [one]\n", "seeds must be"),
+    ("dup-seed", "presets: [tiny-vit]\nseeds: [1, 1]\n", "twice"),
+    ("bad-name", "name: a/b\npresets: [tiny-vit]\n", "plain folder name"),
+    ("bad-common", "presets: [tiny-vit]\ncommon: [train.lr=fast]\n", "train.lr"),
 ]
 
 
@@ -307,7 +307,7 @@ def test_missing_grid_file_names_the_shipped_grids(tmp_path: Path, capsys) -> No
 
 
 def test_load_grid_errors_are_config_errors(tmp_path: Path) -> None:
-    (tmp_path / "g.yaml").write_text("presets: [demo]\nseeds: []\n")
+    (tmp_path / "g.yaml").write_text("presets: [tiny-vit]\nseeds: []\n")
     with pytest.raises(ConfigError):
         load_grid(str(tmp_path / "g.yaml"))
 

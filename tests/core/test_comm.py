@@ -153,7 +153,7 @@ def test_one_update_per_round_has_no_residual_to_send(tiny_overrides: list[str])
     from fedtalora.config import resolve
     from fedtalora.core.aggregation import state_nbytes
 
-    res = run(resolve("demo", [*tiny_overrides, "fed.clients_per_round=1", "scenario.num_tasks=1"]))
+    res = run(resolve("tiny-vit", [*tiny_overrides, "fed.clients_per_round=1", "scenario.num_tasks=1"]))
     m = res.metrics
     state = state_nbytes(res.model.trainable_state(list(res.model.lora_parameters()) + ["head.weight", "head.bias"]))
     for r in m["rounds"]:

@@ -72,7 +72,7 @@ def test_prototype_classifier_run_predicts_by_exact_class_means(tmp_path, tiny_o
     from fedtalora.api import prepare, run
     from fedtalora.config import resolve
 
-    cfg = resolve("demo", [*tiny_overrides, "classifier.kind=prototype"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, "classifier.kind=prototype"])
     setup = prepare(cfg)
     result = run(setup, tmp_path / "run")
     m = result.metrics

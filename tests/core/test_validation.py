@@ -188,7 +188,7 @@ def _rounds_consistent(m: dict) -> None:
 ])
 def test_rounds_without_valid_updates_are_skipped_and_keep_the_model(fault, expected, tiny_overrides,
                                                                       make_tiny_model) -> None:
-    m = run(resolve("demo", [*tiny_overrides, fault]))
+    m = run(resolve("tiny-vit", [*tiny_overrides, fault]))
     metrics = m.metrics
     assert metrics["complete"] is True
     assert metrics["reliability"] == {**expected, "skipped_rounds": 4}
@@ -206,7 +206,7 @@ def test_rounds_without_valid_updates_are_skipped_and_keep_the_model(fault, expe
 def test_rejected_updates_are_left_out_and_never_reach_the_model(tiny_overrides) -> None:
     overrides = [*tiny_overrides, "fed.rounds_per_task=3", "faults.corrupt_update=0.4", "faults.corrupt_kind=nan",
                  "fed.min_clients=2"]
-    res = run(resolve("demo", overrides))
+    res = run(resolve("tiny-vit", overrides))
     m = res.metrics
     _rounds_consistent(m)
     rel = m["reliability"]
@@ -225,11 +225,11 @@ def test_rejected_updates_are_left_out_and_never_reach_the_model(tiny_overrides)
 
 def test_norm_bound_rejects_scaled_updates_only(tiny_overrides) -> None:
     base = [*tiny_overrides, "faults.corrupt_update=0.5", "faults.corrupt_kind=scale"]
-    unbounded = run(resolve("demo", base)).metrics
+    unbounded = run(resolve("tiny-vit", base)).metrics
     assert unbounded["reliability"]["rejected_updates"] == 0  # without a bound the poison goes through
-    honest = run(resolve("demo", [*tiny_overrides, "fed.max_update_norm=50"])).metrics
+    honest = run(resolve("tiny-vit", [*tiny_overrides, "fed.max_update_norm=50"])).metrics
     assert honest["reliability"]["rejected_updates"] == 0  # honest updates of this run are far below 50
-    bounded = run(resolve("demo", [*base, "fed.max_update_norm=50"])).metrics
+    bounded = run(resolve("tiny-vit", [*base, "fed.max_update_norm=50"])).metrics
     _rounds_consistent(bounded)
     assert bounded["reliability"]["rejected_updates"] == bounded["reliability"]["corrupted_updates"] > 0
     for r in bounded["rounds"]:

@@ -322,10 +322,10 @@ def test_experiment_uses_the_subset_and_bad_values_are_refused(tmp_path: Path) -
     from fedtalora.config import resolve
     from fedtalora.fed.build import Experiment
 
-    cfg = resolve("demo", ["data.train_per_class=6", "data.test_per_class=2", "partition.kind=iid"])
+    cfg = resolve("tiny-vit", ["data.train_per_class=6", "data.test_per_class=2", "partition.kind=iid"])
     exp = Experiment.build(cfg)
     assert len(exp.dataset.train) == 60 and len(exp.dataset.test) == 20
     assert sum(len(ix) for parts in exp.partitions for ix in parts) == 60
     with pytest.raises(ConfigError, match="data.train_per_class"):
-        resolve("demo", ["data.train_per_class=-1"])
-    assert main(["run", "demo", "data.test_per_class=-3", f"output.dir={tmp_path}"]) == 2
+        resolve("tiny-vit", ["data.train_per_class=-1"])
+    assert main(["run", "tiny-vit", "data.test_per_class=-3", f"output.dir={tmp_path}"]) == 2

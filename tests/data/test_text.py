@@ -194,7 +194,7 @@ def test_bad_text_backbones(backbone: str, match: str) -> None:
 
 def test_text_run_end_to_end_through_cli(tiny_bert: Path, tmp_path: Path, run_cli, write_banking, text_overrides) -> None:
     data = write_banking(tmp_path / "b77")
-    rc, out, err = run_cli(["run", "demo", *text_overrides(tiny_bert, data), f"output.dir={tmp_path}",
+    rc, out, err = run_cli(["run", "tiny-vit", *text_overrides(tiny_bert, data), f"output.dir={tmp_path}",
                             "output.name=text", "--quiet"])
     assert rc == 0, err
     metrics = json.loads((tmp_path / "text" / "metrics.json").read_text())
@@ -208,7 +208,7 @@ def test_text_run_end_to_end_through_cli(tiny_bert: Path, tmp_path: Path, run_cl
 
 
 def test_image_data_with_text_model_is_a_config_error(tiny_bert: Path, tmp_path: Path, run_cli) -> None:
-    rc, out, err = run_cli(["run", "demo", f"model.backbone=hf:{tiny_bert}", "model.kwargs={}",
+    rc, out, err = run_cli(["run", "tiny-vit", f"model.backbone=hf:{tiny_bert}", "model.kwargs={}",
                             f"output.dir={tmp_path}", "--quiet"])
     assert rc == 2
     assert "is image data but model.backbone" in err and len(err.strip().splitlines()) == 1

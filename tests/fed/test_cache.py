@@ -51,7 +51,7 @@ def test_no_cut_below_a_layer_that_draws_random_numbers(tiny_configs) -> None:
 
 
 def _cache_run(overrides: list[str], tiny_overrides: list[str]) -> tuple[dict[str, Any], Any]:
-    setup = prepare(resolve("demo", [*tiny_overrides, *overrides]))
+    setup = prepare(resolve("tiny-vit", [*tiny_overrides, *overrides]))
     return run(setup).metrics, setup
 
 
@@ -76,8 +76,8 @@ def test_a_cached_run_writes_the_same_metrics_as_an_uncached_one(extra, tiny_ove
 def test_a_cached_text_run_matches_the_uncached_one(tiny_bert, write_banking, text_overrides, tmp_path) -> None:
     base = [*text_overrides(tiny_bert, write_banking(tmp_path / "banking")), "method=head-only",
             "classifier.kind=prototype"]
-    plain = run(resolve("demo", base)).metrics
-    setup = prepare(resolve("demo", [*base, "train.feature_cache=device"]))
+    plain = run(resolve("tiny-vit", base)).metrics
+    setup = prepare(resolve("tiny-vit", [*base, "train.feature_cache=device"]))
     cached = run(setup).metrics
 
     # text: an unpadded batch runs attention without a mask, a padded one with it -> float rounding only

@@ -248,7 +248,7 @@ def test_a_model_that_normalises_by_batch_statistics_trains_serially(make_tiny_m
 
 @pytest.mark.parametrize("method_name", ["pilora", "prompt"])
 def test_the_engine_falls_back_to_serial_by_the_flag(method_name, tiny_overrides, caplog) -> None:
-    cfg = resolve("demo", [*tiny_overrides, f"method={method_name}", "train.parallel_clients=3"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, f"method={method_name}", "train.parallel_clients=3"])
     with caplog.at_level(logging.WARNING, logger="fedtalora.fed.transport"):
         assert parallel_group(prepare(cfg)) == 1
     assert "one after another" in caplog.text and "trains_clients_together" in caplog.text
@@ -287,8 +287,8 @@ def _assert_close(a: Any, b: Any, rel: float, where: str = "") -> None:
 ])
 def test_a_run_with_parallel_clients_equals_the_serial_run(extra, tiny_overrides) -> None:
     base = [*tiny_overrides, *extra]
-    serial = run(resolve("demo", base)).metrics
-    together = run(resolve("demo", [*base, "train.parallel_clients=2"])).metrics  # groups of 2 and 1
+    serial = run(resolve("tiny-vit", base)).metrics
+    together = run(resolve("tiny-vit", [*base, "train.parallel_clients=2"])).metrics  # groups of 2 and 1
 
     _assert_close(without_timing(together), without_timing(serial), 1e-6)
 
@@ -296,8 +296,8 @@ def test_a_run_with_parallel_clients_equals_the_serial_run(extra, tiny_overrides
 def test_a_text_run_with_parallel_clients_equals_the_serial_run(tiny_bert, write_banking, text_overrides,
                                                                 tmp_path) -> None:
     base = [*text_overrides(tiny_bert, write_banking(tmp_path / "banking")), "train.logit_mask=task"]
-    serial = run(resolve("demo", base)).metrics
-    together = run(resolve("demo", [*base, "train.parallel_clients=3"])).metrics
+    serial = run(resolve("tiny-vit", base)).metrics
+    together = run(resolve("tiny-vit", [*base, "train.parallel_clients=3"])).metrics
 
     _assert_close(without_timing(together), without_timing(serial), 1e-6)
 

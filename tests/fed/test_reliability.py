@@ -47,7 +47,7 @@ def _one_error_line(err: str, prog: str = "fedtalora") -> str:
 @pytest.fixture(scope="module")
 def finished_run(tiny_overrides, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run(resolve("demo", [*tiny_overrides, f"output.dir={run_dir.parent}", "output.name=run"]), run_dir=run_dir)
+    run(resolve("tiny-vit", [*tiny_overrides, f"output.dir={run_dir.parent}", "output.name=run"]), run_dir=run_dir)
     return run_dir
 
 
@@ -133,36 +133,36 @@ TINY = "<tiny>"
 # (id, damage, argv, words the single stderr line must contain)
 BAD_INPUTS: list[tuple[str, str, list[str], list[str]]] = [
     # Config values: reliability keys and the domains test_cli's table does not try.
-    ("dropout-above-1", "none", ["run", "demo", "faults.client_dropout=1.5"], ["faults.client_dropout", "[0, 1]"]),
-    ("corrupt-negative", "none", ["run", "demo", "faults.corrupt_update=-0.1"], ["faults.corrupt_update", "[0, 1]"]),
-    ("corrupt-nan", "none", ["run", "demo", "faults.corrupt_update=.nan"], ["faults.corrupt_update"]),
-    ("corrupt-kind", "none", ["run", "demo", "faults.corrupt_kind=zeros"], ["faults.corrupt_kind", "nan", "shape"]),
-    ("faults-scalar", "none", ["run", "demo", "faults=3"], ["faults", "mapping"]),
-    ("faults-typo", "none", ["run", "demo", "faults.dropout=0.1"], ["faults.dropout", "faults.client_dropout"]),
-    ("min-clients-0", "none", ["run", "demo", "fed.min_clients=0"], ["fed.min_clients", "fed.clients_per_round=5"]),
-    ("min-clients-above", "none", ["run", "demo", "fed.min_clients=6"], ["fed.min_clients", "[1, "]),
-    ("max-norm-negative", "none", ["run", "demo", "fed.max_update_norm=-1"], ["fed.max_update_norm", ">= 0"]),
-    ("max-norm-string", "none", ["run", "demo", "fed.max_update_norm=big"], ["fed.max_update_norm", "float"]),
-    ("checkpoints-kind", "none", ["run", "demo", "output.checkpoints=sometimes"], ["output.checkpoints", "latest"]),
-    ("seed-negative", "none", ["run", "demo", "seed=-1"], ["seed", ">= 0"]),
-    ("seed-float", "none", ["run", "demo", "seed=1e3"], ["seed", "int"]),
-    ("lr-negative", "none", ["run", "demo", "train.lr=-0.1"], ["train.lr", ">= 0"]),
-    ("momentum-1", "none", ["run", "demo", "train.momentum=1.0"], ["train.momentum", "[0, 1)"]),
-    ("eval-batch-0", "none", ["run", "demo", "train.eval_batch_size=0"], ["train.eval_batch_size"]),
-    ("precision", "none", ["run", "demo", "train.precision=fp16"], ["train.precision", "bf16"]),
-    ("lora-dropout-1", "none", ["run", "demo", "lora.dropout=1"], ["lora.dropout", "[0, 1)"]),
-    ("lora-alpha-0", "none", ["run", "demo", "lora.alpha=0"], ["lora.alpha", "> 0"]),
-    ("lora-blocks-dup", "none", ["run", "demo", "lora.blocks=[0,0]"], ["lora.blocks", "distinct"]),
-    ("image-size-0", "none", ["run", "demo", "data.image_size=0"], ["data.image_size", ">= 1"]),
-    ("partition-alpha-0", "none", ["run", "demo", "partition.alpha=0"], ["partition.alpha", ">= 1"]),
+    ("dropout-above-1", "none", ["run", "tiny-vit", "faults.client_dropout=1.5"], ["faults.client_dropout", "[0, 1]"]),
+    ("corrupt-negative", "none", ["run", "tiny-vit", "faults.corrupt_update=-0.1"], ["faults.corrupt_update", "[0, 1]"]),
+    ("corrupt-nan", "none", ["run", "tiny-vit", "faults.corrupt_update=.nan"], ["faults.corrupt_update"]),
+    ("corrupt-kind", "none", ["run", "tiny-vit", "faults.corrupt_kind=zeros"], ["faults.corrupt_kind", "nan", "shape"]),
+    ("faults-scalar", "none", ["run", "tiny-vit", "faults=3"], ["faults", "mapping"]),
+    ("faults-typo", "none", ["run", "tiny-vit", "faults.dropout=0.1"], ["faults.dropout", "faults.client_dropout"]),
+    ("min-clients-0", "none", ["run", "tiny-vit", "fed.min_clients=0"], ["fed.min_clients", "fed.clients_per_round=5"]),
+    ("min-clients-above", "none", ["run", "tiny-vit", "fed.min_clients=6"], ["fed.min_clients", "[1, "]),
+    ("max-norm-negative", "none", ["run", "tiny-vit", "fed.max_update_norm=-1"], ["fed.max_update_norm", ">= 0"]),
+    ("max-norm-string", "none", ["run", "tiny-vit", "fed.max_update_norm=big"], ["fed.max_update_norm", "float"]),
+    ("checkpoints-kind", "none", ["run", "tiny-vit", "output.checkpoints=sometimes"], ["output.checkpoints", "latest"]),
+    ("seed-negative", "none", ["run", "tiny-vit", "seed=-1"], ["seed", ">= 0"]),
+    ("seed-float", "none", ["run", "tiny-vit", "seed=1e3"], ["seed", "int"]),
+    ("lr-negative", "none", ["run", "tiny-vit", "train.lr=-0.1"], ["train.lr", ">= 0"]),
+    ("momentum-1", "none", ["run", "tiny-vit", "train.momentum=1.0"], ["train.momentum", "[0, 1)"]),
+    ("eval-batch-0", "none", ["run", "tiny-vit", "train.eval_batch_size=0"], ["train.eval_batch_size"]),
+    ("precision", "none", ["run", "tiny-vit", "train.precision=fp16"], ["train.precision", "bf16"]),
+    ("lora-dropout-1", "none", ["run", "tiny-vit", "lora.dropout=1"], ["lora.dropout", "[0, 1)"]),
+    ("lora-alpha-0", "none", ["run", "tiny-vit", "lora.alpha=0"], ["lora.alpha", "> 0"]),
+    ("lora-blocks-dup", "none", ["run", "tiny-vit", "lora.blocks=[0,0]"], ["lora.blocks", "distinct"]),
+    ("image-size-0", "none", ["run", "tiny-vit", "data.image_size=0"], ["data.image_size", ">= 1"]),
+    ("partition-alpha-0", "none", ["run", "tiny-vit", "partition.alpha=0"], ["partition.alpha", ">= 1"]),
     ("yaml-nested-unknown", "none", ["run", "{tmp}/nested.yaml"], ["fed.bogus"]),
     ("yaml-extends-unknown", "none", ["run", "{tmp}/extends.yaml"], ["nope_preset", "unknown preset"]),
     # Paths found missing only once the run starts.
-    ("data-root-missing", "none", ["run", "demo", TINY, "data.dataset=cifar100", "data.root={tmp}/no/such/dir"],
+    ("data-root-missing", "none", ["run", "tiny-vit", TINY, "data.dataset=cifar100", "data.root={tmp}/no/such/dir"],
      ["CIFAR-100", "not found", "no/such/dir"]),
-    ("data-root-file", "none", ["run", "demo", TINY, "data.dataset=cifar100", "data.root={tmp}/nested.yaml"],
+    ("data-root-file", "none", ["run", "tiny-vit", TINY, "data.dataset=cifar100", "data.root={tmp}/nested.yaml"],
      ["CIFAR-100", "nested.yaml"]),
-    ("output-dir-file", "none", ["run", "demo", TINY, "output.dir={tmp}/nested.yaml"],
+    ("output-dir-file", "none", ["run", "tiny-vit", TINY, "output.dir={tmp}/nested.yaml"],
      ["cannot create run directory", "nested.yaml"]),
     # Resume: the directory, its config, its checkpoint.
     ("resume-missing-dir", "none", ["resume", "{tmp}/nope"], ["nope", "no such run directory"]),
@@ -189,7 +189,7 @@ BAD_INPUTS: list[tuple[str, str, list[str], list[str]]] = [
     ("ckpt-ledger", "ledger", ["resume", RUN], ["round-000004.json", "ledger"]),
     ("ckpt-other-config", "other-config", ["resume", RUN], ["round-000004.json", "different config"]),
     ("partitions-changed", "partitions", ["resume", RUN], ["partitions.json", "differs"]),
-    ("resume-flag-mismatch", "none", ["run", "demo", TINY, "seed=1", "--resume", RUN],
+    ("resume-flag-mismatch", "none", ["run", "tiny-vit", TINY, "seed=1", "--resume", RUN],
      ["--resume", "seed=1", "seed=0", "config.yaml", "fedtalora resume"]),
 ]
 
@@ -197,13 +197,13 @@ BAD_INPUTS: list[tuple[str, str, list[str], list[str]]] = [
 ARGPARSE_ERRORS: list[tuple[str, list[str], list[str]]] = [
     ("resume-no-dir", ["resume"], ["RUN_DIR"]),
     ("resume-override", ["resume", "{tmp}", "fed.num_clients=3"], ["unrecognized", "fed.num_clients=3"]),
-    ("resume-flag-no-value", ["run", "demo", "--resume"], ["--resume", "expected one argument"]),
+    ("resume-flag-no-value", ["run", "tiny-vit", "--resume"], ["--resume", "expected one argument"]),
 ]
 
 
 @pytest.fixture
 def bad_dir(tmp_path: Path, interrupted_run: Path) -> Path:
-    (tmp_path / "nested.yaml").write_text("extends: demo\nfed: {bogus: 1}\n")
+    (tmp_path / "nested.yaml").write_text("extends: tiny-vit\nfed: {bogus: 1}\n")
     (tmp_path / "extends.yaml").write_text("extends: nope_preset\n")
     shutil.copytree(interrupted_run, tmp_path / "run")
     return tmp_path
@@ -291,7 +291,7 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(tiny_overrides, tmp_pa
     marker = tmp_path / "pwned"
     evil = tmp_path / "weights.pth"
     torch.save({"state_dict": _Exploit(marker)}, evil)
-    rc = main(["run", "demo", "--quiet", *tiny_overrides, f"model.checkpoint={evil}", f"output.dir={tmp_path}/runs"])
+    rc = main(["run", "tiny-vit", "--quiet", *tiny_overrides, f"model.checkpoint={evil}", f"output.dir={tmp_path}/runs"])
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "model.checkpoint" in line and "weights.pth" in line
     assert not marker.exists(), "unpickling ran the payload"
@@ -331,7 +331,7 @@ def test_source_reads_no_pickle() -> None:
 def test_fault_injection_run_completes_and_reports(run_cli, tiny_overrides, tmp_path) -> None:
     overrides = [*tiny_overrides, "fed.rounds_per_task=3", "faults.client_dropout=0.25", "faults.corrupt_update=0.3",
                  "faults.corrupt_kind=shape", "fed.min_clients=2", f"output.dir={tmp_path}", "output.name=faulty"]
-    rc, out, err = run_cli(["run", "demo", *overrides], cwd=tmp_path)
+    rc, out, err = run_cli(["run", "tiny-vit", *overrides], cwd=tmp_path)
     assert rc == 0, err
     assert "Traceback" not in err
     m = json.loads((tmp_path / "faulty" / "metrics.json").read_text())
@@ -342,7 +342,7 @@ def test_fault_injection_run_completes_and_reports(run_cli, tiny_overrides, tmp_
     # The counts are the seeded draws, client by client.
     from fedtalora.fed.faults import draw_fault
 
-    cfg = resolve("demo", overrides)
+    cfg = resolve("tiny-vit", overrides)
     for r in m["rounds"]:
         fates = {k: draw_fault(cfg.faults, cfg.seed, r["task"], r["round"], k) for k in r["clients"]}
         assert r["dropped"] == [k for k, f in fates.items() if f.dropped]
@@ -367,7 +367,7 @@ def test_same_config_twice_gives_identical_metrics(tiny_overrides, tmp_path) -> 
     rng_before = torch.get_rng_state()
     runs = []
     for name in ("a", "b"):
-        run(resolve("demo", overrides), run_dir=tmp_path / name)
+        run(resolve("tiny-vit", overrides), run_dir=tmp_path / name)
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert torch.equal(torch.get_rng_state(), rng_before), "a run must not consume the global RNG"
     a, b = runs
@@ -377,11 +377,11 @@ def test_same_config_twice_gives_identical_metrics(tiny_overrides, tmp_path) -> 
     tb = st_load(rundir.latest_path(tmp_path / "b").with_suffix(".safetensors").read_bytes())
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     # The dropout is live: without it the losses differ (so the equality above is not vacuous).
-    plain = run(resolve("demo", [*tiny_overrides, "faults.client_dropout=0.2", "faults.corrupt_update=0.2"])).metrics
+    plain = run(resolve("tiny-vit", [*tiny_overrides, "faults.client_dropout=0.2", "faults.corrupt_update=0.2"])).metrics
     assert [r["train_loss"] for r in plain["rounds"]] != [r["train_loss"] for r in a["rounds"]]
 
 
 def test_a_different_seed_gives_different_metrics(tiny_overrides) -> None:
-    a = run(resolve("demo", tiny_overrides)).metrics
-    b = run(resolve("demo", [*tiny_overrides, "seed=1"])).metrics
+    a = run(resolve("tiny-vit", tiny_overrides)).metrics
+    b = run(resolve("tiny-vit", [*tiny_overrides, "seed=1"])).metrics
     assert without_timing(a) != without_timing(b)

@@ -43,7 +43,7 @@ def overrides(tiny_overrides) -> list[str]:
 def reference(overrides, tmp_path_factory) -> dict[str, Any]:
     """The uninterrupted run: its metrics and the bytes of its final checkpoint."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    m = run(resolve("demo", overrides), run_dir=run_dir).metrics
+    m = run(resolve("tiny-vit", overrides), run_dir=run_dir).metrics
     assert m["complete"] is True
     rel = m["reliability"]
     assert rel["dropped_clients"] and rel["rejected_updates"], "the faults must actually happen in this config"
@@ -112,7 +112,7 @@ def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path, c
     run_dir = tmp_path / "killed"
     with open(tmp_path / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
+            [sys.executable, "-m", "fedtalora", "run", "tiny-vit", "--quiet", *overrides,
              f"output.dir={tmp_path}", "output.name=killed"],
             env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )
@@ -144,13 +144,13 @@ def test_sigkill_at_a_random_round_then_resume(overrides, reference, tmp_path, c
 def test_crash_in_any_round_then_resume(crash: int, overrides, reference, tmp_path) -> None:
     """0: before any checkpoint (resume starts over); ROUNDS-1: in the last round of task 0, before its
     evaluation; ROUNDS+1: in the middle of task 1."""
-    cfg = resolve("demo", overrides)
+    cfg = resolve("tiny-vit", overrides)
     run_dir = tmp_path / "run"
     with pytest.raises(_Crash):
         run(cfg, run_dir=run_dir, progress=_crash_at(crash))
     assert _latest_round(run_dir) == crash
     events: list[dict[str, Any]] = []
-    run(resolve("demo", overrides), run_dir=run_dir, progress=events.append, resume=True)
+    run(resolve("tiny-vit", overrides), run_dir=run_dir, progress=events.append, resume=True)
     _assert_same_as_reference(run_dir, reference)
     # Only the rounds after the checkpoint ran again.
     rounds = [(e["task"], e["round"]) for e in events if e["event"] == "round"]
@@ -160,9 +160,9 @@ def test_crash_in_any_round_then_resume(crash: int, overrides, reference, tmp_pa
 
 def test_resume_of_a_finished_run_changes_nothing(overrides, reference, tmp_path) -> None:
     run_dir = tmp_path / "done"
-    run(resolve("demo", overrides), run_dir=run_dir)
+    run(resolve("tiny-vit", overrides), run_dir=run_dir)
     events: list[dict[str, Any]] = []
-    run(resolve("demo", overrides), run_dir=run_dir, progress=events.append, resume=True)
+    run(resolve("tiny-vit", overrides), run_dir=run_dir, progress=events.append, resume=True)
     assert not [e for e in events if e["event"] in ("client", "round", "task")]
     _assert_same_as_reference(run_dir, reference)
 
@@ -172,31 +172,31 @@ def test_torn_writes_are_ignored(overrides, reference, tmp_path) -> None:
     (the JSON is written last): resume continues from round k."""
     run_dir = tmp_path / "run"
     with pytest.raises(_Crash):
-        run(resolve("demo", overrides), run_dir=run_dir, progress=_crash_at(3))
+        run(resolve("tiny-vit", overrides), run_dir=run_dir, progress=_crash_at(3))
     folder = run_dir / rundir.DIRNAME
     (folder / "round-000004.safetensors").write_bytes(b"half a file")
     (folder / "round-000004.json.tmp").write_text('{"format": 1, "complet')
     (run_dir / "metrics.json.tmp").write_text("{")
     assert _latest_round(run_dir) == 3
-    run(resolve("demo", overrides), run_dir=run_dir, resume=True)
+    run(resolve("tiny-vit", overrides), run_dir=run_dir, resume=True)
     _assert_same_as_reference(run_dir, reference)
     assert not list(folder.glob("*.tmp"))
 
 
 def test_keep_all_and_none(overrides, reference, tmp_path) -> None:
     every = tmp_path / "all"
-    run(resolve("demo", [*overrides, "output.checkpoints=all"]), run_dir=every)
+    run(resolve("tiny-vit", [*overrides, "output.checkpoints=all"]), run_dir=every)
     names = sorted(p.name for p in (every / rundir.DIRNAME).iterdir())
     assert names == sorted([f"round-{i:06d}.{ext}" for i in range(1, TOTAL + 1) for ext in ("json", "safetensors")])
     # Each one is a valid, verified checkpoint of its round.
-    cfg = resolve("demo", [*overrides, "output.checkpoints=all"]).to_dict()
+    cfg = resolve("tiny-vit", [*overrides, "output.checkpoints=all"]).to_dict()
     for i in range(1, TOTAL + 1):
         ck = rundir.load(every / rundir.DIRNAME / f"round-{i:06d}.json", cfg)
         assert ck.completed_rounds == i and len(ck.metrics["rounds"]) == i
         assert (ck.task, ck.round) == divmod(i - 1, ROUNDS)
 
     none = tmp_path / "none"
-    cfg_none = resolve("demo", [*overrides, "output.checkpoints=none"])
+    cfg_none = resolve("tiny-vit", [*overrides, "output.checkpoints=none"])
     with pytest.raises(_Crash):
         run(cfg_none, run_dir=none, progress=_crash_at(4))
     assert not (none / rundir.DIRNAME).exists()
@@ -208,10 +208,10 @@ def test_keep_all_and_none(overrides, reference, tmp_path) -> None:
 def test_run_with_resume_flag_and_matching_config(overrides, reference, tmp_path, capsys) -> None:
     run_dir = tmp_path / "flag"
     with pytest.raises(_Crash):
-        run(resolve("demo", [*overrides, f"output.dir={tmp_path}", "output.name=flag"]), run_dir=run_dir,
+        run(resolve("tiny-vit", [*overrides, f"output.dir={tmp_path}", "output.name=flag"]), run_dir=run_dir,
             progress=_crash_at(2))
     # Other output.* values are fine: --resume names the directory.
-    assert main(["run", "demo", *overrides, "output.name=elsewhere", "--quiet", "--resume", str(run_dir)]) == 0
+    assert main(["run", "tiny-vit", *overrides, "output.name=elsewhere", "--quiet", "--resume", str(run_dir)]) == 0
     assert str(run_dir) in capsys.readouterr().out
     _assert_same_as_reference(run_dir, reference)
     assert not (tmp_path / "elsewhere").exists()
@@ -220,7 +220,7 @@ def test_run_with_resume_flag_and_matching_config(overrides, reference, tmp_path
 def test_checkpoint_contents(reference, overrides) -> None:
     """The tensors are the global trainable state and the adapted base weights; the JSON names them."""
     run_dir = reference["run_dir"]
-    ck = rundir.load_latest(run_dir, resolve("demo", overrides).to_dict())
+    ck = rundir.load_latest(run_dir, resolve("tiny-vit", overrides).to_dict())
     assert ck is not None and ck.completed_rounds == TOTAL and (ck.task, ck.round) == (TASKS - 1, ROUNDS - 1)
     assert len(ck.base) == 8  # 2 blocks x qkv, proj, fc1, fc2
     assert all(".lora_A" in k or ".lora_B" in k or k.startswith("head.") for k in ck.global_state)
@@ -238,7 +238,7 @@ def _fresh_bases(overrides: list[str]) -> dict[str, torch.Tensor]:
     """The adapted layers' base weights as a run of ``overrides`` builds them (``W0`` of its exact base)."""
     from fedtalora.fed.build import prepare
 
-    model = prepare(resolve("demo", overrides)).model
+    model = prepare(resolve("tiny-vit", overrides)).model
     return {p.layer: model.base_weight(p.layer).detach().clone() for p in model.lora_pairs()}
 
 
@@ -260,14 +260,14 @@ def test_a_checkpoint_whose_accumulator_does_not_round_to_its_base_is_refused(ov
 
     run_dir = tmp_path / "run"
     with pytest.raises(_Crash):
-        run(resolve("demo", overrides), run_dir=run_dir, progress=_crash_at(2))
+        run(resolve("tiny-vit", overrides), run_dir=run_dir, progress=_crash_at(2))
     path = rundir.latest_path(run_dir)
     tensors = load_file(path.with_suffix(".safetensors"))
     key = next(k for k in tensors if k.startswith("exact/"))
     tensors[key] = tensors[key] + 1e-3
     _rewrite_checkpoint(path, tensors)
     with pytest.raises(CheckpointError, match="does not round to its stored base weight"):
-        run(resolve("demo", overrides), run_dir=run_dir, resume=True)
+        run(resolve("tiny-vit", overrides), run_dir=run_dir, resume=True)
 
 
 def test_a_format_1_checkpoint_still_resumes(overrides, reference, tmp_path) -> None:
@@ -276,12 +276,12 @@ def test_a_format_1_checkpoint_still_resumes(overrides, reference, tmp_path) -> 
     float32 roundings of the uninterrupted run (which kept D exactly from the start)."""
     run_dir = tmp_path / "v1"
     with pytest.raises(_Crash):
-        run(resolve("demo", overrides), run_dir=run_dir, progress=_crash_at(ROUNDS + 1))
+        run(resolve("tiny-vit", overrides), run_dir=run_dir, progress=_crash_at(ROUNDS + 1))
     path = rundir.latest_path(run_dir)
     tensors = {k: v for k, v in load_file(path.with_suffix(".safetensors")).items() if not k.startswith("exact/")}
     _rewrite_checkpoint(path, tensors, format=1)
-    assert rundir.load(path, resolve("demo", overrides).to_dict()).exact == {}
-    m = run(resolve("demo", overrides), run_dir=run_dir, resume=True).metrics
+    assert rundir.load(path, resolve("tiny-vit", overrides).to_dict()).exact == {}
+    m = run(resolve("tiny-vit", overrides), run_dir=run_dir, resume=True).metrics
     ref = reference["metrics"]
     assert m["complete"] and without_timing(m)["rounds"][:ROUNDS + 1] == without_timing(ref)["rounds"][:ROUNDS + 1]
     assert all(r["aggregation_error_rounding"] <= 2 and r["aggregation_error_accumulated_rounding"] <= 2

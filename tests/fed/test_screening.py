@@ -50,9 +50,9 @@ def test_scaled_updates_are_flagged_and_ordinary_ones_are_not(tiny_overrides) ->
     flagged client is a scaled one, and scaled ones are flagged (not all: in a round whose ordinary change is
     below 1 % of the state, 1000 times it stays under the threshold); with a bound, nothing is flagged."""
     faults = ["faults.corrupt_update=0.3", "faults.corrupt_kind=scale"]
-    h = run(resolve("demo", [*tiny_overrides, *faults])).history
+    h = run(resolve("tiny-vit", [*tiny_overrides, *faults])).history
     flagged = {(r.task, r.round, k) for r in h.rounds for k in r.large_updates}
     scaled = {(r.task, r.round, k) for r in h.rounds for k in r.corrupted}
     assert scaled and flagged and flagged <= scaled, (flagged, scaled)  # no ordinary update is flagged
-    bounded = run(resolve("demo", [*tiny_overrides, *faults, "fed.max_update_norm=50"])).history
+    bounded = run(resolve("tiny-vit", [*tiny_overrides, *faults, "fed.max_update_norm=50"])).history
     assert not any(r.large_updates for r in bounded.rounds)

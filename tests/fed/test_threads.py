@@ -12,7 +12,7 @@ from fedtalora.fed.build import torch_threads
 
 
 def test_demo_preset_runs_on_one_thread() -> None:
-    assert resolve("demo").train.threads == 1
+    assert resolve("tiny-vit").train.threads == 1
 
 
 def test_threads_apply_for_the_duration_only_and_zero_keeps_the_setting() -> None:
@@ -31,7 +31,7 @@ def test_threads_apply_for_the_duration_only_and_zero_keeps_the_setting() -> Non
 def test_a_run_trains_with_its_thread_count(tiny_overrides: list[str]) -> None:
     seen: list[int] = []
     before = torch.get_num_threads()
-    run(resolve("demo", [*tiny_overrides, "train.threads=2", "fed.rounds_per_task=1"]),
+    run(resolve("tiny-vit", [*tiny_overrides, "train.threads=2", "fed.rounds_per_task=1"]),
         progress=lambda e: seen.append(torch.get_num_threads()) if e["event"] == "round" else None)
     assert seen and set(seen) == {2}
     assert torch.get_num_threads() == before
@@ -39,4 +39,4 @@ def test_a_run_trains_with_its_thread_count(tiny_overrides: list[str]) -> None:
 
 def test_negative_threads_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="train.threads"):
-        resolve("demo", ["train.threads=-1"])
+        resolve("tiny-vit", ["train.threads=-1"])

@@ -28,7 +28,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def tiny_run(tiny_overrides, tmp_path_factory) -> dict[str, Any]:
     run_dir = tmp_path_factory.mktemp("tracking") / "run"
     events: list[dict[str, Any]] = []
-    metrics = run(resolve("demo", [*tiny_overrides, "output.checkpoints=none"]), run_dir=run_dir,
+    metrics = run(resolve("tiny-vit", [*tiny_overrides, "output.checkpoints=none"]), run_dir=run_dir,
                   progress=events.append).metrics
     return {"run_dir": run_dir, "metrics": metrics, "events": events}
 
@@ -114,10 +114,10 @@ def test_csv_tracker_on_resume_replaces_replayed_rounds(tmp_path) -> None:
 
 def test_tensorboard_missing_is_one_line_before_any_work(tiny_overrides, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    cfg = resolve("demo", [*tiny_overrides, "output.tensorboard=true"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, "output.tensorboard=true"])
     with pytest.raises(ConfigError, match=r"pip install fedtalora\[tensorboard\]"):
         check_tensorboard(cfg)
-    rc = main(["run", "demo", *tiny_overrides, "output.tensorboard=true", f"output.dir={tmp_path}", "output.name=tb"])
+    rc = main(["run", "tiny-vit", *tiny_overrides, "output.tensorboard=true", f"output.dir={tmp_path}", "output.name=tb"])
     assert rc == 2
     err = capsys.readouterr().err
     assert err == ("fedtalora: error: output.tensorboard=true needs TensorBoard: "
@@ -130,7 +130,7 @@ def test_tensorboard_events(tiny_overrides, tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "tb"
-    m = run(resolve("demo", [*tiny_overrides, "output.tensorboard=true", "output.checkpoints=none"]),
+    m = run(resolve("tiny-vit", [*tiny_overrides, "output.tensorboard=true", "output.checkpoints=none"]),
             run_dir=run_dir).metrics
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()

@@ -62,7 +62,7 @@ exact base's catch-up) and the server measures the same model."""
 
 
 def tiny(tiny_overrides: list[str], *extra: str):  # noqa: ANN201
-    return resolve("demo", [*tiny_overrides, *extra])
+    return resolve("tiny-vit", [*tiny_overrides, *extra])
 
 
 def assert_same_numbers(a: dict[str, Any], b: dict[str, Any], *, exact: bool = True) -> None:
@@ -270,7 +270,7 @@ def test_short_error_keeps_the_clients_message() -> None:
 
 
 def test_flower_app_folder(tmp_path: Path, run_cli, tiny_overrides) -> None:
-    rc, out, err = run_cli(["flower-app", str(tmp_path / "app"), "demo", *tiny_overrides], cwd=tmp_path)
+    rc, out, err = run_cli(["flower-app", str(tmp_path / "app"), "tiny-vit", *tiny_overrides], cwd=tmp_path)
     assert rc == 0, err
     text = (tmp_path / "app" / "pyproject.toml").read_text()
     assert 'serverapp = "fedtalora.flower.server_app:app"' in text
@@ -607,7 +607,7 @@ def test_loopback_deployment(tmp_path: Path, cli_env, tiny_overrides) -> None:
         with dep:
             assert len(dep.alive()) >= 4  # SuperLink, its SuperExec, 3 SuperNodes (+ theirs)
             proc = subprocess.run(
-                [sys.executable, "-m", "fedtalora", "run", "demo", *overrides, "engine=flower",
+                [sys.executable, "-m", "fedtalora", "run", "tiny-vit", *overrides, "engine=flower",
                  f"output.dir={tmp_path}", "output.name=run"],
                 env=dep.env, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL)
             assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
@@ -625,7 +625,7 @@ def test_loopback_deployment(tmp_path: Path, cli_env, tiny_overrides) -> None:
     assert metrics["rounds"][1]["wire_residual_bytes"] >= 3 * metrics["rounds"][0]["residual_bytes_factored"] > 0
     assert 0 < metrics["max_aggregation_error_rounding"] <= ROUNDING_BOUND  # measured, at float32 resolution
     assert len(metrics["accuracy_matrix"]) == 1 and not math.isnan(metrics["final_average_accuracy"])
-    ref = run(resolve("demo", overrides)).metrics
+    ref = run(resolve("tiny-vit", overrides)).metrics
     assert_same_numbers(ref, metrics)
 
 
@@ -704,7 +704,7 @@ def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the
                                                                                      tiny_overrides) -> None:
     pytest.importorskip("ray")
     run_dir, overrides = tmp_path / "run", [*interrupted_overrides(tiny_overrides, 12), "train.local_epochs=2"]
-    cmd = [sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides, "engine=flower-sim",
+    cmd = [sys.executable, "-m", "fedtalora", "run", "tiny-vit", "--quiet", *overrides, "engine=flower-sim",
            f"output.dir={tmp_path}", "output.name=run"]
     rc, leftover = _interrupt_mid_round(cmd, run_dir, signal.SIGTERM, cli_env, tmp_path / "run.log",
                                         "ClientAppActor", 12)
@@ -720,7 +720,7 @@ def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the
     assert _wait_for(lambda: not rec.alive(), 15), {p: _cmdline(p) for p in rec.alive()}
     got = json.loads((run_dir / "metrics.json").read_text())
     assert got["complete"] and got["engine"] == "flower-sim"
-    assert_same_numbers(run(resolve("demo", overrides)).metrics, got)
+    assert_same_numbers(run(resolve("tiny-vit", overrides)).metrics, got)
 
 
 def test_deployment_sigint_mid_round_stops_the_run_on_the_superlink_and_resume_finishes_it(tmp_path: Path, cli_env,
@@ -735,7 +735,7 @@ def test_deployment_sigint_mid_round_stops_the_run_on_the_superlink_and_resume_f
     try:
         with dep:
             nodes = set(dep.alive())
-            cmd = [sys.executable, "-m", "fedtalora", "run", "demo", *overrides, "engine=flower",
+            cmd = [sys.executable, "-m", "fedtalora", "run", "tiny-vit", *overrides, "engine=flower",
                    f"output.dir={tmp_path}", "output.name=run"]
             rc, leftover = _interrupt_mid_round(cmd, run_dir, signal.SIGINT, dep.env, tmp_path / "run.log", "flwr", 4)
             log = (tmp_path / "run.log").read_text()
@@ -755,4 +755,4 @@ def test_deployment_sigint_mid_round_stops_the_run_on_the_superlink_and_resume_f
     assert dep.alive() == []
     got = json.loads((run_dir / "metrics.json").read_text())
     assert got["complete"] and got["engine"] == "flower"
-    assert_same_numbers(run(resolve("demo", overrides)).metrics, got)
+    assert_same_numbers(run(resolve("tiny-vit", overrides)).metrics, got)

@@ -36,7 +36,7 @@ PARTITIONS = {
 
 def _frozen(tiny_overrides: list[str], *extra: str) -> Any:
     """A frozen-backbone run (head-only) with the analytic classifier at a fixed lambda."""
-    return resolve("demo", [*tiny_overrides, "method=head-only", "fed.rounds_per_task=1", "classifier.kind=analytic",
+    return resolve("tiny-vit", [*tiny_overrides, "method=head-only", "fed.rounds_per_task=1", "classifier.kind=analytic",
                             f"classifier.ridge={LAM}", f"classifier.projection_dim={PROJ}", "partition.min_samples=2",
                             *extra])
 
@@ -89,7 +89,7 @@ def test_uplink_counts_the_statistics_once_per_task(frozen_runs: dict[str, Any],
     """Each task's last round carries each reporting client's upper triangle of G, the C columns of its
     classes and their counts and indices, on top of what head-only sends anyway."""
     setup, result, _ = frozen_runs["quantity-2"]
-    plain = run(prepare(resolve("demo", [*tiny_overrides, "method=head-only", "fed.rounds_per_task=1",
+    plain = run(prepare(resolve("tiny-vit", [*tiny_overrides, "method=head-only", "fed.rounds_per_task=1",
                                          "partition.min_samples=2", *PARTITIONS["quantity-2"]]))).metrics
     exp = setup.exp
     for t, (rec, base) in enumerate(zip(result.metrics["rounds"], plain["rounds"], strict=True)):
@@ -149,7 +149,7 @@ def test_resume_restores_the_statistics(tmp_path: Path, tiny_overrides: list[str
 
 
 def test_cli_run_with_the_analytic_classifier(run_cli, tiny_overrides: list[str], tmp_path: Path) -> None:
-    rc, out, err = run_cli(["run", "demo", *tiny_overrides, "classifier.kind=analytic", "classifier.projection_dim=32",
+    rc, out, err = run_cli(["run", "tiny-vit", *tiny_overrides, "classifier.kind=analytic", "classifier.projection_dim=32",
                             "output.dir=runs", "output.name=a"], cwd=tmp_path)
     assert rc == 0, err
     m = json.loads((tmp_path / "runs" / "a" / "metrics.json").read_text())
@@ -163,7 +163,7 @@ def test_cli_run_with_the_analytic_classifier(run_cli, tiny_overrides: list[str]
                                  "classifier.ridge=nan", "classifier.projection_dim=-1",
                                  "classifier.projection_dim=2.5"])
 def test_cli_rejects_bad_values_in_one_line(run_cli, tmp_path: Path, bad: str) -> None:
-    rc, out, err = run_cli(["run", "demo", "classifier.kind=analytic", bad], cwd=tmp_path)
+    rc, out, err = run_cli(["run", "tiny-vit", "classifier.kind=analytic", bad], cwd=tmp_path)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and out == "" and len(lines) == 1 and "Traceback" not in err, err
     assert bad.split("=")[0] in lines[0]

@@ -60,7 +60,7 @@ def _variant(variant: str, fast_method_options: Any) -> list[str]:
 @pytest.fixture(scope="session")
 def cfg_of(tiny_overrides, fast_method_options) -> Any:
     """``cfg_of(variant, *overrides)``: the tiny image configuration of a variant, small server budgets."""
-    return lambda variant, *extra: resolve("demo", [*tiny_overrides, *_variant(variant, fast_method_options), *extra])
+    return lambda variant, *extra: resolve("tiny-vit", [*tiny_overrides, *_variant(variant, fast_method_options), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_runs_end_to_end_on_text(variant: str, tiny_bert, write_banking, text_ov
                                  tmp_path) -> None:
     data = write_banking(tmp_path / "b77")
     syn = ["method_options.syn_batch=4"] if variant in ("target", "lander") else []
-    cfg = resolve("demo", [*text_overrides(tiny_bert, data), *_variant(variant, fast_method_options), *syn])
+    cfg = resolve("tiny-vit", [*text_overrides(tiny_bert, data), *_variant(variant, fast_method_options), *syn])
     res = run(cfg, run_dir=tmp_path / "run")
     m = res.metrics
     assert m["complete"] and len(m["rounds"]) == 4 and 0.0 <= m["final_average_accuracy"] <= 1.0
@@ -152,9 +152,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(variant: str, tiny_ove
     the exemplar memory are in it), then ``fedtalora resume``: the metrics equal an uninterrupted run's."""
     overrides = [*tiny_overrides, *_variant(variant, fast_method_options), "fed.num_clients=4",
                  "fed.clients_per_round=3"]
-    ref = run(resolve("demo", overrides), run_dir=tmp_path / "ref").metrics
+    ref = run(resolve("tiny-vit", overrides), run_dir=tmp_path / "ref").metrics
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "demo", "--quiet", *overrides,
+    proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "tiny-vit", "--quiet", *overrides,
                              f"output.dir={tmp_path}", "output.name=killed"],
                             env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -392,12 +392,12 @@ def test_glfc_trains_on_every_seen_class(cfg_of) -> None:
 @pytest.mark.parametrize("method", ["target", "lander", "fedtalora", "pilora", "finetune"])
 def test_exemplar_free_methods_refuse_an_exemplar_memory(method: str) -> None:
     with pytest.raises(ConfigError, match="exemplar-free") as e:
-        check_config(resolve("demo", [f"method={method}", "method_options.memory_per_class=5"]))
+        check_config(resolve("tiny-vit", [f"method={method}", "method_options.memory_per_class=5"]))
     assert len(str(e.value).splitlines()) == 1
 
 
 def test_exemplar_free_refusal_on_the_cli(run_cli, tmp_path: Path) -> None:
-    rc, out, err = run_cli(["run", "demo", "method=target", "method_options.memory_per_class=5", "--quiet"],
+    rc, out, err = run_cli(["run", "tiny-vit", "method=target", "method_options.memory_per_class=5", "--quiet"],
                            cwd=tmp_path)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "exemplar-free" in err
 
@@ -406,9 +406,9 @@ def test_registered_with_options() -> None:
     assert {"glfc", "target", "lander"} <= set(METHODS.names()) and not METHODS.planned()
     assert "memory_per_class" in METHODS.get("glfc").option_names()
     with pytest.raises(ConfigError, match="method_options.kd"):
-        check_config(resolve("demo", ["method=target", "method_options.kd=-1"]))
+        check_config(resolve("tiny-vit", ["method=target", "method_options.kd=-1"]))
     with pytest.raises(ConfigError, match="method_options.template"):
-        check_config(resolve("demo", ["method=lander", "method_options.template=no-slot"]))
+        check_config(resolve("tiny-vit", ["method=lander", "method_options.template=no-slot"]))
 
 
 @pytest.mark.parametrize("name", ["glfc", "target", "lander"])
@@ -417,7 +417,7 @@ def test_flower_engines_refuse_them_with_one_line(name: str) -> None:
 
     assert METHODS.get(name).needs_server_state
     with pytest.raises(ConfigError, match="server-side") as e:
-        check_engine(resolve("demo", [f"method={name}", "engine=flower-sim"]))
+        check_engine(resolve("tiny-vit", [f"method={name}", "engine=flower-sim"]))
     assert len(str(e.value).splitlines()) == 1
 
 

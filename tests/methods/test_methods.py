@@ -42,7 +42,7 @@ SCHEMA = ("method", "seed", "complete", "accuracy_matrix", "rounds", "tasks", "t
 
 
 def _cfg(tiny_overrides: list[str], *extra: str) -> Any:
-    return resolve("demo", [*tiny_overrides, *extra])
+    return resolve("tiny-vit", [*tiny_overrides, *extra])
 
 
 def _fresh_model(cfg: Any) -> Any:
@@ -89,7 +89,7 @@ def test_every_method_runs_the_loop_and_writes_the_metrics_schema(name: str, run
 def test_every_method_runs_on_a_text_backbone(name: str, tiny_bert, tmp_path, write_banking, text_overrides,
                                               fast_method_options) -> None:
     data = write_banking(tmp_path / "b77")
-    cfg = resolve("demo", [*text_overrides(tiny_bert, data), f"method={name}", *fast_method_options(name)])
+    cfg = resolve("tiny-vit", [*text_overrides(tiny_bert, data), f"method={name}", *fast_method_options(name)])
     res = run(cfg, run_dir=tmp_path / "run")
     m = res.metrics
     assert m["complete"] and len(m["rounds"]) == 4 and [len(r) for r in m["accuracy_matrix"]] == [2, 2]
@@ -113,7 +113,7 @@ def test_planned_methods_cannot_run() -> None:
     assert not set(METHODS.planned()) & set(METHODS.names())
     for name in METHODS.planned():
         with pytest.raises(ConfigError, match="planned"):
-            check_config(resolve("demo", [f"method={name}"]))
+            check_config(resolve("tiny-vit", [f"method={name}"]))
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
@@ -126,11 +126,11 @@ def test_planned_methods_cannot_run() -> None:
 ])
 def test_method_options_are_validated_strictly(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        check_config(resolve("demo", overrides))
+        check_config(resolve("tiny-vit", overrides))
 
 
 def test_method_options_reach_the_method() -> None:
-    cfg = resolve("demo", ["method=fedprox", "method_options.mu=0.25"])
+    cfg = resolve("tiny-vit", ["method=fedprox", "method_options.mu=0.25"])
     method = build_method(cfg)
     assert method.options.mu == 0.25
     assert METHODS.get("pilora").option_names() == ["ortho", "l1", "pl", "temperature", "prototypes"]
@@ -526,7 +526,7 @@ def test_prompt_selects_the_best_matching_keys() -> None:
 ])
 def test_prompt_options(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        check_config(resolve("demo", overrides))
+        check_config(resolve("tiny-vit", overrides))
 
 
 # --- hooks ------------------------------------------------------------------------------------------

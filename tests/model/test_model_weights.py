@@ -151,7 +151,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path: Path, case: str, backbon
 
 def test_cli_mismatched_checkpoint_exits_2_with_one_line(tmp_path: Path, tiny_overrides, capsys, timm_model) -> None:
     path = save(timm_model(seed=0, depth=3), tmp_path / "deep.safetensors")
-    rc = main(["run", "demo", *tiny_overrides, f"model.checkpoint={path}", f"output.dir={tmp_path / 'runs'}",
+    rc = main(["run", "tiny-vit", *tiny_overrides, f"model.checkpoint={path}", f"output.dir={tmp_path / 'runs'}",
                "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "unexpected key(s)" in err

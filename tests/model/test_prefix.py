@@ -167,10 +167,10 @@ def test_the_run_config_reaches_attention_and_compile(tiny_overrides) -> None:
     from fedtalora.config import resolve
     from fedtalora.fed.build import build_components
 
-    plain = build_components(resolve("demo", list(tiny_overrides)), 10).model
+    plain = build_components(resolve("tiny-vit", list(tiny_overrides)), 10).model
     assert all(m.fused_attn for m in plain.backbone.modules() if hasattr(m, "fused_attn"))
     assert plain.backbone._compiled_call_impl is None
-    cfg = resolve("demo", [*tiny_overrides, "train.fused_attention=false", "train.compile=max-autotune"])
+    cfg = resolve("tiny-vit", [*tiny_overrides, "train.fused_attention=false", "train.compile=max-autotune"])
     model = build_components(cfg, 10).model
     assert not any(m.fused_attn for m in model.backbone.modules() if hasattr(m, "fused_attn"))
     assert model.backbone._compiled_call_impl is not None

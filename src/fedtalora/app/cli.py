@@ -220,7 +220,7 @@ def _dispatch(args: argparse.Namespace, session: _Session) -> int:
         return _cmd_flower_app(args.dest, args.preset, args.overrides, force=args.force)
     if args.command == "resume":
         return _cmd_resume(args.run_dir, quiet=args.quiet, verbose=args.verbose, session=session)
-    preset = "demo" if args.command == "demo" else args.preset
+    preset = "tiny-vit" if args.command == "demo" else args.preset
     if getattr(args, "resume", None) is not None:
         return _cmd_resume(args.resume, preset=preset, overrides=args.overrides, quiet=args.quiet,
                            verbose=args.verbose, session=session)

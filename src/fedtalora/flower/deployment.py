@@ -71,7 +71,7 @@ clientapp = "fedtalora.flower.client_app:app"
 
 [tool.flwr.app.config]
 # a fedtalora preset name or YAML path (on the server)
-config = "demo"
+config = "tiny-vit"
 # space-separated key=value overrides, as on the fedtalora command line
 overrides = ""
 # the run directory on the server (empty: output.dir/output.name)
@@ -117,7 +117,7 @@ def write_app(dest: str | Path, cfg: RunConfig | None = None, *, force: bool = F
         partitions = json.dumps(Experiment.build(cfg).partitions_json())  # may fail: before anything is written
         files["config.yaml"] = cfg.to_yaml()
         files["partitions.json"] = partitions
-        text = text.replace('config = "demo"', f"config = {json.dumps(str(path / 'config.yaml'))}")
+        text = text.replace('config = "tiny-vit"', f"config = {json.dumps(str(path / 'config.yaml'))}")
         text = text.replace('partitions = ""', f"partitions = {json.dumps(str(path / 'partitions.json'))}", 1)
     files["pyproject.toml"] = text
     try:

@@ -57,7 +57,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[Any, Path, str, 
     source = str(run_config.get("config", "") or "")
     if not source:
         raise ConfigError("the Flower run config has no 'config' (a fedtalora preset name or YAML path): "
-                          "flwr run ... --run-config \"config='demo'\"")
+                          "flwr run ... --run-config \"config='tiny-vit'\"")
     overrides = shlex.split(str(run_config.get("overrides", "") or ""))
     cfg = resolve(source, [*overrides, "engine=flower"])
     run_dir = str(run_config.get("run-dir", "") or "")
