@@ -418,12 +418,13 @@ def test_in_memory_grid_carries_the_analytic_statistics_not_the_features(tmp_pat
 
 @pytest.mark.parametrize("method", [m for m in METHODS.names() if METHODS.get(m).runs_on_flower])
 def test_every_method_gives_the_inprocess_numbers_over_flower_messages(method: str, tmp_path: Path,
-                                                                       tiny_overrides) -> None:
+                                                                       tiny_overrides, fast_method_options) -> None:
     """Every registered method, with partial participation (clients miss rounds and tasks), through the
     real ClientApp and Flower messages: the same accuracy matrix, losses and exactness as in-process.
     What a client needs beyond the global state travels: method state (PILoRA's earlier A's), base changes
     made outside aggregation (PILoRA's task-start merge: a dense catch-up), prototypes (its head)."""
-    overrides = ["fed.num_clients=4", "fed.clients_per_round=2", f"method={method}", "partition.min_samples=3"]
+    overrides = ["fed.num_clients=4", "fed.clients_per_round=2", f"method={method}", "partition.min_samples=3",
+                 *fast_method_options(method)]
     ref = run(tiny(tiny_overrides, *overrides)).metrics
     grid = InMemoryGrid(4)
     got = run_on_grid(tiny(tiny_overrides, *overrides, "engine=flower"), grid, tmp_path / "run")
@@ -432,9 +433,13 @@ def test_every_method_gives_the_inprocess_numbers_over_flower_messages(method: s
     assert not any(r["client_errors"] for r in got["rounds"])
     method_bytes = [r["wire_method_bytes"] for r in got["rounds"]]
     state, meta = METHODS.get(method)({}, method_context(tiny(tiny_overrides, *overrides))).client_state()
-    if method == "pilora":  # task 0: no earlier A's; task 1: each client gets task 0's A once
+    if method in ("pilora", "target", "lander"):  # task 0: no earlier A's / generator; task 1: sent
         assert method_bytes[:2] == [0, 0] and sum(method_bytes[2:]) > 0
         assert got["wire"]["method_bytes"] == sum(method_bytes)
+        for ra, rb in zip(ref["rounds"], got["rounds"], strict=True):  # the method's own costs, counted alike
+            for key in ("method_downlink_bytes", "synthetic_samples_per_client", "memory_samples"):
+                assert ra[key] == rb[key], (ra["task"], ra["round"], key)
+        assert method == "pilora" or sum(r["synthetic_samples"] for r in got["rounds"]) > 0
     elif not state and not meta:
         assert sum(method_bytes) == 0
 

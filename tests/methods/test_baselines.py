@@ -92,9 +92,17 @@ def test_runs_end_to_end_on_images_with_costs_in_the_records(variant: str, image
             per_client = {str(k): 16 * math.ceil(n / 64) for k, n in zip(r["aggregated"], r["num_samples"], strict=True)}
             assert r["synthetic_samples_per_client"] == per_client
             assert r["synthetic_samples"] == sum(per_client.values())
-        # every client took part in task 1's first round: only the generator travels, once per client
+        # every client took part in task 1's first round: only the generator travels then (the start model
+        # is the teacher), once per client; in the second round the teacher, once per client
         gen_bytes = rounds[2]["method_downlink_bytes"]
-        assert gen_bytes > 0 and gen_bytes % 3 == 0 and rounds[3]["method_downlink_bytes"] == 0
+        assert gen_bytes > 0 and gen_bytes % 3 == 0
+        teacher = res.model  # the teacher's tensors: trainable state + adapted layers' base weights, dense
+        keys = (res.model.lora_parameters() | res.model.head_parameters()).values()
+        teacher_bytes = sum(p.numel() * p.element_size() for p in keys) + sum(
+            teacher.base_weight(p.layer).numel() * 4 for p in teacher.lora_pairs())
+        if variant == "lander":
+            teacher_bytes += sum(p.numel() * 4 for p in res.model.lander_proj.parameters())
+        assert rounds[3]["method_downlink_bytes"] == 3 * teacher_bytes
         assert rounds[1]["uplink_bytes"] > rounds[0]["uplink_bytes"]  # the prior's moments
     else:
         assert rounds[0]["method_server_seconds"] > 0 and rounds[0]["proxy_accuracy"] is not None
@@ -412,12 +420,17 @@ def test_registered_with_options() -> None:
 
 
 @pytest.mark.parametrize("name", ["glfc", "target", "lander"])
-def test_flower_engines_refuse_them_with_one_line(name: str) -> None:
+def test_flower_engines_take_target_and_lander_and_refuse_glfc_with_one_line(name: str) -> None:
+    pytest.importorskip("flwr")
     from fedtalora.fed.build import check_engine
 
     assert METHODS.get(name).needs_server_state
+    cfg = resolve("tiny-vit", [f"method={name}", "engine=flower"])
+    if METHODS.get(name).runs_on_flower:  # their client state travels in the messages (tests/flower)
+        check_engine(cfg)
+        return
     with pytest.raises(ConfigError, match="server-side") as e:
-        check_engine(resolve("tiny-vit", [f"method={name}", "engine=flower-sim"]))
+        check_engine(cfg)
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -429,7 +442,9 @@ def test_downlink_counts_the_generator_and_old_model_once_per_client_and_task(cf
     assert method.downlink(task1, 0, 0) == gen  # round 0: the global model it receives is the old model
     assert method.downlink(task1, 0, 0) == 0  # already has both
     assert method.downlink(task1, 1, 1) == gen + old  # joins later: needs the old model too
-    assert method.round_costs().downlink_bytes == 2 * gen + old
+    assert method.downlink(task1, 1, 0) == old  # had only the generator (round 0 starts from the old model)
+    assert method.downlink(task1, 2, 0) == method.downlink(task1, 2, 1) == 0
+    assert method.round_costs().downlink_bytes == 2 * gen + 2 * old
     task0 = setup.exp.scenario.tasks[0]
     fresh = build_method(setup.cfg)
     assert fresh.downlink(task0, 0, 0) == 0  # nothing to send before the first generator

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,8 @@ class ClientResult:
     loss: float
     """Mean training loss over all local steps."""
     steps: int
+    report: dict[str, Any] = field(default_factory=dict)
+    """The method's :meth:`~fedtalora.methods.Method.client_report` of the round (JSON-able)."""
 
 
 @dataclass

@@ -188,6 +188,7 @@ class _Loop:
                 logger.warning("%s client %d dropped out (%s)", self._where(t, r), k, outcome.error or "no update")
                 self.emit({"event": "client", "task": t, "round": r, "client": k, "loss": None})
                 continue
+            method.on_client_report(k, res.report)  # e.g. the synthetic samples it drew
             if fault.corrupted and fault.rng is not None:
                 res.state = corrupt(res.state, self.global_state, cfg.faults.corrupt_kind, fault.rng)
                 rnd.corrupted.append(k)

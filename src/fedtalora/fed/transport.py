@@ -143,10 +143,12 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
     job = client_job(cfg, task, round_, client, num_classes, indices, targets)
     mask = method.local_mask(task, job.class_mask)
     with seeded_torch(cfg.seed, "model-rng", task.index, round_, client, device=device):  # LoRA dropout, drop-path
-        return local_train(
+        res = local_train(
             model, method, global_state, client=client, split=split, indices=indices, targets=targets,
             class_mask=mask, transform=transform, cfg=cfg.train, generator=job.generator, device=device,
         )
+    res.report = method.client_report()  # e.g. target: the synthetic samples it drew
+    return res
 
 
 def client_job(cfg: RunConfig, task: Task, round_: int, client: int, num_classes: int, indices: np.ndarray,
@@ -253,7 +255,6 @@ class InProcessTransport(Transport):
         def statistics(k: int) -> dict[str, torch.Tensor]:  # what client k computes from its features and sends
             return s.classifier.client_statistics(exp.scenario.tasks[t], *features(k))
 
-
         def batches(k: int) -> Iterator[tuple[Any, torch.Tensor, np.ndarray]]:
             idx = exp.partitions[t][k]
             step = s.cfg.train.eval_batch_size
@@ -262,4 +263,8 @@ class InProcessTransport(Transport):
                 x = s.transform(to_device(exp.dataset.train.inputs[torch.as_tensor(sel)], s.device), train=False)
                 yield x, torch.as_tensor(exp.train_targets[sel], device=s.device), sel
 
-        return TaskData(clients=clients, features=features, statistics=statistics, batches=batches)
+        def method_work(k: int) -> dict[str, torch.Tensor]:  # what client k computes for the method and sends
+            return s.method.client_task_work(s.model, exp.scenario.tasks[t], batches(k))
+
+        return TaskData(clients=clients, features=features, statistics=statistics, batches=batches,
+                        method_work=method_work)

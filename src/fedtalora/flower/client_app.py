@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from ..core.scenario import Task
 from ..data import Split, load_from_config
 from ..errors import FedTaLoRAError, PartitionError
 from ..fed.build import torch_threads
+from ..fed.client import to_device
 from ..fed.transport import client_features, client_round
 from ..methods import Method
 from ..methods.classifier import Classifier
@@ -155,7 +156,8 @@ def build_client_side(config_yaml: str, manifest_path: str, data_root: str = "")
                              f"{cfg.data.dataset!r}")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
-    parts = build_components(cfg, len(order), device)  # as the server builds them
+    parts = build_components(cfg, len(order), device,  # as the server builds them (lander: label-text anchors)
+                             class_names=dataset.names_of(order.tolist()))
     model, method = parts.model, parts.method
     transform = input_transform(cfg, dataset, model, splits=("train",))
     split = dataset.train
@@ -296,6 +298,16 @@ def _crash_midway(transform: Callable[..., Any], after: int = 1) -> Callable[...
     return wrapped
 
 
+def _eval_batches(side: ClientSide, idx: np.ndarray) -> Iterator[tuple[Any, torch.Tensor, np.ndarray]]:
+    """The node's task data as :attr:`fedtalora.methods.TaskData.batches` gives it in-process: evaluation
+    preprocessing, ``train.eval_batch_size`` at a time, in partition order."""
+    step = side.cfg.train.eval_batch_size
+    for start in range(0, len(idx), step):
+        sel = idx[start:start + step]
+        x = side.transform(to_device(side.split.inputs[torch.as_tensor(sel)], side.device), train=False)
+        yield x, torch.as_tensor(side.train_targets[sel], device=side.device), sel
+
+
 # --- message handlers -------------------------------------------------------------------------------
 
 
@@ -343,7 +355,8 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         P.UPDATE: P.to_record(res.state),
         P.METRICS: MetricRecord({"num-samples": res.num_samples, "loss": res.loss, "steps": res.steps}),
-        P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest}),
+        P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest,
+                                P.METHOD_REPORT: json.dumps(res.report, sort_keys=True)}),
     })
     return Message(content, reply_to=msg)
 
@@ -359,11 +372,17 @@ def features(msg: Message, context: Context) -> Message:
     method_digest = _load_method_state(side, context, msg)
     side.model.load_trainable(P.from_record(msg.content.array_records[P.GLOBAL]))
     with torch_threads(side.cfg.train.threads):
-        feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
-                                         transform=side.transform, cfg=side.cfg, device=side.device)
-        if str(cr.get("reply", "")) == P.REPLY_STATISTICS:  # the classifier's sums, computed here
+        reply = str(cr.get("reply", ""))
+        if reply == P.REPLY_METHOD_WORK:  # the method's end-of-task work (e.g. feature moments), computed here
+            record = {P.METHOD_WORK_RECORD: P.to_record(
+                side.method.client_task_work(side.model, side.tasks[t], _eval_batches(side, idx)))}
+        elif reply == P.REPLY_STATISTICS:  # the classifier's sums, computed here
+            feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
+                                             transform=side.transform, cfg=side.cfg, device=side.device)
             record = {P.STATISTICS_RECORD: P.to_record(side.classifier.client_statistics(side.tasks[t], feats, targets))}
         else:
+            feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
+                                             transform=side.transform, cfg=side.cfg, device=side.device)
             record = {P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets})}
     content = RecordDict({**record, P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest})})
     return Message(content, reply_to=msg)

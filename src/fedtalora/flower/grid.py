@@ -19,6 +19,7 @@ returns no update: the round aggregates the others, the failure is logged and li
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -318,8 +319,12 @@ class GridTransport(Transport):
             try:
                 state = P.from_record(reply.content.array_records[P.UPDATE])
                 met = reply.content.metric_records[P.METRICS]
+                report = json.loads(str(reply.content.config_records[P.CONFIG].get(P.METHOD_REPORT, "{}")))
+                if not isinstance(report, dict):
+                    raise ValueError("the method report is not a JSON object")
                 result = ClientResult(client=k, state=state, num_samples=met["num-samples"],  # type: ignore[arg-type]
-                                      loss=float(met["loss"]), steps=int(met["steps"]))  # type: ignore[arg-type]
+                                      loss=float(met["loss"]), steps=int(met["steps"]),  # type: ignore[arg-type]
+                                      report=report)
             except (KeyError, TypeError, ValueError) as e:
                 why = f"malformed reply: {type(e).__name__}: {e}"
                 self._fail(k, t, r, why, False)
@@ -395,7 +400,25 @@ class GridTransport(Transport):
                         stats_cache[j] = {}
             return stats_cache[k]
 
-        return TaskData(clients=clients, features=features, statistics=statistics)
+        work_cache: dict[int, dict[str, torch.Tensor]] = {}
+
+        def method_work(k: int) -> dict[str, torch.Tensor]:
+            if not work_cache:  # every reporting client does the method's end-of-task work on its node
+                global_record = P.to_record(setup.model.trainable_state(setup.method.trainable_keys(setup.model)))
+                self._prepare_exchange()
+                msgs = {j: self._message(P.FEATURES, j, t, -1, global_record, {"reply": P.REPLY_METHOD_WORK})
+                        for j in clients}
+                for j, reply in self._exchange(msgs).items():
+                    try:
+                        if not isinstance(reply, Message):
+                            raise ValueError(reply)
+                        work_cache[j] = P.from_record(reply.content.array_records[P.METHOD_WORK_RECORD])
+                    except (KeyError, TypeError, ValueError) as e:
+                        self._fail(j, t, -1, f"method work: {e}", False)
+                        work_cache[j] = {}
+            return work_cache[k]
+
+        return TaskData(clients=clients, features=features, statistics=statistics, method_work=method_work)
 
     def round_stats(self) -> dict[str, Any]:
         stats, self._stats = self._stats, self._zero_stats()

@@ -12,12 +12,16 @@ Three messages, each answered by one reply (Flower 1.42 Message API):
     indices, the base versions), ``global`` ArrayRecord (the global trainable state) and, when the
     client's frozen base is behind, ``residual`` ArrayRecord (its catch-up, below).
     client -> server: ``update`` ArrayRecord (the trained tensors), ``metrics`` MetricRecord
-    (``num-samples``, ``loss``, ``steps``), ``fedtalora`` ConfigRecord (``version``).
+    (``num-samples``, ``loss``, ``steps``), ``fedtalora`` ConfigRecord (``version``, ``method-digest``,
+    ``method-report``: the method's :meth:`~fedtalora.methods.base.Method.client_report` as JSON, e.g. the
+    synthetic samples the client drew).
 ``query.features`` (end of a task, to the clients that report)
     as ``train``, but the client answers ``features`` ArrayRecord ``{features, targets}``; with ``reply:
     statistics`` in the ConfigRecord it answers ``statistics`` ArrayRecord instead: what the run's
     classifier computes from those features on the client (the analytic classifier's ridge sums,
-    ``Classifier.client_statistics``), so the features themselves never leave the node.
+    ``Classifier.client_statistics``), so the features themselves never leave the node; with ``reply:
+    method-work`` it answers ``method-work`` ArrayRecord: what the method computes from the client's task data
+    (:meth:`~fedtalora.methods.base.Method.client_task_work`, e.g. TARGET's feature moments).
 
 **Method state.** What a client needs beyond the global trainable state and its base (a method's
 server-side state: PILoRA's earlier tasks' ``A`` for its orthogonality loss; a generator; anchors) is
@@ -75,6 +79,11 @@ METRICS = "metrics"
 FEATURES_RECORD = "features"
 STATISTICS_RECORD = "statistics"
 REPLY_STATISTICS = "statistics"
+METHOD_WORK_RECORD = "method-work"
+"""ArrayRecord of a client's end-of-task work for the method (:meth:`Method.client_task_work`)."""
+REPLY_METHOD_WORK = "method-work"
+METHOD_REPORT = "method-report"
+"""Key of the ``train`` reply's ConfigRecord: the method's client report (JSON)."""
 METHOD = "method"
 """ArrayRecord of the method's client state (its tensors, packed)."""
 METHOD_META = "method-meta"

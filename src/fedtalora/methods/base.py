@@ -14,11 +14,14 @@ metrics and checkpoints are shared. Where each hook is called::
                         load global state; method.on_local_start(model, global_state)
                         per batch: logits = method.forward(model, x)
                                    loss = method.local_loss(model, x, logits, y)   (default: method.loss)
-                        send the tensors of method.trainable_keys(model)
-                server: screen the update; buffer.add(state, weight)   (buffer = method.new_buffer())
+                        send the tensors of method.trainable_keys(model) and method.client_report()
+                server: method.on_client_report(k, report)
+                        screen the update; buffer.add(state, weight)   (buffer = method.new_buffer())
             server:     agg = method.aggregate_buffer(model, buffer); method.apply(model, agg)
                         uplink += method.on_round_end(model, task, r, TaskData)
             (last round) uplink += method.on_task_end(model, task, TaskData)   -> new global state
+                        (client work inside it: TaskData.method_work(k) = method.client_task_work(...)
+                         on client k's task data, where the client runs)
                         evaluate: argmax of method.forward(model, x) over the classes seen so far
             record:     the round record's method fields <- method.round_costs()
     checkpoint:         method.checkpoint_state() / load_checkpoint_state(state)
@@ -82,6 +85,10 @@ class TaskData:
     device, and the samples' positions in the training split. Client-side work of a method that needs the
     inputs themselves (feature statistics, exemplar selection, prototype gradients); None where the
     transport cannot run it."""
+    method_work: Callable[[int], dict[str, torch.Tensor]] | None = None
+    """``method_work(k)`` -> what client ``k`` computes for the method at the end of the task and sends
+    (:meth:`Method.client_task_work` on its task data, run where the client runs: on Flower, on the client's
+    node). None where the transport cannot run it."""
 
     def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
@@ -296,7 +303,23 @@ class Method:
         :meth:`loss`."""
         return self.loss(logits, targets, model=model)
 
+    def client_report(self) -> dict[str, Any]:
+        """On the client, after its local round: JSON-able facts the server records (e.g. the synthetic
+        samples it drew), sent with the update; the method forgets them. Default: nothing."""
+        return {}
+
+    def client_task_work(self, model: FedModel, task: Task,
+                         batches: Iterator[tuple[Any, torch.Tensor, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """On the client, at the end of ``task`` under the task's final global model: what it computes from
+        its task data (``batches`` as :attr:`TaskData.batches`) and sends for :meth:`on_task_end` (which asks
+        for it through :attr:`TaskData.method_work`), e.g. feature moments. Default: nothing."""
+        return {}
+
     # --- server -----------------------------------------------------------------------------------
+
+    def on_client_report(self, client: int, report: Mapping[str, Any]) -> None:
+        """On the server, for every client that returned an update (accepted or not): its
+        :meth:`client_report`."""
 
     def new_buffer(self) -> UpdateBuffer:
         """Where the server collects a round's accepted updates."""

@@ -147,8 +147,7 @@ class Target(Method):
                "(options: kd, temperature, syn_batch, gen_steps, gen_batch, gen_lr, nz, hidden, oh, bn, adv, "
                "adv_warmup, text_tokens)")
     Options = TargetOptions
-    needs_server_state = True  # the generator and the old model are the server's (not yet in Flower messages)
-    runs_on_flower = False  # the client-side hooks' state (generator, old model, memory) is not in the messages yet
+    needs_server_state = True  # the generator and the old model are the server's: client_state() sends them
     condition = "embedding"
     """How the generator is conditioned on the class (see :class:`~fedtalora.methods.synthesis.TokenGenerator`)."""
 
@@ -165,6 +164,16 @@ class Target(Method):
         self.teacher: Snapshot | None = None
         """The previous task's final global model (CPU), the clients' teacher."""
         self.served = ServedClients()
+        """Clients that hold the task's generator."""
+        self.served_teacher = ServedClients()
+        """Clients that hold the task's teacher (a client of a task's first round has it as its start model,
+        but keeps it only if it receives it)."""
+        self._round = 0
+        """The round the server is about to send (:meth:`downlink`): what :meth:`client_state` contains."""
+        self._teacher_from_start = False
+        """On a client: the teacher is the model the local round starts from (a task's first round)."""
+        self._drawn = 0
+        """On a client: synthetic samples drawn in the current local round (:meth:`client_report`)."""
         self._dev: dict[str, Any] = {}
         self._task: Task | None = None
         self._rng: torch.Generator | None = None
@@ -192,18 +201,23 @@ class Target(Method):
         seen = task.label_offset + len(task.classes)
         if seen >= self.num_classes:  # the last task: nothing left to distil into
             return 0
-        if data.batches is None:
+        if data.method_work is None:
             raise ConfigError(f"method={self.name!r} needs client-side work at the end of a task that this "
                               "engine cannot run; use engine=inprocess")
         uplink = 0
-        for k in data.clients:  # the reporting clients measure the prior on their task data
-            totals = client_moments(model, data.batches(k))
-            self.prior.add(totals)
-            uplink += moments_nbytes(totals)
+        for k in data.clients:  # the reporting clients measure the prior on their task data, where they run
+            totals = data.method_work(k)
+            if totals:  # (empty: the client failed to answer)
+                self.prior.add(totals)
+                uplink += moments_nbytes(totals)
         t0 = time.perf_counter()
         self.generator = self._train_generator(model, task, seen)
         self._costs.server_seconds += time.perf_counter() - t0
         return uplink
+
+    def client_task_work(self, model: FedModel, task: Task, batches: Any) -> dict[str, torch.Tensor]:
+        """A client's per-channel moments of its task data (the generator's prior), float64."""
+        return client_moments(model, batches)
 
     def _new_generator(self, seen: int) -> TokenGenerator:
         o = self.options
@@ -232,11 +246,39 @@ class Target(Method):
     # --- what the server sends ------------------------------------------------------------------------
 
     def downlink(self, task: Task, round_: int, client: int) -> int:
-        if self.teacher is None or self.generator is None or not self.served.first_time(task.index, client):
+        """The generator once per client and task; the teacher once per client and task from the task's second
+        round on (in its first round a client starts from the teacher: :meth:`client_state`)."""
+        self._round = round_
+        if self.teacher is None or self.generator is None:
             return 0
-        nbytes = self.generator.nbytes() + (self.teacher.nbytes() if round_ > 0 else 0)
+        nbytes = self.generator.nbytes() if self.served.first_time(task.index, client) else 0
+        if round_ > 0 and self.served_teacher.first_time(task.index, client):
+            nbytes += self.teacher.nbytes()
         self._costs.downlink_bytes += nbytes
         return nbytes
+
+    def client_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a client's distillation needs: the generator and the teacher. In a task's first round the
+        global model the client receives *is* the teacher, so only the generator travels then and the client
+        snapshots its start model (``{"teacher": "start"}``); from the second round on the teacher travels
+        too. Nothing before the first generator (task 0)."""
+        if self.teacher is None or self.generator is None:
+            return {}, {}
+        tensors = {"generator_classes": torch.tensor([self.generator_classes()], dtype=torch.int64),
+                   **{f"generator/{k}": v.contiguous() for k, v in self.generator.state_dict().items()}}
+        if self._round > 0:
+            tensors.update(self.teacher.state("teacher/"))
+            return tensors, {"teacher": "sent"}
+        return tensors, {"teacher": "start"}
+
+    def load_client_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        odd = [k for k in tensors if not k.startswith(("teacher/", "generator/", "generator_classes"))]
+        if odd or set(meta) - {"teacher"} or meta.get("teacher", "start") not in ("start", "sent"):
+            raise CheckpointError(f"{self.name} client state has unexpected content {(odd or sorted(meta))[:1]}")
+        self.load_checkpoint_state(tensors)
+        self._teacher_from_start = meta.get("teacher") == "start" and self.generator is not None
+        if meta.get("teacher") == "sent" and self.teacher is None:
+            raise CheckpointError(f"{self.name} client state names a teacher it does not carry")
 
     def round_costs(self) -> MethodCosts:
         costs, self._costs = self._costs, MethodCosts()
@@ -249,8 +291,11 @@ class Target(Method):
         self._rng = torch_generator(self.seed, self.name, "synthetic", task.index, round_, client)
 
     def on_local_start(self, model: FedModel, global_state: dict[str, torch.Tensor]) -> None:
+        device = model.head.weight.device
+        if self._teacher_from_start:  # a client in a task's first round: its start model is the teacher
+            self._dev = {"teacher": Snapshot.take(model, self.keys).to(device), "generator": self.generator.to(device)}
+            return
         if self.teacher is not None and self.generator is not None and "teacher" not in self._dev:
-            device = model.head.weight.device
             self._dev.update(teacher=self.teacher.to(device), generator=self.generator.to(device))
 
     def _synthetic_batch(self, model: FedModel) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -262,9 +307,18 @@ class Target(Method):
         labels = balanced_labels(task.label_offset, n, self._rng)
         with torch.no_grad():
             tokens = complete_tokens(model, self._dev["generator"].sample(labels, self._rng))
-        counts = self._costs.synthetic_samples
-        counts[self._client] = counts.get(self._client, 0) + n
+        self._drawn += n
         return tokens, labels.to(tokens.device)
+
+    def client_report(self) -> dict[str, Any]:
+        drawn, self._drawn = self._drawn, 0
+        return {"synthetic_samples": drawn} if drawn else {}
+
+    def on_client_report(self, client: int, report: Mapping[str, Any]) -> None:
+        n = int(report.get("synthetic_samples", 0))
+        if n:
+            counts = self._costs.synthetic_samples
+            counts[client] = counts.get(client, 0) + n
 
     def _autocast(self, device: torch.device) -> Any:
         if self.train_cfg.precision == "bf16":  # as the clients' forward pass (fedtalora.fed.client.autocast)
@@ -291,7 +345,8 @@ class Target(Method):
     # --- checkpoints ------------------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        state = {**self.prior.state("prior/"), **self.served.state("served/")}
+        state = {**self.prior.state("prior/"), **self.served.state("served/"),
+                 **self.served_teacher.state("served_teacher/")}
         if self.teacher is not None:
             state.update(self.teacher.state("teacher/"))
         if self.generator is not None:
@@ -306,12 +361,13 @@ class Target(Method):
         return int(g.class_embedding.shape[0]) if g.condition == "embedding" else int(g.label_embeddings.shape[0])
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        known = ("prior/", "served/", "teacher/", "generator/", "generator_classes")
+        known = ("prior/", "served/", "served_teacher/", "teacher/", "generator/", "generator_classes")
         odd = [k for k in state if not k.startswith(known)]
         if odd:
             raise CheckpointError(f"{self.name} checkpoint state has an unexpected tensor {odd[0]!r}")
         self.prior.load(state, "prior/")
         self.served.load(state, "served/")
+        self.served_teacher.load(state, "served_teacher/")
         self.teacher = Snapshot.from_state(state, "teacher/")
         self.generator = None
         if "generator_classes" in state:
