@@ -761,3 +761,22 @@ def test_deployment_sigint_mid_round_stops_the_run_on_the_superlink_and_resume_f
     got = json.loads((run_dir / "metrics.json").read_text())
     assert got["complete"] and got["engine"] == "flower"
     assert_same_numbers(run(resolve("tiny-vit", overrides)).metrics, got)
+
+
+def test_flower_sim_target_equals_inprocess_with_its_costs(tmp_path: Path, tiny_overrides, fast_method_options) -> None:
+    """TARGET on Flower's simulation runtime (Ray): the generator and the teacher reach the clients as method
+    state, the feature moments are computed on the nodes, the synthetic-sample counts come back in the replies:
+    the accuracy matrix, losses, bytes and the method's own costs are those of ``engine=inprocess``."""
+    pytest.importorskip("ray")
+    overrides = ["method=target", *fast_method_options("target")]
+    ref = run(tiny(tiny_overrides, *overrides)).metrics
+    got = run(tiny(tiny_overrides, *overrides, "engine=flower-sim"), tmp_path / "sim").metrics
+    assert_same_numbers(ref, got)
+    assert got["engine"] == "flower-sim" and not any(r["client_errors"] for r in got["rounds"])
+    for ra, rb in zip(ref["rounds"], got["rounds"], strict=True):
+        for key in ("method_downlink_bytes", "synthetic_samples_per_client", "synthetic_samples"):
+            assert ra[key] == rb[key], (ra["task"], ra["round"], key)
+    task1 = [r for r in got["rounds"] if r["task"] == 1]
+    assert all(r["synthetic_samples"] > 0 for r in task1) and task1[0]["method_downlink_bytes"] > 0
+    # the generator (and, from the second round, the teacher) went over the wire: at least what is counted
+    assert sum(r["wire_method_bytes"] for r in task1) >= sum(r["method_downlink_bytes"] for r in task1)
