@@ -416,15 +416,17 @@ def test_in_memory_grid_carries_the_analytic_statistics_not_the_features(tmp_pat
             x["uplink_bytes"] for x in got["rounds"] if x["task"] == r["task"] and x["round"] == 0)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS.names() if METHODS.get(m).runs_on_flower])
+@pytest.mark.parametrize("method", [*(m for m in METHODS.names() if METHODS.get(m).runs_on_flower), "glfc+memory"])
 def test_every_method_gives_the_inprocess_numbers_over_flower_messages(method: str, tmp_path: Path,
                                                                        tiny_overrides, fast_method_options) -> None:
     """Every registered method, with partial participation (clients miss rounds and tasks), through the
     real ClientApp and Flower messages: the same accuracy matrix, losses and exactness as in-process.
     What a client needs beyond the global state travels: method state (PILoRA's earlier A's), base changes
     made outside aggregation (PILoRA's task-start merge: a dense catch-up), prototypes (its head)."""
+    memory = ["method_options.memory_per_class=2"] if method == "glfc+memory" else []  # private client state
+    method = method.split("+")[0]
     overrides = ["fed.num_clients=4", "fed.clients_per_round=2", f"method={method}", "partition.min_samples=3",
-                 *fast_method_options(method)]
+                 *fast_method_options(method), *memory]
     ref = run(tiny(tiny_overrides, *overrides)).metrics
     grid = InMemoryGrid(4)
     got = run_on_grid(tiny(tiny_overrides, *overrides, "engine=flower"), grid, tmp_path / "run")
@@ -433,15 +435,21 @@ def test_every_method_gives_the_inprocess_numbers_over_flower_messages(method: s
     assert not any(r["client_errors"] for r in got["rounds"])
     method_bytes = [r["wire_method_bytes"] for r in got["rounds"]]
     state, meta = METHODS.get(method)({}, method_context(tiny(tiny_overrides, *overrides))).client_state()
-    if method in ("pilora", "target", "lander"):  # task 0: no earlier A's / generator; task 1: sent
+    if method in ("pilora", "target", "lander", "glfc"):  # task 0: nothing yet; task 1: earlier A's, generator,
+        # old model (glfc/target/lander: only to those that do not start from it)
         assert method_bytes[:2] == [0, 0] and sum(method_bytes[2:]) > 0
         assert got["wire"]["method_bytes"] == sum(method_bytes)
         for ra, rb in zip(ref["rounds"], got["rounds"], strict=True):  # the method's own costs, counted alike
             for key in ("method_downlink_bytes", "synthetic_samples_per_client", "memory_samples"):
                 assert ra[key] == rb[key], (ra["task"], ra["round"], key)
-        assert method == "pilora" or sum(r["synthetic_samples"] for r in got["rounds"]) > 0
+        assert method in ("pilora", "glfc") or sum(r["synthetic_samples"] for r in got["rounds"]) > 0
     elif not state and not meta:
         assert sum(method_bytes) == 0
+    if memory:  # the exemplar memory lives on the nodes (context.state), never in a message
+        assert got["rounds"][-1]["memory_samples"] > 0
+        held = {k: ctx.state.array_records.get(P.STATE_PRIVATE) for k, ctx in grid.contexts.items()}
+        assert sum(len(P.from_record(h)["indices"]) for h in held.values() if h is not None) == \
+            got["rounds"][-1]["memory_samples"]
 
 
 def test_method_state_round_trips_and_is_checked_against_its_digest() -> None:

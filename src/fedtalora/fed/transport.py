@@ -263,8 +263,8 @@ class InProcessTransport(Transport):
                 x = s.transform(to_device(exp.dataset.train.inputs[torch.as_tensor(sel)], s.device), train=False)
                 yield x, torch.as_tensor(exp.train_targets[sel], device=s.device), sel
 
-        def method_work(k: int) -> dict[str, torch.Tensor]:  # what client k computes for the method and sends
-            return s.method.client_task_work(s.model, exp.scenario.tasks[t], batches(k))
+        def method_work(k: int, kind: str) -> dict[str, torch.Tensor]:  # what client k computes for the method
+            return s.method.client_work(s.model, exp.scenario.tasks[t], kind, k, batches(k))
 
         return TaskData(clients=clients, features=features, statistics=statistics, batches=batches,
                         method_work=method_work)

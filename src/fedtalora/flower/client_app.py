@@ -268,7 +268,18 @@ def _load_method_state(side: ClientSide, context: Context, msg: Message) -> str:
         raise FedTaLoRAError(f"the server's method state is version {want or 'none'}, this node holds "
                              f"{held or 'none'}, and none came with the message")
     side.method.load_client_state(tensors, extra)
+    private = context.state.array_records.get(P.STATE_PRIVATE)
+    side.method.load_private_state(_partition_id(context), P.from_record(private) if private is not None else {})
     return held
+
+
+def _store_private_state(side: ClientSide, context: Context) -> None:
+    """Keep what the method keeps on this node (GLFC's exemplar memory) in the node's state, never sent."""
+    private = side.method.private_state(_partition_id(context))
+    if private:
+        context.state[P.STATE_PRIVATE] = P.to_record(private)
+    else:
+        context.state.array_records.pop(P.STATE_PRIVATE, None)
 
 
 def _task_indices(side: ClientSide, cr: ConfigRecord, k: int) -> tuple[int, np.ndarray]:
@@ -325,6 +336,7 @@ def hello(msg: Message, context: Context) -> Message:
         context.state.array_records.pop(P.STATE_BASE, None)
         context.state.array_records.pop(P.STATE_METHOD, None)
         context.state.config_records.pop(P.STATE_METHOD_META, None)
+        context.state.array_records.pop(P.STATE_PRIVATE, None)
     side = _side(context)
     if k >= side.cfg.fed.num_clients:
         raise FedTaLoRAError(f"partition-id={k} but the run has fed.num_clients={side.cfg.fed.num_clients}")
@@ -352,6 +364,7 @@ def train(msg: Message, context: Context) -> Message:
                            indices=idx, targets=side.train_targets[idx], transform=transform, device=side.device)
     if bool(cr["crash"]):  # a local round of a single batch: crash before replying instead
         raise InjectedCrash("injected crash after local training, before replying (faults.client_dropout)")
+    _store_private_state(side, context)
     content = RecordDict({
         P.UPDATE: P.to_record(res.state),
         P.METRICS: MetricRecord({"num-samples": res.num_samples, "loss": res.loss, "steps": res.steps}),
@@ -374,8 +387,8 @@ def features(msg: Message, context: Context) -> Message:
     with torch_threads(side.cfg.train.threads):
         reply = str(cr.get("reply", ""))
         if reply == P.REPLY_METHOD_WORK:  # the method's end-of-task work (e.g. feature moments), computed here
-            record = {P.METHOD_WORK_RECORD: P.to_record(
-                side.method.client_task_work(side.model, side.tasks[t], _eval_batches(side, idx)))}
+            record = {P.METHOD_WORK_RECORD: P.to_record(side.method.client_work(
+                side.model, side.tasks[t], str(cr.get("work", "")), k, _eval_batches(side, idx)))}
         elif reply == P.REPLY_STATISTICS:  # the classifier's sums, computed here
             feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
                                              transform=side.transform, cfg=side.cfg, device=side.device)
@@ -384,5 +397,6 @@ def features(msg: Message, context: Context) -> Message:
             feats, targets = client_features(side.model, side.split, idx, side.train_targets[idx],
                                              transform=side.transform, cfg=side.cfg, device=side.device)
             record = {P.FEATURES_RECORD: P.to_record({"features": feats, "targets": targets})}
+    _store_private_state(side, context)
     content = RecordDict({**record, P.CONFIG: ConfigRecord({"version": version, "method-digest": method_digest})})
     return Message(content, reply_to=msg)

@@ -400,23 +400,24 @@ class GridTransport(Transport):
                         stats_cache[j] = {}
             return stats_cache[k]
 
-        work_cache: dict[int, dict[str, torch.Tensor]] = {}
+        work_cache: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
 
-        def method_work(k: int) -> dict[str, torch.Tensor]:
-            if not work_cache:  # every reporting client does the method's end-of-task work on its node
+        def method_work(k: int, kind: str) -> dict[str, torch.Tensor]:
+            if kind not in work_cache:  # every reporting client does the method's work on its node
+                work_cache[kind] = {}
                 global_record = P.to_record(setup.model.trainable_state(setup.method.trainable_keys(setup.model)))
                 self._prepare_exchange()
-                msgs = {j: self._message(P.FEATURES, j, t, -1, global_record, {"reply": P.REPLY_METHOD_WORK})
-                        for j in clients}
+                msgs = {j: self._message(P.FEATURES, j, t, -1, global_record,
+                                         {"reply": P.REPLY_METHOD_WORK, "work": kind}) for j in clients}
                 for j, reply in self._exchange(msgs).items():
                     try:
                         if not isinstance(reply, Message):
                             raise ValueError(reply)
-                        work_cache[j] = P.from_record(reply.content.array_records[P.METHOD_WORK_RECORD])
+                        work_cache[kind][j] = P.from_record(reply.content.array_records[P.METHOD_WORK_RECORD])
                     except (KeyError, TypeError, ValueError) as e:
-                        self._fail(j, t, -1, f"method work: {e}", False)
-                        work_cache[j] = {}
-            return work_cache[k]
+                        self._fail(j, t, -1, f"method work {kind!r}: {e}", False)
+                        work_cache[kind][j] = {}
+            return work_cache[kind][k]
 
         return TaskData(clients=clients, features=features, statistics=statistics, method_work=method_work)
 

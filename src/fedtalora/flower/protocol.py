@@ -32,7 +32,9 @@ json}`` (``digest`` of both parts); every such message names the version the cli
 (``method-digest`` in its ``fedtalora`` ConfigRecord). The client keeps both in ``context.state`` and gives them to
 :meth:`~fedtalora.methods.base.Method.load_client_state` before every message it handles (nodes may share
 one process and one method object); its replies say which version it holds (``method-digest`` in the
-``fedtalora`` ConfigRecord). A method without such state sends nothing (digest ``""``). Changes a method
+``fedtalora`` ConfigRecord). A method without such state sends nothing (digest ``""``). What a method keeps
+*on* a client and never sends (:meth:`~fedtalora.methods.base.Method.private_state`: GLFC's exemplar memory)
+lives in the node's ``context.state`` only, loaded before and stored after every message. Changes a method
 makes to the *base* outside aggregation (PILoRA merges a finished task's LoRA into it at the next task's
 start) reach the clients as a dense catch-up (below): the server notices them by the exact base's change
 counter (:attr:`fedtalora.core.exact.ExactBase.generation`), and changes to trainable tensors travel in
@@ -94,6 +96,9 @@ STATE_CONFIG = "fedtalora"
 STATE_METHOD = "fedtalora.method"
 """``context.state`` ArrayRecord of a client: the method's client state tensors (absent: none)."""
 STATE_METHOD_META = "fedtalora.method-meta"
+STATE_PRIVATE = "fedtalora.method-private"
+"""``context.state`` ArrayRecord of a client: what the method keeps on this node and never sends
+(:meth:`~fedtalora.methods.base.Method.private_state`, e.g. GLFC's exemplar memory; absent: nothing)."""
 """``context.state`` ConfigRecord of a client: the method's client state ``digest`` and ``json``."""
 STATE_BASE = "fedtalora.exact"
 """``context.state`` ArrayRecord of a client: its adapted layers' float64 accumulators ``D`` (absent while

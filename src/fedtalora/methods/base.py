@@ -20,8 +20,9 @@ metrics and checkpoints are shared. Where each hook is called::
             server:     agg = method.aggregate_buffer(model, buffer); method.apply(model, agg)
                         uplink += method.on_round_end(model, task, r, TaskData)
             (last round) uplink += method.on_task_end(model, task, TaskData)   -> new global state
-                        (client work inside it: TaskData.method_work(k) = method.client_task_work(...)
-                         on client k's task data, where the client runs)
+                        (client work inside it and inside on_round_end: TaskData.method_work(k, kind) =
+                         method.client_work(model, task, kind, batches of client k's task data), where the
+                         client runs)
                         evaluate: argmax of method.forward(model, x) over the classes seen so far
             record:     the round record's method fields <- method.round_costs()
     checkpoint:         method.checkpoint_state() / load_checkpoint_state(state)
@@ -85,10 +86,11 @@ class TaskData:
     device, and the samples' positions in the training split. Client-side work of a method that needs the
     inputs themselves (feature statistics, exemplar selection, prototype gradients); None where the
     transport cannot run it."""
-    method_work: Callable[[int], dict[str, torch.Tensor]] | None = None
-    """``method_work(k)`` -> what client ``k`` computes for the method at the end of the task and sends
-    (:meth:`Method.client_task_work` on its task data, run where the client runs: on Flower, on the client's
-    node). None where the transport cannot run it."""
+    method_work: Callable[[int, str], dict[str, torch.Tensor]] | None = None
+    """``method_work(k, kind)`` -> what client ``k`` computes for the method from its task data under the
+    current global model and sends (:meth:`Method.client_work` with ``kind``, run where the client runs: on
+    Flower, on the client's node, which keeps what the method keeps private there). None where the transport
+    cannot run it."""
 
     def class_sums(self, classes: range) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         """Per reporting client, the float64 feature sums ``(len(classes), d)`` and int64 counts of the
@@ -308,12 +310,24 @@ class Method:
         samples it drew), sent with the update; the method forgets them. Default: nothing."""
         return {}
 
-    def client_task_work(self, model: FedModel, task: Task,
-                         batches: Iterator[tuple[Any, torch.Tensor, np.ndarray]]) -> dict[str, torch.Tensor]:
-        """On the client, at the end of ``task`` under the task's final global model: what it computes from
-        its task data (``batches`` as :attr:`TaskData.batches`) and sends for :meth:`on_task_end` (which asks
-        for it through :attr:`TaskData.method_work`), e.g. feature moments. Default: nothing."""
+    def client_work(self, model: FedModel, task: Task, kind: str, client: int,
+                    batches: Iterator[tuple[Any, torch.Tensor, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """On client ``client``, under the current global model: the work ``kind`` (a name the method chooses)
+        on its task data (``batches`` as :attr:`TaskData.batches`); returns what it sends. The server's
+        :meth:`on_task_end` / :meth:`on_round_end` ask for it through :attr:`TaskData.method_work` (e.g.
+        TARGET's feature moments, GLFC's prototype gradients and exemplar selection). Default: nothing."""
         return {}
+
+    def private_state(self, client: int) -> dict[str, torch.Tensor]:
+        """On a client: what the method keeps on client ``client`` across rounds and tasks and never sends
+        (GLFC's exemplar memory). Engines whose clients are other processes (Flower) store it on the client's
+        node after every message and give it back with :meth:`load_private_state` before the next; in-process
+        it simply stays in the method object. Default: nothing."""
+        return {}
+
+    def load_private_state(self, client: int, tensors: dict[str, torch.Tensor]) -> None:
+        """On a client, after :meth:`load_client_state`: restore what :meth:`private_state` returned for
+        ``client`` on this node (empty: nothing yet)."""
 
     # --- server -----------------------------------------------------------------------------------
 

@@ -212,8 +212,7 @@ class GLFC(Method):
                "opt-in (options: memory_per_class, gc, rd, proxy, proto_steps, proto_lr, recon_iters, recon_evals, "
                "recon_lr, recon_images, recon_per_class)")
     Options = GLFCOptions
-    needs_server_state = True  # the old model, the proxy's choice and each client's memory live on the server
-    runs_on_flower = False  # the client-side hooks' state (generator, old model, memory) is not in the messages yet
+    needs_server_state = True  # the proxy-chosen old model is the server's: client_state() sends it
 
     def __init__(self, options: Mapping[str, Any] | None, ctx: MethodContext) -> None:
         super().__init__(options, ctx)
@@ -221,7 +220,11 @@ class GLFC(Method):
         self.num_classes = 0
         self.keys: list[str] = []
         self.memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        """Client -> (indices into the training split, head-output labels) of its exemplars."""
+        """Client -> (indices into the training split, head-output labels) of its exemplars: client-side,
+        private (:meth:`private_state`; in-process every client's lives in this one object, on Flower each
+        node keeps its own)."""
+        self.memory_sizes: dict[int, int] = {}
+        """Client -> exemplars it keeps, as the clients report them (the server's record)."""
         self.teacher: Snapshot | None = None
         self.teacher_is_final = True
         """Whether the teacher is the previous task's final global model (which round-0 clients received)."""
@@ -232,6 +235,12 @@ class GLFC(Method):
         self.monitor: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         """The proxy's monitor set of the current task: inputs, labels, text token mask (or None)."""
         self.served = ServedClients()
+        """Clients that received the task's old model (in a task's first round a client starts from it when it
+        is the previous task's final model: nothing is sent then)."""
+        self._round = 0
+        """The round the server is about to send (:meth:`downlink`): what :meth:`client_state` contains."""
+        self._teacher_from_start = False
+        """On a client: the old model is the model the local round starts from."""
         self._encoder: nn.Module | None = None
         self._task: Task | None = None
         self._teacher_dev: Snapshot | None = None
@@ -262,7 +271,7 @@ class GLFC(Method):
         uplink = 0
         t0 = time.perf_counter()
         if self.monitor is None and data.clients:
-            if data.batches is None:
+            if data.method_work is None:
                 raise ConfigError("method='glfc' needs client-side work this engine cannot run; use engine=inprocess")
             uplink = self._build_monitor(model, task, data)
         if self.monitor is not None:
@@ -277,28 +286,57 @@ class GLFC(Method):
         m = self.options.memory_per_class
         if not m or not data.clients:
             return 0
-        if data.batches is None:
+        if data.method_work is None:
             raise ConfigError("method='glfc' with an exemplar memory needs client-side work this engine cannot run; "
                               "use engine=inprocess")
-        model.eval()
-        for k in data.clients:  # each reporting client updates its own memory (nothing travels)
-            feats, labels, idx = [], [], []
-            with torch.no_grad():
-                for x, y, sel in data.batches(k):
-                    feats.append(model.features(x).float().cpu())
-                    labels.append(y.cpu())
-                    idx.append(torch.as_tensor(sel))
-            f, y_all, i_all = torch.cat(feats), torch.cat(labels), torch.cat(idx)
-            new_idx, new_lab = [], []
-            for c in torch.unique(y_all).tolist():
-                rows = torch.nonzero(y_all == c).squeeze(1)
-                pick = rows[herding(f[rows], m)]
-                new_idx.append(i_all[pick].numpy())
-                new_lab.append(y_all[pick].numpy())
-            old = self.memory.get(k, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-            self.memory[k] = (np.concatenate([old[0], *new_idx]).astype(np.int64),
-                              np.concatenate([old[1], *new_lab]).astype(np.int64))
+        for k in data.clients:  # each reporting client updates its own memory; only its size comes back
+            size = data.method_work(k, "memory").get("memory_size")
+            if size is not None:
+                self.memory_sizes[k] = int(size[0])
         return 0
+
+    def client_work(self, model: FedModel, task: Task, kind: str, client: int, batches: Any) -> dict[str, torch.Tensor]:
+        """``memory``: add ``memory_per_class`` exemplars of each class of the task to the client's memory
+        (herding); returns its size. ``prototypes``: the client side of the proxy server (prototype, its
+        perturbation, the encoding network's gradient at it); returns the gradients."""
+        if kind == "memory":
+            return self._update_memory(model, client, batches)
+        if kind == "prototypes":
+            return self._prototype_gradients(model, task, list(batches))
+        raise ValueError(f"glfc has no client work {kind!r}")
+
+    def _update_memory(self, model: FedModel, client: int, batches: Any) -> dict[str, torch.Tensor]:
+        m = self.options.memory_per_class
+        model.eval()
+        feats, labels, idx = [], [], []
+        with torch.no_grad():
+            for x, y, sel in batches:
+                feats.append(model.features(x).float().cpu())
+                labels.append(y.cpu())
+                idx.append(torch.as_tensor(sel))
+        f, y_all, i_all = torch.cat(feats), torch.cat(labels), torch.cat(idx)
+        new_idx, new_lab = [], []
+        for c in torch.unique(y_all).tolist():
+            rows = torch.nonzero(y_all == c).squeeze(1)
+            pick = rows[herding(f[rows], m)]
+            new_idx.append(i_all[pick].numpy())
+            new_lab.append(y_all[pick].numpy())
+        old = self.memory.get(client, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        self.memory[client] = (np.concatenate([old[0], *new_idx]).astype(np.int64),
+                               np.concatenate([old[1], *new_lab]).astype(np.int64))
+        return {"memory_size": torch.tensor([len(self.memory[client][0])], dtype=torch.int64)}
+
+    def private_state(self, client: int) -> dict[str, torch.Tensor]:
+        if client not in self.memory:
+            return {}
+        idx, lab = self.memory[client]
+        return {"indices": torch.as_tensor(idx, dtype=torch.int64), "labels": torch.as_tensor(lab, dtype=torch.int64)}
+
+    def load_private_state(self, client: int, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors and (set(tensors) != {"indices", "labels"} or len(tensors["indices"]) != len(tensors["labels"])):
+            raise CheckpointError("glfc: this node's exemplar memory is torn")
+        self.memory = {client: (tensors["indices"].numpy().astype(np.int64),
+                                tensors["labels"].numpy().astype(np.int64))} if tensors else {}
 
     # --- the proxy server -------------------------------------------------------------------------------------
 
@@ -312,12 +350,12 @@ class GLFC(Method):
                 self._encoder = dlg_init(enc)
         return self._encoder.to(device)
 
-    def _prototypes(self, model: FedModel, data: TaskData, k: int) -> list[tuple[int, Any]]:
-        """Client ``k``: per class it holds, ``(label, the sample nearest its class mean)`` (one-sample batch)."""
+    def _prototypes(self, model: FedModel, batches: list[Any]) -> list[tuple[int, Any]]:
+        """A client: per class it holds, ``(label, the sample nearest its class mean)`` (one-sample batch)."""
         feats, labels = [], []
         model.eval()
         with torch.no_grad():
-            for x, y, _ in data.batches(k):  # type: ignore[misc]
+            for x, y, _ in batches:
                 feats.append(model.features(x).float())
                 labels.append(y)
         f, y_all = torch.cat(feats), torch.cat(labels)
@@ -327,7 +365,7 @@ class GLFC(Method):
             dist = (f[rows] - f[rows].mean(0)).norm(dim=1)
             wanted[int(rows[int(dist.argmin())])] = int(c)
         out, offset = [], 0
-        for x, y, _ in data.batches(k):  # type: ignore[misc]
+        for x, y, _ in batches:
             n = len(y)
             for pos in sorted(p for p in wanted if offset <= p < offset + n):
                 out.append((wanted[pos], _one_sample(x, pos - offset)))
@@ -348,7 +386,10 @@ class GLFC(Method):
             return model.head(features_from_embeddings(model, inp, mask))[:, :seen]
         return model(inp)[:, :seen]
 
-    def _build_monitor(self, model: FedModel, task: Task, data: TaskData) -> int:
+    def _prototype_gradients(self, model: FedModel, task: Task, batches: list[Any]) -> dict[str, torch.Tensor]:
+        """A client's part of the proxy: per class it holds, the prototype perturbed by ``proto_steps`` steps
+        and the encoding network's gradient at it, as ``p<i>/g<j>`` (gradients, CPU), ``p<i>/label`` (the true
+        label, for bookkeeping only: the server infers it from the gradient) and ``p<i>/shape``."""
         o = self.options
         device = model.head.weight.device
         encoder = self._encoder_for(model, device)
@@ -356,24 +397,38 @@ class GLFC(Method):
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        grads_by_class: dict[int, list[tuple[list[torch.Tensor], tuple[int, ...]]]] = {}
-        uplink = 0
+        out: dict[str, torch.Tensor] = {}
         try:
-            for k in data.clients:  # client side: prototype, perturbation, encoding gradient
-                for label, sample in self._prototypes(model, data, k):
-                    inp = self._as_input(model, sample).detach().clone().requires_grad_(True)
-                    opt = torch.optim.SGD([inp], lr=o.proto_lr)
-                    target = torch.tensor([label], device=device)
-                    for _ in range(o.proto_steps):
-                        opt.zero_grad()
-                        F.cross_entropy(self._seen_logits(model, inp, seen), target).backward()
-                        opt.step()
-                    grads = encoding_gradient(encoder, inp.detach(), label)
-                    uplink += sum(g.numel() * g.element_size() for g in grads) + 8  # + the input's length
-                    grads_by_class.setdefault(label, []).append((grads, tuple(inp.shape[1:])))
+            for i, (label, sample) in enumerate(self._prototypes(model, batches)):
+                inp = self._as_input(model, sample).detach().clone().requires_grad_(True)
+                opt = torch.optim.SGD([inp], lr=o.proto_lr)
+                target = torch.tensor([label], device=device)
+                for _ in range(o.proto_steps):
+                    opt.zero_grad()
+                    F.cross_entropy(self._seen_logits(model, inp, seen), target).backward()
+                    opt.step()
+                for j, g in enumerate(encoding_gradient(encoder, inp.detach(), label)):
+                    out[f"p{i}/g{j}"] = g.cpu()
+                out[f"p{i}/label"] = torch.tensor([label], dtype=torch.int64)
+                out[f"p{i}/shape"] = torch.tensor(inp.shape[1:], dtype=torch.int64)
         finally:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
+        return out
+
+    def _build_monitor(self, model: FedModel, task: Task, data: TaskData) -> int:
+        o = self.options
+        device = model.head.weight.device
+        encoder = self._encoder_for(model, device)
+        grads_by_class: dict[int, list[tuple[list[torch.Tensor], tuple[int, ...]]]] = {}
+        uplink = 0
+        for k in data.clients:  # client side: prototype, perturbation, encoding gradient (where k runs)
+            sent = data.method_work(k, "prototypes")  # type: ignore[misc]
+            for i in range(sum(1 for key in sent if key.endswith("/label"))):
+                grads = [sent[f"p{i}/g{j}"].to(device) for j in range(len(list(encoder.parameters())))]
+                uplink += sum(g.numel() * g.element_size() for g in grads) + 8  # + the input's length
+                label = int(sent[f"p{i}/label"][0])
+                grads_by_class.setdefault(label, []).append((grads, tuple(sent[f"p{i}/shape"].tolist())))
         xs, ys = [], []  # server side: label from the gradient, inversion
         for label in sorted(grads_by_class):
             for j, (grads, shape) in enumerate(grads_by_class[label][:o.recon_per_class]):
@@ -405,18 +460,40 @@ class GLFC(Method):
     # --- what the server sends ----------------------------------------------------------------------------
 
     def downlink(self, task: Task, round_: int, client: int) -> int:
-        if self.teacher is None or not self.served.first_time(task.index, client):
+        """The old model, once per client and task, unless it is the model the client starts from (a task's
+        first round, when the old model is the previous task's final one)."""
+        self._round = round_
+        if self.teacher is None or (round_ == 0 and self.teacher_is_final):
             return 0
-        if round_ == 0 and self.teacher_is_final:
-            return 0  # the global model of the task's first round is the old model
+        if not self.served.first_time(task.index, client):
+            return 0
         nbytes = self.teacher.nbytes()
         self._costs.downlink_bytes += nbytes
         return nbytes
 
+    def client_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The old model the clients distil from: ``{"teacher": "start"}`` alone when it is the model they start
+        from (see :meth:`downlink`), else its tensors. The memory never travels (:meth:`private_state`)."""
+        if self.teacher is None:
+            return {}, {}
+        if self._round == 0 and self.teacher_is_final:
+            return {}, {"teacher": "start"}
+        return self.teacher.state("teacher/"), {"teacher": "sent"}
+
+    def load_client_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        odd = [k for k in tensors if not k.startswith("teacher/")]
+        if odd or set(meta) - {"teacher"} or meta.get("teacher", "sent") not in ("start", "sent"):
+            raise CheckpointError(f"glfc client state has unexpected content {(odd or sorted(meta))[:1]}")
+        self.teacher = Snapshot.from_state(tensors, "teacher/")
+        self._teacher_from_start = meta.get("teacher") == "start"
+        if meta.get("teacher") == "sent" and self.teacher is None:
+            raise CheckpointError("glfc client state names an old model it does not carry")
+        self._teacher_dev = None
+
     def round_costs(self) -> MethodCosts:
         costs, self._costs = self._costs, MethodCosts()
         if self.options.memory_per_class:
-            costs.memory_samples = {k: int(len(v[0])) for k, v in sorted(self.memory.items())}
+            costs.memory_samples = dict(sorted(self.memory_sizes.items()))
         return costs
 
     # --- local training -------------------------------------------------------------------------------------
@@ -433,6 +510,9 @@ class GLFC(Method):
         return seen
 
     def on_local_start(self, model: FedModel, global_state: dict[str, torch.Tensor]) -> None:
+        if self._teacher_from_start:  # a client in a task's first round: its start model is the old model
+            self._teacher_dev = Snapshot.take(model, self.keys).to(model.head.weight.device)
+            return
         if self.teacher is not None and self._teacher_dev is None:
             self._teacher_dev = self.teacher.to(model.head.weight.device)
 
@@ -452,6 +532,8 @@ class GLFC(Method):
         for k, (idx, lab) in self.memory.items():
             state[f"memory/{k}/indices"] = torch.as_tensor(idx, dtype=torch.int64)
             state[f"memory/{k}/labels"] = torch.as_tensor(lab, dtype=torch.int64)
+        for k, n in self.memory_sizes.items():
+            state[f"memory_size/{k}"] = torch.tensor([n], dtype=torch.int64)
         if self.teacher is not None:
             state.update(self.teacher.state("teacher/"))
         if self.best is not None:
@@ -466,7 +548,7 @@ class GLFC(Method):
         return state
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        known = ("served/", "memory/", "teacher/", "best/", "proxy", "monitor/")
+        known = ("served/", "memory/", "memory_size/", "teacher/", "best/", "proxy", "monitor/")
         odd = [k for k in state if not k.startswith(known)]
         if odd:
             raise CheckpointError(f"glfc checkpoint state has an unexpected tensor {odd[0]!r}")
@@ -481,6 +563,10 @@ class GLFC(Method):
         if any(set(p) != {"indices", "labels"} or len(p["indices"]) != len(p["labels"]) for p in parts.values()):
             raise CheckpointError("glfc checkpoint state has a torn exemplar memory")
         self.memory = {k: (p["indices"], p["labels"]) for k, p in sorted(parts.items())}
+        self.memory_sizes = {int(key.split("/")[1]): int(t[0]) for key, t in state.items()
+                             if key.startswith("memory_size/")}
+        if not self.memory_sizes:  # (a checkpoint without the sizes: the server held every memory)
+            self.memory_sizes = {k: len(idx) for k, (idx, _) in self.memory.items()}
         self.teacher = Snapshot.from_state(state, "teacher/")
         self.best = Snapshot.from_state(state, "best/")
         meta = state.get("proxy", torch.tensor([-1.0, -1, -1, 1], dtype=torch.float64)).tolist()

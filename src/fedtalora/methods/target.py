@@ -206,7 +206,7 @@ class Target(Method):
                               "engine cannot run; use engine=inprocess")
         uplink = 0
         for k in data.clients:  # the reporting clients measure the prior on their task data, where they run
-            totals = data.method_work(k)
+            totals = data.method_work(k, "moments")
             if totals:  # (empty: the client failed to answer)
                 self.prior.add(totals)
                 uplink += moments_nbytes(totals)
@@ -215,8 +215,10 @@ class Target(Method):
         self._costs.server_seconds += time.perf_counter() - t0
         return uplink
 
-    def client_task_work(self, model: FedModel, task: Task, batches: Any) -> dict[str, torch.Tensor]:
-        """A client's per-channel moments of its task data (the generator's prior), float64."""
+    def client_work(self, model: FedModel, task: Task, kind: str, client: int, batches: Any) -> dict[str, torch.Tensor]:
+        """``moments``: a client's per-channel moments of its task data (the generator's prior), float64."""
+        if kind != "moments":
+            raise ValueError(f"{self.name} has no client work {kind!r}")
         return client_moments(model, batches)
 
     def _new_generator(self, seen: int) -> TokenGenerator:
