@@ -245,7 +245,7 @@ def test_engine_key_is_validated_and_every_flower_method_is_accepted_by_every_en
         tiny(tiny_overrides, "flower.round_timeout=-1")
     for method in METHODS.names():
         for engine in ("flower-sim", "flower"):
-            if not METHODS.get(method).runs_on_flower:  # glfc, target, lander: refused in one line
+            if not METHODS.get(method).runs_on_flower:  # (none now) refused in one line
                 with pytest.raises(ConfigError, match="Flower messages do not carry"):
                     prepare(tiny(tiny_overrides, f"method={method}", f"engine={engine}"))
                 continue

@@ -420,18 +420,14 @@ def test_registered_with_options() -> None:
 
 
 @pytest.mark.parametrize("name", ["glfc", "target", "lander"])
-def test_flower_engines_take_target_and_lander_and_refuse_glfc_with_one_line(name: str) -> None:
+def test_flower_engines_take_them(name: str) -> None:
+    """Their client state travels in Flower messages (tests/flower compares the numbers with in-process)."""
     pytest.importorskip("flwr")
     from fedtalora.fed.build import check_engine
 
-    assert METHODS.get(name).needs_server_state
-    cfg = resolve("tiny-vit", [f"method={name}", "engine=flower"])
-    if METHODS.get(name).runs_on_flower:  # their client state travels in the messages (tests/flower)
-        check_engine(cfg)
-        return
-    with pytest.raises(ConfigError, match="server-side") as e:
-        check_engine(cfg)
-    assert len(str(e.value).splitlines()) == 1
+    assert METHODS.get(name).needs_server_state and METHODS.get(name).runs_on_flower
+    for engine in ("flower", "flower-sim"):
+        check_engine(resolve("tiny-vit", [f"method={name}", f"engine={engine}"]))
 
 
 def test_downlink_counts_the_generator_and_old_model_once_per_client_and_task(cfg_of) -> None:

@@ -78,8 +78,8 @@ def check_engine(cfg: RunConfig) -> None:
     if cfg.engine == "inprocess":
         return
     if not METHODS.get(cfg.method).runs_on_flower:
-        raise ConfigError(f"method={cfg.method} keeps server-side state its clients need (generator, old model, "
-                          f"exemplar memory) that Flower messages do not carry yet; use engine=inprocess")
+        raise ConfigError(f"method={cfg.method} keeps server-side state its clients need that Flower messages "
+                          f"do not carry yet; use engine=inprocess")
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None:

@@ -10,7 +10,12 @@ A client knows only what reaches it through Flower:
   one the server names in its hello message; the server also sends a digest of the expected indices
   and the client refuses a manifest that disagrees;
 * the **global trainable state** and the **residual catch-up** of its frozen base in every ``train``
-  message (:mod:`fedtalora.flower.protocol`).
+  message (:mod:`fedtalora.flower.protocol`), and the method's client state when its version changes.
+
+What the method keeps on the client and never sends (``Method.private_state``: GLFC's exemplar memory) is kept
+in the node's ``context.state``, loaded before and stored after every message; what the method asks of the
+client's data (``Method.client_work``: feature moments, prototype gradients, exemplar selection) runs here,
+answering ``query.features`` with ``reply: method-work``.
 
 It builds its own model from the config (same seeds: the same initial weights as the server's, checked
 by a fingerprint) and trains with :func:`fedtalora.fed.transport.client_round`, the function the in-process
@@ -249,8 +254,8 @@ def _sync(side: ClientSide, context: Context, msg: Message) -> int:
 
 def _load_method_state(side: ClientSide, context: Context, msg: Message) -> str:
     """Store the message's method state (if it carries one) in the node's state, check that the node now
-    holds the version the server names, and load it into the (possibly shared) method object; returns its
-    digest (``""``: none)."""
+    holds the version the server names, and load it into the (possibly shared) method object, then this node's
+    private method state; returns the method state's digest (``""``: none)."""
     arrays = msg.content.array_records.get(P.METHOD)
     meta = msg.content.config_records.get(P.METHOD_META)
     if arrays is not None and meta is not None:

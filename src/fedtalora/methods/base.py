@@ -29,8 +29,9 @@ metrics and checkpoints are shared. Where each hook is called::
 
 The hooks marked "client" run where the client runs. Everything a client needs beyond the global trainable
 state is derived from public data (class names, the root seed) or counted by :meth:`Method.downlink` as data
-the server sends; a method whose clients need such server-side state says so with
-:attr:`Method.needs_server_state`.
+the server sends (:meth:`Method.client_state`); a method whose clients need such server-side state says so with
+:attr:`Method.needs_server_state`. What a client keeps to itself across rounds (an exemplar memory) is its
+:meth:`Method.private_state`; what it computes for the server from its data is :meth:`Method.client_work`.
 
 A method is built from its options (the config's ``method_options`` mapping, parsed strictly into the
 method's :attr:`Method.Options` dataclass by :meth:`Method.parse_options`) and a :class:`MethodContext`:
@@ -179,12 +180,13 @@ class Method:
     cached activations of the frozen layers below the first adapted block (``train.feature_cache``,
     :mod:`fedtalora.fed.cache`). Off unless a method says so."""
     needs_server_state: ClassVar[bool] = False
-    runs_on_flower: ClassVar[bool] = True
-    """False: what the method's clients need (beyond :meth:`client_state`) does not travel in Flower messages
-    yet; ``engine=flower``/``flower-sim`` refuse it with one line."""
     """Its clients need server-side method state beyond the global trainable state and the base (e.g. in
     the loss). Informative: engines whose clients only receive messages (Flower) send whatever
     :meth:`client_state` returns, for every method."""
+    runs_on_flower: ClassVar[bool] = True
+    """False: what the method's clients need (beyond :meth:`client_state`, :meth:`client_work`,
+    :meth:`client_report` and :meth:`private_state`) does not travel in Flower messages; ``engine=flower`` /
+    ``flower-sim`` refuse it with one line. Every registered method runs there."""
     folds_residual: ClassVar[bool] = True
     """Its aggregation folds the ResWU residual into the adapted layers' base weights when ``fed.residual`` is
     on (the defaults of :meth:`aggregate` and :meth:`apply`)."""

@@ -44,10 +44,12 @@ Departures:
   a task's global models, it trains nothing (raise ``recon_iters`` / ``recon_evals`` for GLFC's budget).
 * The loss is softmax cross-entropy and KL as in the paper; GLFC's code uses per-class sigmoid/BCE for both
   terms. The memory has a fixed size per class (GLFC: a total of 2000 shared by the learned classes).
-* What travels: the prototype gradients (uplink, in that round's ``uplink_bytes``), the old model (downlink,
-  once per client and task, unless the client took part in the task's first round and the old model is the
-  previous task's final one -- then it already has it; ``method_downlink_bytes``). The encoding network is
-  seeded from the run's root seed, so nobody sends it. Server time of the proxy: ``method_server_seconds``.
+* What travels: the prototype gradients (uplink, in that round's ``uplink_bytes``; computed where the client runs,
+  :meth:`GLFC.client_work` ``prototypes``), the old model (downlink, once per client and task, except in the
+  task's first round when the old model is the previous task's final one -- the model the client starts from,
+  which it snapshots; ``method_downlink_bytes``). The encoding network is seeded from the run's root seed, so
+  nobody sends it. The memory never travels: it is the client's :meth:`GLFC.private_state` (on Flower, kept in
+  the node's state; only its size is reported). Server time of the proxy: ``method_server_seconds``.
 * Local optimiser, rounds, LoRA placement and aggregation are this project's (GLFC: SGD with a step decay,
   plain FedAvg).
 

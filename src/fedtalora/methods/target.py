@@ -33,9 +33,12 @@ Departures (each forced by the pre-trained backbone or by federated accounting, 
   meta-learned per-batch generators with optimised ``z``) that the clients read. Here the generator itself
   is sent (once per client and task) and is class-conditional (``v = z + E[y]``) so that clients draw fresh,
   class-balanced samples of old classes from it with their own seeds; there is no per-batch meta-learning
-  (FOMAML) and no pool. The previous global model is also sent once per client and task unless the client
-  took part in the task's first round (whose global model it is): LoRA, head and the adapted layers' base
-  weights, dense. Both appear in ``method_downlink_bytes`` and in ``downlink_bytes``.
+  (FOMAML) and no pool. The previous global model (LoRA, head and the adapted layers' base weights, dense) is
+  also sent once per client and task from the task's second round on; in the task's first round the global
+  model a client receives *is* the previous one, so the client snapshots its start model instead
+  (:meth:`Target.client_state`). Both appear in ``method_downlink_bytes`` and in ``downlink_bytes``; on Flower
+  they are the method's client state, the feature moments are computed on the nodes
+  (:meth:`Target.client_work`) and the synthetic-sample counts come back in the replies (:meth:`Target.client_report`).
 * **Student.** TARGET's student is a freshly initialised network trained by KD (SGD lr 0.2) inside the
   synthesis loop. Here it is the shared frozen backbone with its own LoRA (A copied, B = 0) and a fresh head,
   one SGD step (``train.lr`` / ``train.head_lr``, momentum 0.9) per generator step; TARGET's CIFAR setting
