@@ -15,8 +15,10 @@ tuned on test accuracy). One process per run, ``--workers`` at once::
 
     python benchmarks/baselines.py --data ../shared/data --checkpoint runs/study-reswu/omniglot-vit-pretrained-seed0.safetensors
     python benchmarks/baselines.py --report-only        # rewrite the table from the run directories
+    python benchmarks/baselines.py --only banking77-small --seeds 2 --merge   # add a seed to the existing rows
 
-Writes ``benchmarks/results/baselines.jsonl`` (one line per run) and ``baselines.md``.
+Writes ``benchmarks/results/baselines.jsonl`` (one line per run) and ``baselines.md`` (its tables; a hand-written
+``## Notes`` section at the end of an existing file is kept).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def _mb(b: float) -> str:
 def write(rows: list[dict[str, Any]], out: Path) -> None:
     import numpy as np
 
+    notes = out.read_text().split("\n## Notes", 1) if out.is_file() else []
     out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["# GLFC, TARGET and LANDER beside finetune and fedtalora (small CPU settings)", "",
              "Written by `benchmarks/baselines.py` (see its docstring for the two settings). Mean ± std over the "
@@ -114,7 +117,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
                 f"| {np.mean([r['synthetic_samples_per_client_round'] for r in rs]):.0f} "
                 f"| {ms('method_server_seconds', 1.0)} | {ms('wall_seconds', 1.0)} |")
         lines.append("")
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines) + (f"\n## Notes{notes[1]}" if len(notes) == 2 else ""))
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -128,6 +131,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --out's .jsonl that these runs do not replace (same benchmark, method, seed)")
     ap.add_argument("--out", type=Path, default=RESULTS / "baselines.md")
     args = ap.parse_args()
     benches = benchmarks(args.data.resolve(), args.checkpoint.resolve() if args.checkpoint else None)
@@ -146,6 +151,12 @@ def main() -> int:
             for job, rc in zip(todo, pool.map(go, todo), strict=True):
                 print(f"{job}: exit {rc}", file=sys.stderr, flush=True)
     rows = [r for j in jobs for r in [row(*j, run_dir(args.runs, *j))] if r is not None]
+    if args.merge and args.out.with_suffix(".jsonl").is_file():
+        new = {(r["benchmark"], r["method"], r["seed"]): r for r in rows}
+        old = [json.loads(line) for line in args.out.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+        kept = {(r["benchmark"], r["method"], r["seed"]): r for r in old}
+        kept.update(new)
+        rows = sorted(kept.values(), key=lambda r: (r["benchmark"], METHODS.index(r["method"]), r["seed"]))
     write(rows, args.out)
     return 0
 
