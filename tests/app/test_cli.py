@@ -347,6 +347,12 @@ def test_presets_lists_tiny_vit(capsys) -> None:
     assert "digits" in line and "not the demo" in line  # the preset's one-line description
 
 
+def test_presets_lists_the_demo_first(capsys) -> None:
+    assert main(["presets"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.split()[0] == "demo" and "pre-trained" in first and "Banking77" in first
+
+
 def test_methods_lists_fedtalora_and_planned(capsys) -> None:
     assert main(["methods"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
