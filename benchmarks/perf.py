@@ -95,6 +95,9 @@ def _met(name: str, value: float) -> str:
 NOTES = """\
 ## Notes
 
+- **Demo** (`demo` row): the CPU time is the load-robust figure. The same preset on a nearly idle machine
+  (2026-12-01 01:45 UTC, load average below 1, then named `text-demo`): wall 54.5 s median of 3 (51.9-55.4 s),
+  user+sys CPU 54.0 s, F_AA 0.8977.
 - **GPU** (`gpu` row): measured once, 2026-11-25, on a lent NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130,
   eager mode, no torch.compile): 1,120 images/s, 71.9 GFLOP per image counted by torch's FLOP counter (forward
   plus the backward a frozen backbone still needs) -> 80 TFLOP/s, 0.081 of the 989.4 TFLOPS bf16 dense peak:
@@ -636,7 +639,8 @@ def bench_demo(args: argparse.Namespace) -> dict[str, Any]:
     return emit("demo", {
         "value": full["wall_s"],
         "what": "`fedtalora demo` wall seconds (pre-trained MiniLM on the shipped Banking77 subset; whole CLI in a "
-                "subprocess, imports and model loading included; preset: 1 thread)",
+                f"subprocess, imports and model loading included; preset: 1 thread); user+sys CPU {full['cpu_s']:.1f} s, "
+                f"load avg {full['loadavg_1m_before']:.1f} before (other jobs inflate the wall time, not the CPU time)",
         "run": full,
         "downlink_factored_over_dense": m["downlink_bytes_total"] / m["downlink_bytes_dense_total"],
         "residual_factored_over_dense": m["residual_bytes_factored_total"] / m["residual_bytes_dense_total"],
