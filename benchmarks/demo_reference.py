@@ -153,7 +153,7 @@ def write_markdown(preset: str, ref: dict[str, Any] | None, timing: list[dict[st
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="text-demo")
+    ap.add_argument("--preset", default="demo")
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time the whole CLI N times")
     ap.add_argument("--only-time", type=int, default=0, metavar="N", help="only time the whole CLI N times")
     ap.add_argument("--compare", default=None, metavar="PRESET",

@@ -161,10 +161,10 @@ def test_e2e_stdout(e2e) -> None:
     assert f"{m['final_average_accuracy']:.4f}" in out
 
 
-def test_demo_command_in_process_matches_subprocess(e2e, tiny_overrides, tmp_path, capsys) -> None:
-    """``fedtalora demo`` is ``run demo``, and a run is reproducible across processes."""
+def test_run_in_process_matches_subprocess(e2e, tiny_overrides, tmp_path, capsys) -> None:
+    """A run is reproducible across processes: in-process ``main`` equals the ``e2e`` subprocess run."""
     assert e2e["rc"] == 0, e2e["stderr"]
-    rc = main(["demo", *tiny_overrides, f"output.dir={tmp_path}", "output.name=again", "--quiet"])
+    rc = main(["run", "tiny-vit", *tiny_overrides, f"output.dir={tmp_path}", "output.name=again", "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     m = json.loads((tmp_path / "again" / "metrics.json").read_text())
@@ -172,6 +172,33 @@ def test_demo_command_in_process_matches_subprocess(e2e, tiny_overrides, tmp_pat
     assert [r["train_loss"] for r in m["rounds"]] == [r["train_loss"] for r in e2e["metrics"]["rounds"]]
     assert json.loads((tmp_path / "again" / "partitions.json").read_text()) == e2e["partitions"]
     assert str(tmp_path / "again") in captured.out
+
+
+# The demo preset, shrunk to a few seconds: 4 training / 2 test utterances per intent, 2 clients, LoRA in layer 0,
+# a small random expansion. Still the pre-trained MiniLM, the shipped data and 7 tasks x 11 intents.
+SMALL_DEMO = ["data.train_per_class=4", "data.test_per_class=2", "fed.num_clients=2", "fed.clients_per_round=2",
+              "partition.min_samples=1", "lora.blocks=[0]", "classifier.projection_dim=64"]
+
+
+def test_demo_command_is_run_demo(tmp_path, capsys) -> None:
+    """``fedtalora demo`` is ``fedtalora run demo``: the pre-trained MiniLM on the shipped Banking77 subset."""
+    runs = {}
+    for name, argv in (("demo", ["demo"]), ("run", ["run", "demo"])):
+        rc = main([*argv, *SMALL_DEMO, f"output.dir={tmp_path}", f"output.name={name}", "--quiet"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        runs[name] = (json.loads((tmp_path / name / "metrics.json").read_text()), captured.out)
+    (m, out), (m_run, out_run) = runs["demo"], runs["run"]
+    assert m["accuracy_matrix"] == m_run["accuracy_matrix"] and len(m["accuracy_matrix"]) == 7
+    assert [r["train_loss"] for r in m["rounds"]] == [r["train_loss"] for r in m_run["rounds"]]
+
+    def same(text: str, run_dir: Path) -> list[str]:  # the summary, less its run directory and wall time
+        return [line for line in text.replace(str(run_dir), "RUN_DIR").splitlines() if not line.startswith("wall time")]
+
+    assert same(out, tmp_path / "demo") == same(out_run, tmp_path / "run")
+    assert "all-MiniLM-L6-v2 (pre-trained" in out and "Banking77" in out and "CC BY 4.0" in out
+    assert m["final_average_accuracy"] > 1 / 77  # better than chance even at this size
+    assert "precomputed" not in out  # the shrunk config is not the reference's: no reference lines
 
 
 def test_naive_averaging_has_aggregation_error(tiny_overrides) -> None:
@@ -318,6 +345,12 @@ def test_presets_lists_tiny_vit(capsys) -> None:
     assert "tiny-vit" in names
     line = next(line for line in out.splitlines() if line.startswith("tiny-vit"))
     assert "digits" in line and "not the demo" in line  # the preset's one-line description
+
+
+def test_presets_lists_the_demo_first(capsys) -> None:
+    assert main(["presets"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.split()[0] == "demo" and "pre-trained" in first and "Banking77" in first
 
 
 def test_methods_lists_fedtalora_and_planned(capsys) -> None:

@@ -44,8 +44,8 @@ def test_data_facts_hand_example() -> None:
     assert f.train_counts == (2, 1, 3) and f.test_counts == (0, 2, 0) and f.modality == "text"
 
 
-def test_describe_the_text_demo() -> None:
-    cfg = resolve("text-demo").to_dict()
+def test_describe_the_demo() -> None:
+    cfg = resolve("demo").to_dict()
     rows = dict(describe_run(cfg, data_facts("banking77-demo", 77, [c for c in range(77) for _ in range(16)],
                                              [c for c in range(77) for _ in range(8)], "text"), True))
     assert rows["model"] == "all-MiniLM-L6-v2 (pre-trained, frozen)"
@@ -61,7 +61,7 @@ def test_describe_the_text_demo() -> None:
 
 
 def test_describe_uneven_counts_and_frozen_backbone() -> None:
-    cfg = resolve("text-demo", ["method=head-only", "partition.kind=iid"]).to_dict()
+    cfg = resolve("demo", ["method=head-only", "partition.kind=iid"]).to_dict()
     rows = dict(describe_run(cfg, data_facts("mine", 2, [0, 1, 1], [0, 1]), False))
     assert "1-2 train / 1 test samples per class" in rows["data"] and rows["data"].startswith("mine:")
     assert "LoRA" not in rows["method"] and "IID" in rows["federation"]
@@ -72,28 +72,28 @@ def test_describe_uneven_counts_and_frozen_backbone() -> None:
 
 
 def test_comparable_config_ignores_only_where_and_how_fast() -> None:
-    base = resolve("text-demo").to_dict()
-    same = resolve("text-demo", ["output.dir=/elsewhere", "output.name=x", "train.threads=2"]).to_dict()
+    base = resolve("demo").to_dict()
+    same = resolve("demo", ["output.dir=/elsewhere", "output.name=x", "train.threads=2"]).to_dict()
     assert comparable_config(base) == comparable_config(same)
-    assert comparable_config(base) != comparable_config(resolve("text-demo", ["seed=1"]).to_dict())
-    assert comparable_config(base) != comparable_config(resolve("text-demo", ["train.lr=0.5"]).to_dict())
+    assert comparable_config(base) != comparable_config(resolve("demo", ["seed=1"]).to_dict())
+    assert comparable_config(base) != comparable_config(resolve("demo", ["train.lr=0.5"]).to_dict())
     assert "output" in base  # the input is not modified
 
 
 def test_find_reference_matches_the_config_only(tmp_path: Path) -> None:
-    cfg = resolve("text-demo").to_dict()
-    (tmp_path / "a.reference.json").write_text(json.dumps(_reference(resolve("text-demo", ["seed=3"]).to_dict())))
+    cfg = resolve("demo").to_dict()
+    (tmp_path / "a.reference.json").write_text(json.dumps(_reference(resolve("demo", ["seed=3"]).to_dict())))
     (tmp_path / "b.reference.json").write_text("{not json")
     (tmp_path / "c.reference.json").write_text(json.dumps(_reference(cfg)))
     (tmp_path / "d.json").write_text(json.dumps(_reference(cfg) | {"source": "not a reference file"}))
-    ref = find_reference(resolve("text-demo", ["output.dir=/tmp/x"]).to_dict(), tmp_path)
+    ref = find_reference(resolve("demo", ["output.dir=/tmp/x"]).to_dict(), tmp_path)
     assert ref is not None and ref["source"].startswith("benchmarks/")
-    assert find_reference(resolve("text-demo", ["fed.residual=false"]).to_dict(), tmp_path) is None
+    assert find_reference(resolve("demo", ["fed.residual=false"]).to_dict(), tmp_path) is None
     assert find_reference(cfg, tmp_path / "missing") is None
 
 
 def test_summary_puts_reference_lines_beside_faa() -> None:
-    cfg = resolve("text-demo").to_dict()
+    cfg = resolve("demo").to_dict()
     data = data_facts("banking77-demo", 2, [0, 1], [0, 1], "text")
     text = format_summary(_history(), "runs/x", cfg, data, _reference(cfg))
     lines = text.splitlines()
@@ -114,13 +114,11 @@ def test_reference_rows_tolerate_empty(ref: Any) -> None:
     assert reference_rows(ref) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the preset moved to classifier.kind=analytic; its reference lines (measured "
-                   "with the prototype classifier) are not regenerated yet: rerun benchmarks/demo_reference.py")
-def test_shipped_reference_matches_the_text_demo_preset() -> None:
+def test_shipped_reference_matches_the_demo_preset() -> None:
     """The precomputed lines of the demo are printed only if they were measured with its current config:
     regenerate them (benchmarks/demo_reference.py) whenever the preset or its data change."""
-    ref = find_reference(resolve("text-demo").to_dict())
-    assert ref is not None, "text-demo changed: rerun benchmarks/demo_reference.py"
+    ref = find_reference(resolve("demo").to_dict())
+    assert ref is not None, "the demo preset changed: rerun benchmarks/demo_reference.py"
     labels = [line["label"] for line in ref["lines"]]
     assert any("frozen" in s for s in labels) and any("centralized" in s for s in labels)
     assert all(0.0 <= line["final_average_accuracy"] <= 1.0 for line in ref["lines"])

