@@ -698,8 +698,6 @@ def interrupted_overrides(tiny_overrides: list[str], rounds: int) -> list[str]:
         ["scenario.num_tasks=1", f"fed.rounds_per_task={rounds}"]
 
 
-@pytest.mark.skip(reason="known failure after merging issues 16-20 (2026-12-01): the flower-sim run does not exit "
-                         "within 180 s of SIGTERM; passes on the flower branch alone; open under issue 19")
 def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the_run(tmp_path: Path, cli_env,
                                                                                      tiny_overrides) -> None:
     pytest.importorskip("ray")
