@@ -754,3 +754,47 @@ def test_deployment_sigint_mid_round_stops_the_run_on_the_superlink_and_resume_f
     got = json.loads((run_dir / "metrics.json").read_text())
     assert got["complete"] and got["engine"] == "flower"
     assert_same_numbers(run(resolve("tiny-vit", overrides)).metrics, got)
+
+
+# --- deferred interrupt (flower-sim winds down by itself before KeyboardInterrupt) ------------------
+
+
+def test_deferred_interrupt_lets_the_block_wind_down_then_raises_and_a_second_signal_raises_at_once() -> None:
+    stop, calls = threading.Event(), []
+    before = signal.getsignal(signal.SIGTERM)
+    # A thread that only ends when told, like Flower's workers; the block joins it after the signal.
+    worker = threading.Thread(target=lambda: stop.wait(30))
+    worker.start()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupt_on_signals(stop, defer=True, on_signal=calls.append) as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            worker.join(timeout=30)  # not interrupted: the handler set `stop`, so the worker ended
+            wound_down = not worker.is_alive()
+    assert wound_down and calls == [signal.SIGTERM] and received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == before
+    stop.clear()
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        with interrupt_on_signals(stop, defer=True) as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # deferred: no exception yet
+            assert stop.is_set() and received == [signal.SIGINT]
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the second one raises here
+    assert received == [signal.SIGINT, signal.SIGINT]
+    with interrupt_on_signals(stop, defer=True) as received:  # no signal: nothing raised
+        pass
+    assert received == []
+
+
+def test_process_recorder_kills_only_the_recorded_processes_whose_command_line_matches() -> None:
+    with ProcessRecorder(interval=0.05) as rec:
+        keep = subprocess.Popen(["sleep", "301"], start_new_session=True)
+        hit = subprocess.Popen(["sleep", "302"], start_new_session=True)
+        time.sleep(0.3)
+    try:
+        assert rec.kill_matching("sleep 302") == [hit.pid]
+        assert hit.wait(timeout=10) == -signal.SIGKILL
+        assert keep.poll() is None and rec.kill_matching("no such command") == []
+    finally:
+        keep.kill()
+        keep.wait()
