@@ -451,29 +451,37 @@ SCALE_SIM = one_task(TINY, 5, clients=100, per_round=10) + ["partition.kind=iid"
 SCALE_DEPLOY = one_task(TINY, 3, clients=10, per_round=10) + ["partition.kind=iid", "flower.connect_timeout=300"]
 
 
-def bench_scale(label: str) -> list[dict[str, Any]]:
+def bench_scale(label: str, sim: bool = True, executors: int | None = 2) -> list[dict[str, Any]]:
+    """``sim``: the 100-client flower-sim row; then the 10-node TLS + auth deployment with ``executors``
+    shared warm executors (None: one executor per node)."""
     rows = []
-    load_before = load()
-    ref = timed_run(SCALE_SIM)
-    got = timed_run([*SCALE_SIM, "engine=flower-sim"])
-    a, b = ref.pop("metrics"), got.pop("metrics")
-    rows.append({"what": "scale-sim", "label": label, "load_before": load_before, "clients": 100, "per_round": 10,
-                 "rounds": len(a["rounds"]), "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
-                 "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
-                 "same_numbers": same_numbers(a, b)})
-    print(json.dumps(rows[-1]), flush=True)
+    if sim:
+        rows.append(bench_scale_sim(label))
+        print(json.dumps(rows[-1]), flush=True)
     load_before = load()
     ref = timed_run(SCALE_DEPLOY)
     a = ref.pop("metrics")
     with tempfile.TemporaryDirectory(prefix="flower-scale-") as tmp:
-        got = deployment_run(10, SCALE_DEPLOY, Path(tmp), _env(), warm=True, executors=2, tls=True, auth=True)
+        got = deployment_run(10, SCALE_DEPLOY, Path(tmp), _env(), warm=True, executors=executors, tls=True,
+                             auth=True)
     b = got.pop("metrics")
     rows.append({"what": "scale-deploy", "label": label, "load_before": load_before, "clients": 10, "per_round": 10,
-                 "rounds": len(a["rounds"]), "tls": True, "auth": True, "executors": 2,
+                 "rounds": len(a["rounds"]), "tls": True, "auth": True, "executors": executors,
                  "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
                  "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
                  "same_numbers": same_numbers(a, b)})
     return rows
+
+
+def bench_scale_sim(label: str) -> dict[str, Any]:
+    load_before = load()
+    ref = timed_run(SCALE_SIM)
+    got = timed_run([*SCALE_SIM, "engine=flower-sim"])
+    a, b = ref.pop("metrics"), got.pop("metrics")
+    return {"what": "scale-sim", "label": label, "load_before": load_before, "clients": 100, "per_round": 10,
+            "rounds": len(a["rounds"]), "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
+            "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
+            "same_numbers": same_numbers(a, b)}
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -495,9 +503,11 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
         f"Written by `benchmarks/flower_overhead.py --md` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, `OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}`, "
         "CPU only. The machine is shared with other engineers' jobs (load average before each measurement in the "
-        "tables; it was often 8-14 on 2 cores), so absolute times are noisy and mostly pessimistic: compare rows "
-        "taken under similar load. `before`: the code before issue 19 (cold ClientApp processes, Flower's own Ray "
-        "start-up); `after`: this code. Memory: peak of the sum over the processes of their PSS.",
+        "tables: 1-, 5- and 15-minute), so absolute times are noisy and mostly pessimistic: compare rows taken "
+        "side by side under similar load. `before`: the code before issue 19 (Flower's own Ray start-up); "
+        "`after`: this code. Deployment rows: warm nodes (this code) and plain `flower-supernode` s, which start "
+        "a fresh `flwr-clientapp` process per message (the behaviour before issue 19), measured one after the "
+        "other in one invocation. Memory: peak of the sum over the processes of their PSS (RSS where said).",
         "",
         "## flower-sim vs inprocess (same config, whole run)",
         "",
@@ -554,8 +564,9 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
         ]
         for r in scale:
             i, f = r["inprocess"], r["flower"]
+            ex = r.get("executors")
             engine = "flower-sim" if r["what"] == "scale-sim" else \
-                f"flower, TLS + auth, {r['executors']} shared executors"
+                f"flower, TLS + auth, {f'{ex} shared executors' if ex else 'one executor per node'}"
             for name, side, wire in (("inprocess", i, i["wire"]), (engine, f, f["wire"])):
                 down = wire.get("wire_down_B", wire["modelled_down_B"])
                 up = wire.get("wire_up_B", wire["modelled_up_B"])
@@ -575,6 +586,9 @@ def main() -> None:
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--deploy-rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--executors", type=int, default=2,
+                   help="scale: shared warm executors of the 10-node deployment (0: one per node)")
+    p.add_argument("--scale-deploy-only", action="store_true", help="scale: skip the flower-sim row")
     p.add_argument("--no-cold", action="store_true",
                    help="deploy: skip the cold deployment (a flwr-clientapp process per message)")
     p.add_argument("--label", default="after", help="the code measured (before / after)")
@@ -589,7 +603,8 @@ def main() -> None:
             if "deploy" in args.only:
                 rows += bench_deploy(args.deploy_rounds, args.label, cold=not args.no_cold)
             if "scale" in args.only:
-                rows += bench_scale(args.label)
+                rows += bench_scale(args.label, sim=not args.scale_deploy_only,
+                                    executors=args.executors or None)
             with open(RESULTS / "flower.jsonl", "a") as f:
                 for r in rows:
                     print(json.dumps(r), flush=True)
