@@ -51,8 +51,19 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedtalora.api import run  # noqa: E402
-from fedtalora.config import resolve  # noqa: E402
+from fedtalora import resolve, run  # noqa: E402
+
+
+def _preset() -> str:
+    """The tiny random-ViT preset: ``tiny-vit`` (``demo`` in the code before issue 18 renamed it)."""
+    try:
+        resolve("tiny-vit", [])
+        return "tiny-vit"
+    except Exception:  # noqa: BLE001 - the older code
+        return "demo"
+
+
+PRESET = _preset()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +203,7 @@ class Monitor:
         self.interval = interval
         self.peak_pss = self.peak_rss = 0
         self.peak_by_group: dict[str, int] = {}
+        self.peak_rss_by_group: dict[str, int] = {}
         self.cpu: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -199,24 +211,29 @@ class Monitor:
     def sample(self) -> None:
         total_pss = total_rss = 0
         by_group: dict[str, int] = {}
+        rss_by_group: dict[str, int] = {}
         for root in self.roots():
             pids = self._descendants([root])
-            pss = 0
+            pss = rss = 0
             for pid in pids:
                 p, r = _pss(pid), _rss(pid)
                 pss += p
-                total_rss += r
+                rss += r
                 fields = _proc_stat(pid)
                 self.cpu[(pid, int(fields[19]) if fields else 0)] = _cpu_seconds(pid)
             total_pss += pss
+            total_rss += rss
             if self.groups is not None:
                 g = self.groups(root)
                 if g:
                     by_group[g] = by_group.get(g, 0) + pss
+                    rss_by_group[g] = rss_by_group.get(g, 0) + rss
         self.peak_pss = max(self.peak_pss, total_pss)
         self.peak_rss = max(self.peak_rss, total_rss)
         for g, v in by_group.items():
             self.peak_by_group[g] = max(self.peak_by_group.get(g, 0), v)
+        for g, v in rss_by_group.items():
+            self.peak_rss_by_group[g] = max(self.peak_rss_by_group.get(g, 0), v)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -238,7 +255,7 @@ class Monitor:
 def same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Identical accuracy matrices and per-round aggregation errors (bit for bit)."""
     return a["accuracy_matrix"] == b["accuracy_matrix"] and \
-        [r["aggregation_error"] for r in a["rounds"]] == [r["aggregation_error"] for r in b["rounds"]]
+        [r.get("aggregation_error") for r in a["rounds"]] == [r.get("aggregation_error") for r in b["rounds"]]
 
 
 def mean_round(metrics: dict[str, Any]) -> float:
@@ -260,7 +277,7 @@ def wire_per_round(metrics: dict[str, Any]) -> dict[str, float]:
 
 def timed_run(overrides: list[str], run_dir: Path | None = None) -> dict[str, Any]:
     """One run in this process, phases from its progress events; Ray pre-started where the code can."""
-    cfg = resolve("tiny-vit", overrides)
+    cfg = resolve(PRESET, overrides)
     marks: dict[str, float] = {}
 
     def progress(event: dict[str, Any]) -> None:
@@ -332,7 +349,7 @@ def deployment_run(num_nodes: int, overrides: list[str], workdir: Path, env: dic
     with dep, Monitor(roots, groups=group) as mon:
         t_up = time.perf_counter() - t0
         t1 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", "tiny-vit", "--quiet", *overrides,
+        proc = subprocess.Popen([sys.executable, "-m", "fedtalora", "run", PRESET, "--quiet", *overrides,
                                  "engine=flower", f"output.dir={workdir}", "output.name=run"],
                                 env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         run_proc.append(proc)
@@ -343,10 +360,13 @@ def deployment_run(num_nodes: int, overrides: list[str], workdir: Path, env: dic
     left = leftovers_after(2.0)
     metrics = json.loads((workdir / "run" / "metrics.json").read_text())
     nodes = {g: v for g, v in mon.peak_by_group.items() if g.startswith("node-")}
+    nodes_rss = {g: v for g, v in mon.peak_rss_by_group.items() if g.startswith("node-")}
     return {"metrics": metrics, "deployment_start_s": t_up, "flwr_run_wall_s": t_run,
             "server_wall_s": metrics["wall_seconds"], "peak_pss_B": mon.peak_pss, "peak_rss_B": mon.peak_rss,
             "peak_pss_by_role_B": dict(mon.peak_by_group), "node_peak_pss_mean_B": (
                 sum(nodes.values()) / len(nodes) if nodes else None),
+            "peak_rss_by_role_B": dict(mon.peak_rss_by_group), "node_peak_rss_mean_B": (
+                sum(nodes_rss.values()) / len(nodes_rss) if nodes_rss else None),
             "cpu_s": mon.cpu_seconds(), "logs": _node_log_stats(workdir / "deployment", "*.log"),
             "leftover_processes_2s_after": left}
 
@@ -366,7 +386,7 @@ def clientapp_cold_start(overrides: list[str], env: dict[str, str], folder: Path
     model build), measured in a fresh Python process like the ``flwr-clientapp`` a SuperNode starts."""
     from fedtalora.fed.build import Experiment
 
-    cfg = resolve("tiny-vit", overrides)
+    cfg = resolve(PRESET, overrides)
     (folder / "config.yaml").write_text(cfg.to_yaml())
     (folder / "partitions.json").write_text(json.dumps(Experiment.build(cfg).partitions_json()))
     t0 = time.perf_counter()
@@ -390,30 +410,39 @@ def _supports_warm() -> bool:
     return "warm" in inspect.signature(LocalDeployment).parameters
 
 
-def bench_deploy(rounds: int, label: str) -> dict[str, Any]:
+def bench_deploy(rounds: int, label: str, cold: bool = True) -> list[dict[str, Any]]:
+    """In-process, then the loopback deployment with warm nodes (where the code has them), then (``cold``)
+    the same deployment with plain ``flower-supernode`` s, which start a fresh ``flwr-clientapp`` process
+    per message (the behaviour before issue 19), side by side under the same load."""
     overrides = one_task(TINY, rounds)
     load_before = load()
     ref = timed_run(overrides)
     a = ref.pop("metrics")
     warm = _supports_warm()
-    with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
-        got = deployment_run(3, overrides, Path(tmp), _env(), **({"warm": True} if warm else {}))
-        cold, imports, build = clientapp_cold_start(overrides, _env(), Path(tmp))
-    b = got.pop("metrics")
-    nodes = {k: v for k, v in got["logs"].items() if k.startswith("supernode")}
-    first = [v["tasks_s"][0] for v in nodes.values() if v["tasks_s"]]
-    later = [t for v in nodes.values() for t in v["tasks_s"][1:]]
-    return {
-        "what": "deploy", "label": label, "size": "tiny", "warm": warm, "load_before": load_before,
-        "rounds": rounds, "clients_per_round": 3,
-        "inprocess": {**ref, "round_s": mean_round(a)},
-        "deployment": {**got, "round_s": mean_round(b), "round_s_all": [r["seconds"] for r in b["rounds"]]},
-        "round_overhead_s": mean_round(b) - mean_round(a),
-        "node_modules_s": [v["modules_s"] for v in nodes.values()],
-        "node_first_message_s": first, "node_warm_task_s_mean": sum(later) / len(later) if later else None,
-        "same_numbers": same_numbers(a, b), "wire": wire_per_round(b),
-        "clientapp_cold_start_s": cold, "clientapp_imports_s": imports, "clientapp_build_s": build,
-    }
+    variants = [True, False] if warm and cold else [warm]
+    rows = []
+    for w in variants:
+        load_now = load()
+        with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
+            got = deployment_run(3, overrides, Path(tmp), _env(), **({"warm": w} if warm else {}))
+            cold_s, imports, build = clientapp_cold_start(overrides, _env(), Path(tmp))
+        b = got.pop("metrics")
+        nodes = {k: v for k, v in got["logs"].items() if k.startswith("supernode")}
+        first = [v["tasks_s"][0] for v in nodes.values() if v["tasks_s"]]
+        later = [t for v in nodes.values() for t in v["tasks_s"][1:]]
+        rows.append({
+            "what": "deploy", "label": label, "size": "tiny", "warm": w, "load_before": load_before,
+            "load_before_deployment": load_now, "rounds": rounds, "clients_per_round": 3,
+            "inprocess": {**ref, "round_s": mean_round(a)},
+            "deployment": {**got, "round_s": mean_round(b), "round_s_all": [r["seconds"] for r in b["rounds"]]},
+            "round_overhead_s": mean_round(b) - mean_round(a),
+            "node_modules_s": [v["modules_s"] for v in nodes.values()],
+            "node_first_message_s": first, "node_warm_task_s_mean": sum(later) / len(later) if later else None,
+            "same_numbers": same_numbers(a, b), "wire": wire_per_round(b),
+            "clientapp_cold_start_s": cold_s, "clientapp_imports_s": imports, "clientapp_build_s": build,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 # --- scale ------------------------------------------------------------------------------------------
@@ -422,29 +451,37 @@ SCALE_SIM = one_task(TINY, 5, clients=100, per_round=10) + ["partition.kind=iid"
 SCALE_DEPLOY = one_task(TINY, 3, clients=10, per_round=10) + ["partition.kind=iid", "flower.connect_timeout=300"]
 
 
-def bench_scale(label: str) -> list[dict[str, Any]]:
+def bench_scale(label: str, sim: bool = True, executors: int | None = 2) -> list[dict[str, Any]]:
+    """``sim``: the 100-client flower-sim row; then the 10-node TLS + auth deployment with ``executors``
+    shared warm executors (None: one executor per node)."""
     rows = []
-    load_before = load()
-    ref = timed_run(SCALE_SIM)
-    got = timed_run([*SCALE_SIM, "engine=flower-sim"])
-    a, b = ref.pop("metrics"), got.pop("metrics")
-    rows.append({"what": "scale-sim", "label": label, "load_before": load_before, "clients": 100, "per_round": 10,
-                 "rounds": len(a["rounds"]), "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
-                 "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
-                 "same_numbers": same_numbers(a, b)})
-    print(json.dumps(rows[-1]), flush=True)
+    if sim:
+        rows.append(bench_scale_sim(label))
+        print(json.dumps(rows[-1]), flush=True)
     load_before = load()
     ref = timed_run(SCALE_DEPLOY)
     a = ref.pop("metrics")
     with tempfile.TemporaryDirectory(prefix="flower-scale-") as tmp:
-        got = deployment_run(10, SCALE_DEPLOY, Path(tmp), _env(), warm=True, executors=2, tls=True, auth=True)
+        got = deployment_run(10, SCALE_DEPLOY, Path(tmp), _env(), warm=True, executors=executors, tls=True,
+                             auth=True)
     b = got.pop("metrics")
     rows.append({"what": "scale-deploy", "label": label, "load_before": load_before, "clients": 10, "per_round": 10,
-                 "rounds": len(a["rounds"]), "tls": True, "auth": True, "executors": 2,
+                 "rounds": len(a["rounds"]), "tls": True, "auth": True, "executors": executors,
                  "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
                  "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
                  "same_numbers": same_numbers(a, b)})
     return rows
+
+
+def bench_scale_sim(label: str) -> dict[str, Any]:
+    load_before = load()
+    ref = timed_run(SCALE_SIM)
+    got = timed_run([*SCALE_SIM, "engine=flower-sim"])
+    a, b = ref.pop("metrics"), got.pop("metrics")
+    return {"what": "scale-sim", "label": label, "load_before": load_before, "clients": 100, "per_round": 10,
+            "rounds": len(a["rounds"]), "inprocess": {**ref, "round_s": mean_round(a), "wire": wire_per_round(a)},
+            "flower": {**got, "round_s": mean_round(b), "wire": wire_per_round(b)},
+            "same_numbers": same_numbers(a, b)}
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -466,9 +503,11 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
         f"Written by `benchmarks/flower_overhead.py --md` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, `OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}`, "
         "CPU only. The machine is shared with other engineers' jobs (load average before each measurement in the "
-        "tables; it was often 8-14 on 2 cores), so absolute times are noisy and mostly pessimistic: compare rows "
-        "taken under similar load. `before`: the code before issue 19 (cold ClientApp processes, Flower's own Ray "
-        "start-up); `after`: this code. Memory: peak of the sum over the processes of their PSS.",
+        "tables: 1-, 5- and 15-minute), so absolute times are noisy and mostly pessimistic: compare rows taken "
+        "side by side under similar load. `before`: the code before issue 19 (Flower's own Ray start-up); "
+        "`after`: this code. Deployment rows: warm nodes (this code) and plain `flower-supernode` s, which start "
+        "a fresh `flwr-clientapp` process per message (the behaviour before issue 19), measured one after the "
+        "other in one invocation. Memory: peak of the sum over the processes of their PSS (RSS where said).",
         "",
         "## flower-sim vs inprocess (same config, whole run)",
         "",
@@ -495,7 +534,8 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
             "## Loopback deployment (SuperLink + 3 nodes on 127.0.0.1, `flwr run`), tiny config, one task",
             "",
             "| code | nodes | rounds | s/round in-proc | s/round deployment | **overhead per round** | node cold start: "
-            "modules / first message | warm task (node) | peak memory per node | whole deployment | same numbers | load |",
+            "modules / first message | warm task (node) | peak memory per node PSS / RSS | whole deployment (PSS) "
+            "| same numbers | load |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in dep:
@@ -509,8 +549,9 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
             lines.append(
                 f"| {r['label']} | {'warm' if r.get('warm') else 'flwr-clientapp per message'} | {r['rounds']} | "
                 f"{r['inprocess']['round_s']:.2f} | {d['round_s']:.2f} | **{r['round_overhead_s']:.1f} s** | {cold} | "
-                f"{'–' if warm_task is None else f'{warm_task:.2f} s'} | {_mib(d.get('node_peak_pss_mean_B'))} | "
-                f"{_gib(d.get('peak_pss_B'))} | {'yes' if r['same_numbers'] else 'NO'} | {r['load_before']} |")
+                f"{'–' if warm_task is None else f'{warm_task:.2f} s'} | {_mib(d.get('node_peak_pss_mean_B'))} / {_mib(d.get('node_peak_rss_mean_B'))} | "
+                f"{_gib(d.get('peak_pss_B'))} | {'yes' if r['same_numbers'] else 'NO'} | "
+                f"{r.get('load_before_deployment', r['load_before'])} |")
     scale = [r for r in rows if r["what"].startswith("scale")]
     if scale:
         lines += [
@@ -523,8 +564,9 @@ def write_md(rows: Iterable[dict[str, Any]], notes: str = "") -> str:
         ]
         for r in scale:
             i, f = r["inprocess"], r["flower"]
+            ex = r.get("executors")
             engine = "flower-sim" if r["what"] == "scale-sim" else \
-                f"flower, TLS + auth, {r['executors']} shared executors"
+                f"flower, TLS + auth, {f'{ex} shared executors' if ex else 'one executor per node'}"
             for name, side, wire in (("inprocess", i, i["wire"]), (engine, f, f["wire"])):
                 down = wire.get("wire_down_B", wire["modelled_down_B"])
                 up = wire.get("wire_up_B", wire["modelled_up_B"])
@@ -544,6 +586,11 @@ def main() -> None:
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--deploy-rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--executors", type=int, default=2,
+                   help="scale: shared warm executors of the 10-node deployment (0: one per node)")
+    p.add_argument("--scale-deploy-only", action="store_true", help="scale: skip the flower-sim row")
+    p.add_argument("--no-cold", action="store_true",
+                   help="deploy: skip the cold deployment (a flwr-clientapp process per message)")
     p.add_argument("--label", default="after", help="the code measured (before / after)")
     p.add_argument("--md", action="store_true", help="only rewrite flower.md from flower.jsonl")
     args = p.parse_args()
@@ -554,9 +601,10 @@ def main() -> None:
             if "sim" in args.only:
                 rows += [bench_sim(size, args.label) for size in args.sizes]
             if "deploy" in args.only:
-                rows.append(bench_deploy(args.deploy_rounds, args.label))
+                rows += bench_deploy(args.deploy_rounds, args.label, cold=not args.no_cold)
             if "scale" in args.only:
-                rows += bench_scale(args.label)
+                rows += bench_scale(args.label, sim=not args.scale_deploy_only,
+                                    executors=args.executors or None)
             with open(RESULTS / "flower.jsonl", "a") as f:
                 for r in rows:
                     print(json.dumps(r), flush=True)

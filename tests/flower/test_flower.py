@@ -711,8 +711,6 @@ def interrupted_overrides(tiny_overrides: list[str], rounds: int) -> list[str]:
         ["scenario.num_tasks=1", f"fed.rounds_per_task={rounds}"]
 
 
-@pytest.mark.skip(reason="known failure after merging issues 16-20 (2026-12-01): the flower-sim run does not exit "
-                         "within 180 s of SIGTERM; passes on the flower branch alone; open under issue 19")
 def test_flower_sim_sigterm_mid_round_ends_every_process_and_resume_finishes_the_run(tmp_path: Path, cli_env,
                                                                                      tiny_overrides) -> None:
     pytest.importorskip("ray")
@@ -788,3 +786,47 @@ def test_flower_sim_target_equals_inprocess_with_its_costs(tmp_path: Path, tiny_
     assert all(r["synthetic_samples"] > 0 for r in task1) and task1[0]["method_downlink_bytes"] > 0
     # the generator (and, from the second round, the teacher) went over the wire: at least what is counted
     assert sum(r["wire_method_bytes"] for r in task1) >= sum(r["method_downlink_bytes"] for r in task1)
+
+
+# --- deferred interrupt (flower-sim winds down by itself before KeyboardInterrupt) ------------------
+
+
+def test_deferred_interrupt_lets_the_block_wind_down_then_raises_and_a_second_signal_raises_at_once() -> None:
+    stop, calls = threading.Event(), []
+    before = signal.getsignal(signal.SIGTERM)
+    # A thread that only ends when told, like Flower's workers; the block joins it after the signal.
+    worker = threading.Thread(target=lambda: stop.wait(30))
+    worker.start()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupt_on_signals(stop, defer=True, on_signal=calls.append) as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            worker.join(timeout=30)  # not interrupted: the handler set `stop`, so the worker ended
+            wound_down = not worker.is_alive()
+    assert wound_down and calls == [signal.SIGTERM] and received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == before
+    stop.clear()
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        with interrupt_on_signals(stop, defer=True) as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # deferred: no exception yet
+            assert stop.is_set() and received == [signal.SIGINT]
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the second one raises here
+    assert received == [signal.SIGINT, signal.SIGINT]
+    with interrupt_on_signals(stop, defer=True) as received:  # no signal: nothing raised
+        pass
+    assert received == []
+
+
+def test_process_recorder_kills_only_the_recorded_processes_whose_command_line_matches() -> None:
+    with ProcessRecorder(interval=0.05) as rec:
+        keep = subprocess.Popen(["sleep", "301"], start_new_session=True)
+        hit = subprocess.Popen(["sleep", "302"], start_new_session=True)
+        time.sleep(0.3)
+    try:
+        assert rec.kill_matching("sleep 302") == [hit.pid]
+        assert hit.wait(timeout=10) == -signal.SIGKILL
+        assert keep.poll() is None and rec.kill_matching("no such command") == []
+    finally:
+        keep.kill()
+        keep.wait()

@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,6 +48,16 @@ def alive(pid: int, started: int | None = None) -> bool:
     if fields is None or fields[0] in ("Z", "X"):
         return False
     return started is None or int(fields[19]) == started
+
+
+def cmdline(pid: int) -> str:
+    """The process's command line (arguments joined by spaces; Ray workers show their actor class
+    there, e.g. ``ray::ClientAppActor``), "" if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _children() -> dict[int, list[int]]:
@@ -168,6 +178,19 @@ class ProcessRecorder:
         self.scan()
         return terminate(dict(self.procs), grace)
 
+    def kill_matching(self, text: str, sig: int = signal.SIGKILL) -> list[int]:
+        """Send ``sig`` to the recorded processes still running whose command line contains ``text``;
+        returns their pids."""
+        with self._lock:
+            procs = dict(self.procs)
+        hit = [p for p, t in procs.items() if alive(p, t) and text in cmdline(p)]
+        for pid in hit:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return hit
+
     def __enter__(self) -> ProcessRecorder:
         return self.start()
 
@@ -177,10 +200,18 @@ class ProcessRecorder:
 
 @contextmanager
 def interrupt_on_signals(stop: threading.Event | None = None,
-                         signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+                         signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), *,
+                         defer: bool = False,
+                         on_signal: Callable[[int], None] | None = None) -> Iterator[list[int]]:
     """Within the block, SIGTERM/SIGINT set ``stop`` and raise :class:`KeyboardInterrupt` in the main
     thread (once; later signals only set ``stop``). Yields the list of signals received. Outside the main
-    thread it only yields (Python delivers signals to the main thread only)."""
+    thread it only yields (Python delivers signals to the main thread only).
+
+    ``on_signal(signum)`` is called first, on every signal. With ``defer=True`` the first signal does not
+    raise: the block is expected to notice ``stop`` and wind down by itself (its threads end, which a
+    :class:`KeyboardInterrupt` in the middle of code that joins them may prevent); the
+    :class:`KeyboardInterrupt` is raised when the block ends, unless it raised already. A second signal
+    raises at once (the user insists)."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -190,7 +221,9 @@ def interrupt_on_signals(stop: threading.Event | None = None,
         received.append(signum)
         if stop is not None:
             stop.set()
-        if len(received) == 1:
+        if on_signal is not None:
+            on_signal(signum)
+        if len(received) == (2 if defer else 1):
             raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     previous = {s: signal.signal(s, handler) for s in signals}
@@ -199,3 +232,5 @@ def interrupt_on_signals(stop: threading.Event | None = None,
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if defer and received:
+        raise KeyboardInterrupt(f"signal {signal.Signals(received[0]).name}")

@@ -25,7 +25,11 @@ first round:
 and ended when the run ends, however it ends: after ``ray.shutdown()``, Ray's runtime-env agent and
 actors can survive, re-parented to init. SIGTERM and SIGINT interrupt the run: the ServerApp thread
 stops waiting for replies (the run directory keeps the last completed round's checkpoint, so
-``fedtalora resume`` continues it) and :class:`KeyboardInterrupt` reaches the caller.
+``fedtalora resume`` continues it), the ``ClientAppActor`` processes are killed (their training in
+flight is lost anyway), Flower's simulation winds down by itself, and then :class:`KeyboardInterrupt`
+reaches the caller. (Raising it inside ``run_simulation`` instead left Flower's worker threads blocked
+in ``ray.get`` after ``ray.shutdown()``: the process never exited. A second signal still raises at
+once.)
 """
 
 from __future__ import annotations
@@ -150,11 +154,20 @@ class RayCluster:
         # *thread* that started them ends. So this thread lives until the cluster is shut down.
         self._released.wait()
 
-    def wait(self) -> None:
-        """Block until Ray is up; raise what ``ray.init`` raised."""
-        self._ready.wait()
+    def wait(self, stop: threading.Event | None = None) -> None:
+        """Block until Ray is up; raise what ``ray.init`` raised (:class:`KeyboardInterrupt` if ``stop``
+        is set meanwhile)."""
+        while not self._ready.wait(0.1):
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt("the run was interrupted while Ray was starting")
         if self.error is not None:
             raise FedTaLoRAError(f"could not start Ray for engine=flower-sim: {self.error}") from self.error
+
+    def end_actors(self) -> list[int]:
+        """SIGKILL the ``ClientAppActor`` processes (the clients' training in flight): what the driver's
+        threads wait for on them then fails at once instead of when the training ends (or never, once
+        Ray is shut down). Returns their pids."""
+        return self.recorder.kill_matching("ClientAppActor")
 
     def shutdown(self, grace: float = 2.0) -> list[int]:
         """``ray.shutdown()``, then end every recorded process still running; returns the pids killed."""
@@ -231,18 +244,32 @@ def run(setup: Setup, run_dir: Path | None, progress: Emit | None, *, resume: bo
     cluster = _take_cluster(setup.cfg)
     flwr_logger = logging.getLogger("flwr")
     propagate, flwr_logger.propagate = flwr_logger.propagate, False  # it has its own console handler
+    level = flwr_logger.level
+
+    def on_signal(_signum: int) -> None:
+        # Flower logs each failed reply of an ended actor with a traceback: not news after a stop
+        flwr_logger.setLevel(logging.CRITICAL)
+        threading.Thread(target=cluster.end_actors, name="fedtalora-end-actors", daemon=True).start()
+
     try:
-        with interrupt_on_signals(stop):
-            cluster.wait()
+        # A signal stops the run from inside (deferred KeyboardInterrupt): the ServerApp thread stops
+        # waiting for replies, the actors' training in flight is ended, Flower's threads notice the
+        # stop and the simulation returns; then KeyboardInterrupt. Raised in the middle of
+        # run_simulation it would leave Flower's worker threads blocked in ray.get() on replies that
+        # never come after ray.shutdown(), and the interpreter waits for them at exit forever.
+        with interrupt_on_signals(stop, defer=True, on_signal=on_signal):
+            cluster.wait(stop)
             logger.debug("Ray up after %.1f s", cluster.seconds)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                run_simulation(server_app=server_app, client_app=client_app,
-                               num_supernodes=setup.cfg.fed.num_clients,
-                               backend_config=backend_config(setup.cfg))  # type: ignore[arg-type]
+            if not stop.is_set():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    run_simulation(server_app=server_app, client_app=client_app,
+                                   num_supernodes=setup.cfg.fed.num_clients,
+                                   backend_config=backend_config(setup.cfg))  # type: ignore[arg-type]
     finally:
         stop.set()  # the ServerApp thread stops waiting for replies, if it still does
         flwr_logger.propagate = propagate
+        flwr_logger.setLevel(level)
         if server_started.is_set() and not server_done.wait(60):
             logger.warning("the ServerApp thread did not stop within 60 s")
         cluster.shutdown()
