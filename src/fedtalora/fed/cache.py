@@ -57,6 +57,7 @@ from ..model.prefix import (
     batch_statistics_modules,
     block_index,
     prefix,
+    skip_zero_adapters,
     split_points,
     stochastic_modules,
 )
@@ -239,32 +240,39 @@ class FeatureCache:
         was_training = model.training
         model.eval()
         try:
-            for v, idx in missing.items():
-                if store.lengths is not None and len(idx):
-                    idx = idx[torch.argsort(store.lengths[idx], stable=True)]
-                for start in range(0, len(idx), self.batch_size):
-                    b = idx[start:start + self.batch_size]
-                    x = store.transform(to_device(store.split.inputs[b], self.device), train=False,
-                                        variants=torch.full((len(b),), v, dtype=torch.long))
-                    with autocast(self.device, self.precision):
-                        acts = prefix(backbone, model.spec.blocks_path, x, self.point)
-                    h = acts.hidden
-                    if store.values is None:
-                        shape = tuple(h.shape[1:])
-                        if acts.mask is not None:  # text at a block: room for the split's longest sequence
-                            shape = (store.split.inputs.input_ids.shape[1], *shape[1:])
-                        if not self._allocate(name, store, shape, h.dtype):
-                            return False
-                    assert store.values is not None
-                    dest = store.values[v]
-                    if acts.mask is not None:
-                        dest[b.to(dest.device), :h.shape[1]] = h.to(dest.device)
-                    else:
-                        dest[b.to(dest.device)] = h.to(dest.device)
-                    store.have[v, b] = True
-                    self.stats["computed"] += len(b)
+            with skip_zero_adapters(backbone, model.spec.blocks_path, self.point):
+                return self._fill_missing(name, store, missing)
         finally:
             model.train(was_training)
+
+    def _fill_missing(self, name: str, store: _Store, missing: dict[int, torch.Tensor]) -> bool:
+        model, backbone = self.model, self.model.backbone
+        for v, idx in missing.items():
+            if store.lengths is not None and len(idx):
+                idx = idx[torch.argsort(store.lengths[idx], stable=True)]
+            for start in range(0, len(idx), self.batch_size):
+                b = idx[start:start + self.batch_size]
+                x = store.transform(to_device(store.split.inputs[b], self.device), train=False,
+                                    variants=torch.full((len(b),), v, dtype=torch.long))
+                # inference only: no autograd bookkeeping; the results are copied into the store (a normal
+                # tensor) at once, so no inference tensor ever reaches training
+                with torch.inference_mode(), autocast(self.device, self.precision):
+                    acts = prefix(backbone, model.spec.blocks_path, x, self.point)
+                h = acts.hidden
+                if store.values is None:
+                    shape = tuple(h.shape[1:])
+                    if acts.mask is not None:  # text at a block: room for the split's longest sequence
+                        shape = (store.split.inputs.input_ids.shape[1], *shape[1:])
+                    if not self._allocate(name, store, shape, h.dtype):
+                        return False
+                assert store.values is not None
+                dest = store.values[v]
+                if acts.mask is not None:
+                    dest[b.to(dest.device), :h.shape[1]] = h.to(dest.device)
+                else:
+                    dest[b.to(dest.device)] = h.to(dest.device)
+                store.have[v, b] = True
+                self.stats["computed"] += len(b)
         return True
 
     def gather(self, store: _Store, index: torch.Tensor, variants: torch.Tensor) -> Activations:
