@@ -62,6 +62,7 @@ from ..model.prefix import (
     stochastic_modules,
 )
 from .client import Transform, autocast, to_device
+from .diskcache import DiskFeatures, default_folder, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,10 @@ class _Store:
         self.values: torch.Tensor | None = None
         self.have = torch.zeros(variants, self.n, dtype=torch.bool)
         self.disabled = False
+        self.key: str | None = None
+        """``train.feature_cache=disk``: the disk key of the activations (None: not looked up yet)."""
+        self.dirty = False
+        """Activations computed since the store was last written to disk."""
 
     @property
     def nbytes(self) -> int:
@@ -179,14 +184,18 @@ class FeatureCache:
                  device: torch.device) -> None:
         self.model, self.transform, self.device = model, transform, device
         self.usable, self.point, self.why = cache_point(model, method, transform)
-        self.where = device if cfg.feature_cache == "device" else torch.device("cpu")
+        self.where = device if cfg.feature_cache in ("device", "disk") else torch.device("cpu")
         self.pin = cfg.feature_cache == "host" and device.type == "cuda"
         self.budget = cfg.feature_cache_mb * 2**20
         self.batch_size, self.precision = cfg.batch_size, cfg.precision
+        self.fused_attention = cfg.fused_attention
+        self.disk = (DiskFeatures(cfg.feature_cache_dir or default_folder(), cfg.feature_cache_disk_mb * 2**20)
+                     if cfg.feature_cache == "disk" and self.usable else None)
         self.stores: dict[str, _Store] = {}
         self.fingerprint: tuple[Any, ...] | None = None
-        self.stats = {"computed": 0, "batches": 0, "invalidations": 0}
-        """Samples x variants computed, cached batches served, times the cache was cleared."""
+        self.stats = {"computed": 0, "batches": 0, "invalidations": 0, "loaded": 0}
+        """Samples x variants computed, cached batches served, times the cache was cleared, samples x variants
+        read from disk (``train.feature_cache=disk``)."""
         logger.info("feature cache: %s%s", "activations at " if self.usable else "off: ", self.why)
 
     # --- validity -------------------------------------------------------------------------------------
@@ -207,6 +216,7 @@ class FeatureCache:
             self.stats["invalidations"] += 1
             for store in self.stores.values():
                 store.values, store.have = None, torch.zeros_like(store.have)
+                store.key, store.dirty = None, False
         self.fingerprint = now
 
     # --- filling and reading --------------------------------------------------------------------------
@@ -272,8 +282,51 @@ class FeatureCache:
                 else:
                     dest[b.to(dest.device)] = h.to(dest.device)
                 store.have[v, b] = True
+                store.dirty = True
                 self.stats["computed"] += len(b)
         return True
+
+    # --- across runs (train.feature_cache=disk) --------------------------------------------------------
+
+    def _width(self, store: _Store) -> int | None:
+        return store.split.inputs.input_ids.shape[1] if store.lengths is not None and self.point is not None else None
+
+    def _load(self, name: str, store: _Store) -> None:
+        """Look ``store``'s activations up on disk (once per store and fingerprint) and take what is there."""
+        assert self.disk is not None
+        key = fingerprint(frozen=self._frozen(), backbone=self.model.backbone, point=self.point, variants=store.V,
+                          transform=store.transform, inputs=store.split.inputs, device=self.device,
+                          precision=self.precision, fused_attention=self.fused_attention)
+        if key is None:
+            logger.info("feature cache: the %s split's inputs cannot be fingerprinted; not kept on disk", name)
+            store.key = ""
+            return
+        store.key = key
+        got = self.disk.load(key, (store.V, store.n), self._width(store))
+        if got is None:
+            return
+        values, have = got
+        nbytes = values.numel() * values.element_size()
+        if sum(s.nbytes for s in self.stores.values()) + nbytes > self.budget:
+            logger.warning("feature cache: the %s split's activations on disk exceed train.feature_cache_mb; "
+                           "computed instead", name)
+            return
+        values = values.to(self.where)
+        store.values = values.pin_memory() if self.pin else values
+        store.have = have.clone()
+        self.stats["loaded"] += int(have.sum())
+        logger.info("feature cache: read %d activations of the %s split from %s", int(have.sum()), name,
+                    self.disk.folder)
+
+    def persist(self) -> None:
+        """``train.feature_cache=disk``: write every store with newly computed activations (a no-op otherwise).
+        The loop calls it after each task's evaluation."""
+        if self.disk is None:
+            return
+        for store in self.stores.values():
+            if store.dirty and store.key and store.values is not None:
+                self.disk.save(store.key, store.values, store.have)
+                store.dirty = False
 
     def gather(self, store: _Store, index: torch.Tensor, variants: torch.Tensor) -> Activations:
         """The cached activations of ``index`` (variant ``variants[i]`` for sample ``i``), on the device."""
@@ -300,6 +353,8 @@ class FeatureCache:
         store = self._store(name, split, transform)
         if store.disabled:
             return split, transform
+        if self.disk is not None and store.key is None:
+            self._load(name, store)
         if not self._fill(name, store, np.asarray(indices), range(store.V) if train else range(1)):
             return split, transform
         return Split(IndexInputs(len(split), store.lengths), split.labels), CachedTransform(self, store)  # type: ignore[arg-type]
