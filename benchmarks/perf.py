@@ -57,7 +57,8 @@ GOALS = {
     "train_image": (">=", 0.95), "train_text": (">=", 0.95), "rss": ("<=", 1.25), "agg": ("<=", 0.02),
     "downlink_vit_b": ("<=", 0.2), "downlink_minilm": ("<=", 0.2), "demo": ("<=", 120.0), "gpu": (">=", 0.35),
     "cache_headonly_head": (">=", 10.0), "cache_headonly_prototype": (">=", 10.0),
-    "cache_headonly_head_r10e5": (">=", 10.0),
+    "cache_headonly_head_r10e5": (">=", 10.0), "cache_headonly_analytic": (">=", 10.0),
+    "cache_disk_head": (">=", 10.0), "cache_disk_prototype": (">=", 10.0), "cache_disk_analytic": (">=", 10.0),
 }
 
 
@@ -803,11 +804,15 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
-    """Whole runs of the Banking77 preset with MiniLM: ``head-only`` (linear head, and the prototype classifier)
-    with ``train.feature_cache=device`` / without, in one process, interleaved."""
+    """Whole runs of the Banking77 preset with MiniLM: ``head-only`` (linear head, prototype and analytic
+    classifiers) with ``train.feature_cache=device`` / without, in one process, interleaved; then two runs with
+    ``train.feature_cache=disk`` in a fresh folder (the first computes and writes, the second reads)."""
     if not has_minilm() or not (BANKING / "train.csv").exists():
         print(json.dumps({"measurement": "cache", "skipped": "needs MiniLM and the Banking77 CSVs"}))
         return None
+    import shutil
+    import tempfile
+
     from fedtalora.api import prepare, run
     from fedtalora.config import resolve
     from fedtalora.fed.history import without_timing
@@ -817,39 +822,66 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     if args.cache_long:  # the image presets' schedule: 10 rounds x 5 local epochs
         cases.append(("head", "_r10e5", ["fed.rounds_per_task=10", "train.local_epochs=5"]))
     for classifier, suffix, schedule in cases:
+        options = [f"classifier.projection_dim={args.cache_projection_dim}"] if classifier == "analytic" else []
         over = ["data.dataset=banking77", f"data.root={BANKING}", "model.backbone=minilm", "method=head-only",
-                f"classifier.kind={classifier}", "train.device=cpu", f"train.threads={args.threads}",
+                f"classifier.kind={classifier}", *options, "train.device=cpu", f"train.threads={args.threads}",
                 f"data.train_per_class={args.cache_train_per_class}",
                 f"data.test_per_class={args.cache_test_per_class}", *schedule]
         rounds, epochs = (10, 5) if schedule else (3, 2)
         metrics: dict[str, Any] = {}
+        folder = Path(tempfile.mkdtemp(prefix="fedtalora-perf-features-"))
 
-        def once(cache: str, over: list[str] = over, metrics: dict[str, Any] = metrics) -> float:
-            setup = prepare(resolve("banking77", [*over, f"train.feature_cache={cache}"]))
+        def once(cache: str, label: str | None = None, over: list[str] = over, metrics: dict[str, Any] = metrics,
+                 folder: Path = folder) -> float:
+            extra = [f"train.feature_cache_dir={folder}"] if cache == "disk" else []
+            setup = prepare(resolve("banking77", [*over, f"train.feature_cache={cache}", *extra]))
             t0 = time.perf_counter()
             res = run(setup)
             wall = time.perf_counter() - t0
-            metrics[cache] = (res.metrics, None if setup.cache is None else dict(setup.cache.stats))
+            metrics[label or cache] = (res.metrics, None if setup.cache is None else dict(setup.cache.stats))
             return wall
 
-        got = interleaved({"none": lambda: once("none"), "device": lambda: once("device")}, args.cache_repeats)
-        (m_off, _), (m_on, stats) = metrics["none"], metrics["device"]
-        a, b = without_timing(m_on), without_timing(m_off)
-        losses = [(x["train_loss"], y["train_loss"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+        try:
+            got = interleaved({"none": lambda: once("none"), "device": lambda: once("device")}, args.cache_repeats)
+            if not schedule:
+                got["disk_first"] = [once("disk", "disk_first")]  # computes and writes
+                got["disk_second"] = [once("disk", "disk_second") for _ in range(args.cache_repeats)]  # reads
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        b = without_timing(metrics["none"][0])
+
+        def same(label: str, metrics: dict[str, Any] = metrics, b: dict[str, Any] = b) -> dict[str, Any]:
+            a = without_timing(metrics[label][0])
+            losses = [(x["train_loss"], y["train_loss"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+            return {"same_accuracy_matrix": a["accuracy_matrix"] == b["accuracy_matrix"],
+                    "final_average_accuracy": [metrics[label][0]["final_average_accuracy"],
+                                               metrics["none"][0]["final_average_accuracy"]],
+                    "max_train_loss_relative_difference": max(abs(x - y) / max(abs(y), 1e-12) for x, y in losses),
+                    "cache_stats": metrics[label][1]}
+
+        what = (f"{args.cache_train_per_class} train / {args.cache_test_per_class} test sentences per class (7 tasks x "
+                f"{rounds} rounds x 10 clients x {epochs} local epochs), banking77 preset, MiniLM, method=head-only, "
+                f"classifier={classifier}{' ' + options[0] if options else ''}, CPU, {args.threads} thread(s)")
         recs.append(emit(f"cache_headonly_{classifier}{suffix}", {
             "value": statistics.median(got["none"]) / statistics.median(got["device"]),
-            "what": f"run wall seconds, uncached / cached frozen features: banking77 preset, MiniLM, method=head-only, "
-                    f"classifier={classifier}, {args.cache_train_per_class} train / {args.cache_test_per_class} test "
-                    f"sentences per class (7 tasks x {rounds} rounds x 10 clients x {epochs} local epochs), CPU",
+            "what": f"run wall seconds, uncached / cached frozen features (train.feature_cache=device): {what}",
             "uncached_s": got["none"], "cached_s": got["device"], "repeats": args.cache_repeats,
-            "same_accuracy_matrix": a["accuracy_matrix"] == b["accuracy_matrix"],
-            "final_average_accuracy": [m_on["final_average_accuracy"], m_off["final_average_accuracy"]],
-            "max_train_loss_relative_difference": max(abs(x - y) / max(abs(y), 1e-12) for x, y in losses),
-            "cache_stats": stats,
+            **same("device"),
             "bound": f"the uncached run passes every training sample through the backbone rounds x epochs = "
                      f"{rounds * epochs} times and every test sample once per later evaluation (4 times on average "
                      f"over 7 tasks); the cached run once each: ({rounds * epochs} N_train + 4 N_test) / (N_train + "
                      "N_test) backbone passes",
+        }))
+        if schedule:
+            continue
+        recs.append(emit(f"cache_disk_{classifier}", {
+            "value": statistics.median(got["none"]) / statistics.median(got["disk_second"]),
+            "what": f"run wall seconds, uncached / a second run with train.feature_cache=disk (reads the activations "
+                    f"the first run wrote): {what}",
+            "uncached_s": got["none"], "disk_first_s": got["disk_first"], "disk_second_s": got["disk_second"],
+            "first_over_cached": statistics.median(got["disk_first"]) / statistics.median(got["device"]),
+            **same("disk_second"),
+            "first_run": same("disk_first"),
         }))
     return recs
 
@@ -963,7 +995,9 @@ def main() -> None:
     p.add_argument("--parallel-repeats", type=int, default=3)
     p.add_argument("--parallel-text-group", type=int, default=10, help="parallel: MiniLM clients trained together")
     p.add_argument("--cache-repeats", type=int, default=1)
-    p.add_argument("--cache-classifiers", default="head,prototype")
+    p.add_argument("--cache-classifiers", default="head,prototype,analytic")
+    p.add_argument("--cache-projection-dim", type=int, default=2000,
+                   help="cache: classifier.projection_dim of the analytic rows (the text-demo preset's)")
     p.add_argument("--cache-train-per-class", type=int, default=40)
     p.add_argument("--cache-test-per-class", type=int, default=20)
     p.add_argument("--cache-long", action="store_true", help="cache: also the 10 rounds x 5 epochs schedule (head)")
