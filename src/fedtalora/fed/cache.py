@@ -30,6 +30,14 @@ activations at a *cut point* once per sample and feeds them to the rest of the m
   the run is then as fast as without the cache, never wrong. Text hidden states are stored padded to the
   split's longest sequence.
 
+* **The fill.** Inference only (``torch.inference_mode``, evaluation mode), in length-sorted batches for text;
+  the engine asks for all training samples of a round's clients at once, so each is computed in one pass
+  (:class:`~fedtalora.fed.transport.InProcessTransport`); LoRA layers below the cut that add an exact zero
+  (``B = 0``) run as their base layer (:func:`~fedtalora.model.prefix.skip_zero_adapters`, bit-identical).
+* **Across runs** (``train.feature_cache=disk``): as ``device``, and each split's activations are also kept in a
+  file keyed by a fingerprint of what they depend on, which later runs read (:mod:`fedtalora.fed.diskcache`);
+  :meth:`FeatureCache.persist` writes them after each task's evaluation.
+
 Results equal the uncached run to float rounding. The activations of a sample are computed in other batches
 than on the uncached path (fill batches of ``train.batch_size``), and a GEMM kernel may round differently
 for a different number of rows (on the CPU here: a batch of one image differs from larger ones by ~1e-6; the
