@@ -12,6 +12,7 @@ from everything measured so far, kept in ``benchmarks/results/perf.json``)::
     python benchmarks/perf.py gpu        # ViT-B/16 LoRA images/s and MFU on a GPU (bf16)          goal >= 0.35
     python benchmarks/perf.py parallel   # clients/s, clients trained together / one after another (CPU)
     python benchmarks/perf.py cache      # head-only Banking77 run, uncached / cached frozen features  goal >= 10
+    python benchmarks/perf.py fill       # the cache's one backbone pass: per client with LoRA / per round, zero LoRA skipped
     python benchmarks/perf.py exact      # (f) exact base: accumulator memory, server s/round vs today's fold (ViT-B)
     python benchmarks/perf.py all
 
@@ -886,6 +887,70 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     return recs
 
 
+def bench_fill(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The cache's backbone pass over a round's training sentences (Banking77 + MiniLM, head-only, pooled
+    features), as the fill did before (client by client, each client's sentences sorted by length, LoRA layers
+    with B = 0 computed, ``no_grad``) and as it does now (all the round's sentences sorted together, zero LoRA
+    layers skipped, ``inference_mode``); interleaved in one process."""
+    if not has_minilm() or not (BANKING / "train.csv").exists():
+        print(json.dumps({"measurement": "fill", "skipped": "needs MiniLM and the Banking77 CSVs"}))
+        return None
+    import contextlib
+
+    from fedtalora.api import prepare
+    from fedtalora.config import resolve
+    from fedtalora.fed.client import to_device
+    from fedtalora.model.prefix import prefix, skip_zero_adapters
+
+    setup = prepare(resolve("banking77", [
+        "data.dataset=banking77", f"data.root={BANKING}", "model.backbone=minilm", "method=head-only",
+        "train.device=cpu", f"train.threads={args.threads}", f"data.train_per_class={args.cache_train_per_class}",
+        f"data.test_per_class={args.cache_test_per_class}"]))
+    torch.set_num_threads(args.threads)
+    model, split, cpu = setup.model, setup.exp.dataset.train, torch.device("cpu")
+    model.eval()
+    lengths = split.inputs.lengths
+    clients = [torch.as_tensor(p) for p in setup.exp.partitions[0]]  # task 0's clients
+    every = torch.cat(clients)
+    bs = setup.cfg.train.batch_size
+
+    def fill(groups: list[torch.Tensor], skip: bool, inference: bool) -> tuple[float, torch.Tensor]:
+        out = torch.zeros(len(split), model.head.in_features)
+        t0 = time.perf_counter()
+        ctx = skip_zero_adapters(model.backbone, model.spec.blocks_path, None) if skip else contextlib.nullcontext()
+        with ctx, (torch.inference_mode() if inference else torch.no_grad()):
+            for idx in groups:
+                idx = idx[torch.argsort(lengths[idx], stable=True)]
+                for start in range(0, len(idx), bs):
+                    b = idx[start:start + bs]
+                    x = setup.transform(to_device(split.inputs[b], cpu), train=False)
+                    out[b] = prefix(model.backbone, model.spec.blocks_path, x, None).hidden
+        return time.perf_counter() - t0, out
+
+    outs: dict[str, torch.Tensor] = {}
+
+    def timed(name: str, groups: list[torch.Tensor], skip: bool, inference: bool) -> Callable[[], float]:
+        def go() -> float:
+            t, outs[name] = fill(groups, skip, inference)
+            return t
+        return go
+
+    got = interleaved({"before": timed("before", clients, False, False),
+                       "now": timed("now", [every], True, True)}, args.repeats)
+    diff = float((outs["before"][every] - outs["now"][every]).abs().max())
+    return emit("cache_fill", {
+        "value": statistics.median(got["before"]) / statistics.median(got["now"]),
+        "what": f"sentences/s of the cache's backbone pass over task 0's {len(every)} training sentences "
+                f"(Banking77 + MiniLM pooled features, batches of {bs}), now / before: one length-sorted pass for the "
+                f"round, LoRA layers with B = 0 skipped, inference_mode vs client by client with them (CPU, "
+                f"{args.threads} thread(s))",
+        "before_s": got["before"], "now_s": got["now"], "repeats": args.repeats,
+        "max_abs_feature_difference": diff,
+        "note": "the difference is float rounding of other batch compositions (the skipped LoRA layers add an "
+                "exact zero: bit-identical in tests/model/test_prefix.py)",
+    })
+
+
 def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
     """Images/s of the client step for ViT-B/16 at 224 px (LoRA r8 blocks 0-3, bf16 autocast) on a GPU, and
     MFU = executed FLOPs per second (counted by ``torch.utils.flop_counter`` on one step: forward plus the
@@ -971,7 +1036,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["train", "train-image", "train-text", "rss", "rss-child", "agg", "downlink",
-                                       "demo", "profile", "gpu", "exact", "parallel", "cache", "all"])
+                                       "demo", "profile", "gpu", "exact", "parallel", "cache", "fill", "all"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -1009,7 +1074,7 @@ def main() -> None:
     todo = {"train": [bench_train_image, bench_train_text], "train-image": [bench_train_image],
             "train-text": [bench_train_text], "rss": [bench_rss], "agg": [bench_agg], "downlink": [bench_downlink],
             "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu], "exact": [bench_exact],
-            "parallel": [bench_parallel], "cache": [bench_cache]}
+            "parallel": [bench_parallel], "cache": [bench_cache], "fill": [bench_fill]}
     todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo", "exact", "parallel", "cache")
                    for f in todo[k]]
     for fn in todo[args.command]:
