@@ -131,8 +131,15 @@ NOTES = """\
   through MiniLM rounds x epochs times (6 in the preset) and each test sentence once per later evaluation (4 on
   average); the cached run once each, in length-sorted batches. The 10x goal is met only when a sample is seen
   often enough (`_r10e5`: the image presets' 10 rounds x 5 epochs); on the preset's 3 x 2 schedule the saving is
-  bounded near 6-7x. The prototype classifier's uncached run also recomputes the clients' features at each task's
-  end, so it saves more.
+  bounded near 5-7x. The prototype and analytic classifiers' uncached runs also recompute the clients' features at
+  each task's end, so they save more. The one pass left is compute-bound on the CPU (MiniLM at ~90 GFLOP/s on
+  one core); `cache_fill` times it as it was (client by client, LoRA layers with B = 0 computed, no_grad) and as it
+  is (one length-sorted pass per round, those layers skipped, inference_mode). The analytic rows use
+  `classifier.projection_dim=2000` (the text-demo preset's, chosen on validation data).
+- **Across runs** (`cache_disk_*` rows, `train.feature_cache=disk`): uncached over the second of two runs with
+  the disk cache in a fresh folder (the first computes and writes the activations, the second reads them and runs
+  no backbone pass); `first_over_cached` compares the first (writing) run with the in-memory cache. The analytic
+  row keeps its seven ridge solves (generalized cross-validation on 2000 x 2000 sums), which then dominate.
 - **MFU** (`gpu` row): unchanged since the H100 measurement above; no GPU was lent while the GPU paths
   (fused attention settings, `train.compile`, client-parallel training) were added, so the 0.35 goal stays open.
 """
