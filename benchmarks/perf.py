@@ -12,6 +12,7 @@ from everything measured so far, kept in ``benchmarks/results/perf.json``)::
     python benchmarks/perf.py gpu        # ViT-B/16 LoRA images/s and MFU on a GPU (bf16)          goal >= 0.35
     python benchmarks/perf.py parallel   # clients/s, clients trained together / one after another (CPU)
     python benchmarks/perf.py cache      # head-only Banking77 run, uncached / cached frozen features  goal >= 10
+    python benchmarks/perf.py fill       # the cache's one backbone pass: per client with LoRA / per round, zero LoRA skipped
     python benchmarks/perf.py exact      # (f) exact base: accumulator memory, server s/round vs today's fold (ViT-B)
     python benchmarks/perf.py all
 
@@ -57,7 +58,8 @@ GOALS = {
     "train_image": (">=", 0.95), "train_text": (">=", 0.95), "rss": ("<=", 1.25), "agg": ("<=", 0.02),
     "downlink_vit_b": ("<=", 0.2), "downlink_minilm": ("<=", 0.2), "demo": ("<=", 120.0), "gpu": (">=", 0.35),
     "cache_headonly_head": (">=", 10.0), "cache_headonly_prototype": (">=", 10.0),
-    "cache_headonly_head_r10e5": (">=", 10.0),
+    "cache_headonly_head_r10e5": (">=", 10.0), "cache_headonly_analytic": (">=", 10.0),
+    "cache_disk_head": (">=", 10.0), "cache_disk_prototype": (">=", 10.0), "cache_disk_analytic": (">=", 10.0),
 }
 
 
@@ -132,8 +134,15 @@ NOTES = """\
   through MiniLM rounds x epochs times (6 in the preset) and each test sentence once per later evaluation (4 on
   average); the cached run once each, in length-sorted batches. The 10x goal is met only when a sample is seen
   often enough (`_r10e5`: the image presets' 10 rounds x 5 epochs); on the preset's 3 x 2 schedule the saving is
-  bounded near 6-7x. The prototype classifier's uncached run also recomputes the clients' features at each task's
-  end, so it saves more.
+  bounded near 5-7x. The prototype and analytic classifiers' uncached runs also recompute the clients' features at
+  each task's end, so they save more. The one pass left is compute-bound on the CPU (MiniLM at ~90 GFLOP/s on
+  one core); `cache_fill` times it as it was (client by client, LoRA layers with B = 0 computed, no_grad) and as it
+  is (one length-sorted pass per round, those layers skipped, inference_mode). The analytic rows use
+  `classifier.projection_dim=2000` (the text-demo preset's, chosen on validation data).
+- **Across runs** (`cache_disk_*` rows, `train.feature_cache=disk`): uncached over the second of two runs with
+  the disk cache in a fresh folder (the first computes and writes the activations, the second reads them and runs
+  no backbone pass); `first_over_cached` compares the first (writing) run with the in-memory cache. The analytic
+  row keeps its seven ridge solves (generalized cross-validation on 2000 x 2000 sums), which then dominate.
 - **MFU** (`gpu` row): unchanged since the H100 measurement above; no GPU was lent while the GPU paths
   (fused attention settings, `train.compile`, client-parallel training) were added, so the 0.35 goal stays open.
 """
@@ -812,11 +821,15 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
-    """Whole runs of the Banking77 preset with MiniLM: ``head-only`` (linear head, and the prototype classifier)
-    with ``train.feature_cache=device`` / without, in one process, interleaved."""
+    """Whole runs of the Banking77 preset with MiniLM: ``head-only`` (linear head, prototype and analytic
+    classifiers) with ``train.feature_cache=device`` / without, in one process, interleaved; then two runs with
+    ``train.feature_cache=disk`` in a fresh folder (the first computes and writes, the second reads)."""
     if not has_minilm() or not (BANKING / "train.csv").exists():
         print(json.dumps({"measurement": "cache", "skipped": "needs MiniLM and the Banking77 CSVs"}))
         return None
+    import shutil
+    import tempfile
+
     from fedtalora.api import prepare, run
     from fedtalora.config import resolve
     from fedtalora.fed.history import without_timing
@@ -826,41 +839,132 @@ def bench_cache(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     if args.cache_long:  # the image presets' schedule: 10 rounds x 5 local epochs
         cases.append(("head", "_r10e5", ["fed.rounds_per_task=10", "train.local_epochs=5"]))
     for classifier, suffix, schedule in cases:
+        options = [f"classifier.projection_dim={args.cache_projection_dim}"] if classifier == "analytic" else []
         over = ["data.dataset=banking77", f"data.root={BANKING}", "model.backbone=minilm", "method=head-only",
-                f"classifier.kind={classifier}", "train.device=cpu", f"train.threads={args.threads}",
+                f"classifier.kind={classifier}", *options, "train.device=cpu", f"train.threads={args.threads}",
                 f"data.train_per_class={args.cache_train_per_class}",
                 f"data.test_per_class={args.cache_test_per_class}", *schedule]
         rounds, epochs = (10, 5) if schedule else (3, 2)
         metrics: dict[str, Any] = {}
+        folder = Path(tempfile.mkdtemp(prefix="fedtalora-perf-features-"))
 
-        def once(cache: str, over: list[str] = over, metrics: dict[str, Any] = metrics) -> float:
-            setup = prepare(resolve("banking77", [*over, f"train.feature_cache={cache}"]))
+        def once(cache: str, label: str | None = None, over: list[str] = over, metrics: dict[str, Any] = metrics,
+                 folder: Path = folder) -> float:
+            extra = [f"train.feature_cache_dir={folder}"] if cache == "disk" else []
+            setup = prepare(resolve("banking77", [*over, f"train.feature_cache={cache}", *extra]))
             t0 = time.perf_counter()
             res = run(setup)
             wall = time.perf_counter() - t0
-            metrics[cache] = (res.metrics, None if setup.cache is None else dict(setup.cache.stats))
+            metrics[label or cache] = (res.metrics, None if setup.cache is None else dict(setup.cache.stats))
             return wall
 
-        got = interleaved({"none": lambda: once("none"), "device": lambda: once("device")}, args.cache_repeats)
-        (m_off, _), (m_on, stats) = metrics["none"], metrics["device"]
-        a, b = without_timing(m_on), without_timing(m_off)
-        losses = [(x["train_loss"], y["train_loss"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+        try:
+            got = interleaved({"none": lambda: once("none"), "device": lambda: once("device")}, args.cache_repeats)
+            if not schedule:
+                got["disk_first"] = [once("disk", "disk_first")]  # computes and writes
+                got["disk_second"] = [once("disk", "disk_second") for _ in range(args.cache_repeats)]  # reads
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        b = without_timing(metrics["none"][0])
+
+        def same(label: str, metrics: dict[str, Any] = metrics, b: dict[str, Any] = b) -> dict[str, Any]:
+            a = without_timing(metrics[label][0])
+            losses = [(x["train_loss"], y["train_loss"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+            return {"same_accuracy_matrix": a["accuracy_matrix"] == b["accuracy_matrix"],
+                    "final_average_accuracy": [metrics[label][0]["final_average_accuracy"],
+                                               metrics["none"][0]["final_average_accuracy"]],
+                    "max_train_loss_relative_difference": max(abs(x - y) / max(abs(y), 1e-12) for x, y in losses),
+                    "cache_stats": metrics[label][1]}
+
+        what = (f"{args.cache_train_per_class} train / {args.cache_test_per_class} test sentences per class (7 tasks x "
+                f"{rounds} rounds x 10 clients x {epochs} local epochs), banking77 preset, MiniLM, method=head-only, "
+                f"classifier={classifier}{' ' + options[0] if options else ''}, CPU, {args.threads} thread(s)")
         recs.append(emit(f"cache_headonly_{classifier}{suffix}", {
             "value": statistics.median(got["none"]) / statistics.median(got["device"]),
-            "what": f"run wall seconds, uncached / cached frozen features: banking77 preset, MiniLM, method=head-only, "
-                    f"classifier={classifier}, {args.cache_train_per_class} train / {args.cache_test_per_class} test "
-                    f"sentences per class (7 tasks x {rounds} rounds x 10 clients x {epochs} local epochs), CPU",
+            "what": f"run wall seconds, uncached / cached frozen features (train.feature_cache=device): {what}",
             "uncached_s": got["none"], "cached_s": got["device"], "repeats": args.cache_repeats,
-            "same_accuracy_matrix": a["accuracy_matrix"] == b["accuracy_matrix"],
-            "final_average_accuracy": [m_on["final_average_accuracy"], m_off["final_average_accuracy"]],
-            "max_train_loss_relative_difference": max(abs(x - y) / max(abs(y), 1e-12) for x, y in losses),
-            "cache_stats": stats,
+            **same("device"),
             "bound": f"the uncached run passes every training sample through the backbone rounds x epochs = "
                      f"{rounds * epochs} times and every test sample once per later evaluation (4 times on average "
                      f"over 7 tasks); the cached run once each: ({rounds * epochs} N_train + 4 N_test) / (N_train + "
                      "N_test) backbone passes",
         }))
+        if schedule:
+            continue
+        recs.append(emit(f"cache_disk_{classifier}", {
+            "value": statistics.median(got["none"]) / statistics.median(got["disk_second"]),
+            "what": f"run wall seconds, uncached / a second run with train.feature_cache=disk (reads the activations "
+                    f"the first run wrote): {what}",
+            "uncached_s": got["none"], "disk_first_s": got["disk_first"], "disk_second_s": got["disk_second"],
+            "first_over_cached": statistics.median(got["disk_first"]) / statistics.median(got["device"]),
+            **same("disk_second"),
+            "first_run": same("disk_first"),
+        }))
     return recs
+
+
+def bench_fill(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The cache's backbone pass over a round's training sentences (Banking77 + MiniLM, head-only, pooled
+    features), as the fill did before (client by client, each client's sentences sorted by length, LoRA layers
+    with B = 0 computed, ``no_grad``) and as it does now (all the round's sentences sorted together, zero LoRA
+    layers skipped, ``inference_mode``); interleaved in one process."""
+    if not has_minilm() or not (BANKING / "train.csv").exists():
+        print(json.dumps({"measurement": "fill", "skipped": "needs MiniLM and the Banking77 CSVs"}))
+        return None
+    import contextlib
+
+    from fedtalora.api import prepare
+    from fedtalora.config import resolve
+    from fedtalora.fed.client import to_device
+    from fedtalora.model.prefix import prefix, skip_zero_adapters
+
+    setup = prepare(resolve("banking77", [
+        "data.dataset=banking77", f"data.root={BANKING}", "model.backbone=minilm", "method=head-only",
+        "train.device=cpu", f"train.threads={args.threads}", f"data.train_per_class={args.cache_train_per_class}",
+        f"data.test_per_class={args.cache_test_per_class}"]))
+    torch.set_num_threads(args.threads)
+    model, split, cpu = setup.model, setup.exp.dataset.train, torch.device("cpu")
+    model.eval()
+    lengths = split.inputs.lengths
+    clients = [torch.as_tensor(p) for p in setup.exp.partitions[0]]  # task 0's clients
+    every = torch.cat(clients)
+    bs = setup.cfg.train.batch_size
+
+    def fill(groups: list[torch.Tensor], skip: bool, inference: bool) -> tuple[float, torch.Tensor]:
+        out = torch.zeros(len(split), model.head.in_features)
+        t0 = time.perf_counter()
+        ctx = skip_zero_adapters(model.backbone, model.spec.blocks_path, None) if skip else contextlib.nullcontext()
+        with ctx, (torch.inference_mode() if inference else torch.no_grad()):
+            for idx in groups:
+                idx = idx[torch.argsort(lengths[idx], stable=True)]
+                for start in range(0, len(idx), bs):
+                    b = idx[start:start + bs]
+                    x = setup.transform(to_device(split.inputs[b], cpu), train=False)
+                    out[b] = prefix(model.backbone, model.spec.blocks_path, x, None).hidden
+        return time.perf_counter() - t0, out
+
+    outs: dict[str, torch.Tensor] = {}
+
+    def timed(name: str, groups: list[torch.Tensor], skip: bool, inference: bool) -> Callable[[], float]:
+        def go() -> float:
+            t, outs[name] = fill(groups, skip, inference)
+            return t
+        return go
+
+    got = interleaved({"before": timed("before", clients, False, False),
+                       "now": timed("now", [every], True, True)}, args.repeats)
+    diff = float((outs["before"][every] - outs["now"][every]).abs().max())
+    return emit("cache_fill", {
+        "value": statistics.median(got["before"]) / statistics.median(got["now"]),
+        "what": f"sentences/s of the cache's backbone pass over task 0's {len(every)} training sentences "
+                f"(Banking77 + MiniLM pooled features, batches of {bs}), now / before: one length-sorted pass for the "
+                f"round, LoRA layers with B = 0 skipped, inference_mode vs client by client with them (CPU, "
+                f"{args.threads} thread(s))",
+        "before_s": got["before"], "now_s": got["now"], "repeats": args.repeats,
+        "max_abs_feature_difference": diff,
+        "note": "the difference is float rounding of other batch compositions (the skipped LoRA layers add an "
+                "exact zero: bit-identical in tests/model/test_prefix.py)",
+    })
 
 
 def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -948,7 +1052,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["train", "train-image", "train-text", "rss", "rss-child", "agg", "downlink",
-                                       "demo", "profile", "gpu", "exact", "parallel", "cache", "all"])
+                                       "demo", "profile", "gpu", "exact", "parallel", "cache", "fill", "all"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -972,7 +1076,9 @@ def main() -> None:
     p.add_argument("--parallel-repeats", type=int, default=3)
     p.add_argument("--parallel-text-group", type=int, default=10, help="parallel: MiniLM clients trained together")
     p.add_argument("--cache-repeats", type=int, default=1)
-    p.add_argument("--cache-classifiers", default="head,prototype")
+    p.add_argument("--cache-classifiers", default="head,prototype,analytic")
+    p.add_argument("--cache-projection-dim", type=int, default=2000,
+                   help="cache: classifier.projection_dim of the analytic rows (the text-demo preset's)")
     p.add_argument("--cache-train-per-class", type=int, default=40)
     p.add_argument("--cache-test-per-class", type=int, default=20)
     p.add_argument("--cache-long", action="store_true", help="cache: also the 10 rounds x 5 epochs schedule (head)")
@@ -984,7 +1090,7 @@ def main() -> None:
     todo = {"train": [bench_train_image, bench_train_text], "train-image": [bench_train_image],
             "train-text": [bench_train_text], "rss": [bench_rss], "agg": [bench_agg], "downlink": [bench_downlink],
             "demo": [bench_demo], "profile": [bench_profile], "gpu": [bench_gpu], "exact": [bench_exact],
-            "parallel": [bench_parallel], "cache": [bench_cache]}
+            "parallel": [bench_parallel], "cache": [bench_cache], "fill": [bench_fill]}
     todo["all"] = [f for k in ("downlink", "train", "agg", "rss", "demo", "exact", "parallel", "cache")
                    for f in todo[k]]
     for fn in todo[args.command]:

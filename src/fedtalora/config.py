@@ -187,13 +187,21 @@ class TrainConfig:
     (:mod:`fedtalora.fed.parallel`); 1: one after another. Same seeds, same samples, same results to float
     tolerance. Methods that cannot batch (``Method.trains_clients_together`` false) and models that draw
     random numbers in training (``lora.dropout`` > 0) train one after another. Memory grows with it."""
-    feature_cache: Literal["none", "device", "host"] = "none"
+    feature_cache: Literal["none", "device", "host", "disk"] = "none"
     """Compute the activations of the frozen layers below the first adapted block (the whole backbone for
     ``head-only``) once per sample and reuse them across epochs, rounds, tasks and evaluations
     (:mod:`fedtalora.fed.cache`): kept on the training ``device`` or in (pinned) ``host`` memory. Images
     keep both flips. Results equal the uncached run to float rounding (GEMMs of other batch sizes)."""
     feature_cache_mb: int = 2048
     """Memory limit of ``feature_cache`` in MiB; a split whose activations would exceed it runs uncached."""
+    feature_cache_dir: str = ""
+    """``feature_cache=disk``: the folder of the cache files kept across runs (``""``: ``fedtalora/features`` in
+    ``$XDG_CACHE_HOME``, else in ``~/.cache``). With ``disk`` the activations are also kept on the training
+    device during the run, as with ``device``; a later run with the same backbone weights below the cut, input
+    preprocessing and data reads them instead of computing them (:mod:`fedtalora.fed.cache`)."""
+    feature_cache_disk_mb: int = 8192
+    """Size limit of ``feature_cache_dir`` in MiB: after a write, the least recently used cache files are
+    deleted until the folder's cache files fit."""
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     """``torch.compile`` the backbone with this mode (``none``: eager). Pays off on a GPU for long runs; the
     first steps and every new input shape compile."""
@@ -210,6 +218,10 @@ class TrainConfig:
         _check(self.parallel_clients >= 1, "train.parallel_clients", self.parallel_clients,
                "an integer >= 1 (1: clients one after another)")
         _check(self.feature_cache_mb >= 1, "train.feature_cache_mb", self.feature_cache_mb, "an integer >= 1 (MiB)")
+        _check(self.feature_cache_disk_mb >= 1, "train.feature_cache_disk_mb", self.feature_cache_disk_mb,
+               "an integer >= 1 (MiB)")
+        _check("\0" not in self.feature_cache_dir, "train.feature_cache_dir", self.feature_cache_dir,
+               "a folder path")
         _check(self.lr >= 0, "train.lr", self.lr, "a number >= 0")
         _check(self.head_lr >= 0, "train.head_lr", self.head_lr, "a number >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")

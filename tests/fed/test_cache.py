@@ -58,6 +58,7 @@ def _cache_run(overrides: list[str], tiny_overrides: list[str]) -> tuple[dict[st
 @pytest.mark.parametrize("extra", [
     ["method=head-only"],
     ["method=head-only", "classifier.kind=prototype", "train.feature_cache=host"],
+    ["method=head-only", "classifier.kind=analytic", "classifier.projection_dim=64"],  # statistics from the cache
     ["method=fedtalora", "lora.blocks=[1]", "model.kwargs={patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2}"],
     ["method=pilora", "lora.blocks=[1]", "train.optimizer=sgd"],
 ])

@@ -15,6 +15,7 @@ from fedtalora.model.prefix import (
     compile_backbone,
     prefix,
     set_fused_attention,
+    skip_zero_adapters,
     split_points,
     stochastic_modules,
 )
@@ -174,3 +175,39 @@ def test_the_run_config_reaches_attention_and_compile(tiny_overrides) -> None:
     model = build_components(cfg, 10).model
     assert not any(m.fused_attn for m in model.backbone.modules() if hasattr(m, "fused_attn"))
     assert model.backbone._compiled_call_impl is not None
+
+
+@pytest.mark.parametrize("point", [None, 2])
+def test_lora_layers_that_add_zero_are_skipped_without_changing_a_value(point, make_tiny_model) -> None:
+    # Prepare: LoRA in blocks 0-2 as initialised (B = 0), A trained-looking; block 1's B made nonzero
+    model = make_tiny_model(depth=3, blocks=(0, 1, 2))
+    with torch.no_grad():
+        for k, p in model.lora_parameters().items():
+            if ".lora_A" in k:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(k))))
+    model.eval()
+    x = _images()
+    with torch.no_grad():
+        want = prefix(model.backbone, model.spec.blocks_path, x, point).hidden
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+
+    # Execute: all B zero -> every LoRA layer below the cut is skipped
+    with torch.no_grad(), skip_zero_adapters(model.backbone, model.spec.blocks_path, point) as n:
+        got = prefix(model.backbone, model.spec.blocks_path, x, point).hidden
+    n_layers = len([p for p in model.lora_pairs() if point is None or block_index(p.layer, model.spec.blocks_path) < point])
+
+    # Assert: bit for bit the same activations, flags and requires_grad restored
+    assert n == n_layers > 0
+    assert torch.equal(got, want)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert not any(m.disable_adapters for m in model._lora.values())
+
+    # Execute: a nonzero B in block 1 is not skipped (it changes the output)
+    name = next(p.layer for p in model.lora_pairs() if block_index(p.layer, model.spec.blocks_path) == 1)
+    with torch.no_grad():
+        model._lora[name].lora_B["default"].weight.fill_(0.5)
+        want = prefix(model.backbone, model.spec.blocks_path, x, point).hidden
+        with skip_zero_adapters(model.backbone, model.spec.blocks_path, point) as n2:
+            got = prefix(model.backbone, model.spec.blocks_path, x, point).hidden
+    assert n2 == n_layers - 1
+    assert torch.equal(got, want)

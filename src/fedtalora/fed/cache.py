@@ -30,6 +30,14 @@ activations at a *cut point* once per sample and feeds them to the rest of the m
   the run is then as fast as without the cache, never wrong. Text hidden states are stored padded to the
   split's longest sequence.
 
+* **The fill.** Inference only (``torch.inference_mode``, evaluation mode), in length-sorted batches for text;
+  the engine asks for all training samples of a round's clients at once, so each is computed in one pass
+  (:class:`~fedtalora.fed.transport.InProcessTransport`); LoRA layers below the cut that add an exact zero
+  (``B = 0``) run as their base layer (:func:`~fedtalora.model.prefix.skip_zero_adapters`, bit-identical).
+* **Across runs** (``train.feature_cache=disk``): as ``device``, and each split's activations are also kept in a
+  file keyed by a fingerprint of what they depend on, which later runs read (:mod:`fedtalora.fed.diskcache`);
+  :meth:`FeatureCache.persist` writes them after each task's evaluation.
+
 Results equal the uncached run to float rounding. The activations of a sample are computed in other batches
 than on the uncached path (fill batches of ``train.batch_size``), and a GEMM kernel may round differently
 for a different number of rows (on the CPU here: a batch of one image differs from larger ones by ~1e-6; the
@@ -57,10 +65,12 @@ from ..model.prefix import (
     batch_statistics_modules,
     block_index,
     prefix,
+    skip_zero_adapters,
     split_points,
     stochastic_modules,
 )
 from .client import Transform, autocast, to_device
+from .diskcache import DiskFeatures, default_folder, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +149,10 @@ class _Store:
         self.values: torch.Tensor | None = None
         self.have = torch.zeros(variants, self.n, dtype=torch.bool)
         self.disabled = False
+        self.key: str | None = None
+        """``train.feature_cache=disk``: the disk key of the activations (None: not looked up yet)."""
+        self.dirty = False
+        """Activations computed since the store was last written to disk."""
 
     @property
     def nbytes(self) -> int:
@@ -178,14 +192,18 @@ class FeatureCache:
                  device: torch.device) -> None:
         self.model, self.transform, self.device = model, transform, device
         self.usable, self.point, self.why = cache_point(model, method, transform)
-        self.where = device if cfg.feature_cache == "device" else torch.device("cpu")
+        self.where = device if cfg.feature_cache in ("device", "disk") else torch.device("cpu")
         self.pin = cfg.feature_cache == "host" and device.type == "cuda"
         self.budget = cfg.feature_cache_mb * 2**20
         self.batch_size, self.precision = cfg.batch_size, cfg.precision
+        self.fused_attention = cfg.fused_attention
+        self.disk = (DiskFeatures(cfg.feature_cache_dir or default_folder(), cfg.feature_cache_disk_mb * 2**20)
+                     if cfg.feature_cache == "disk" and self.usable else None)
         self.stores: dict[str, _Store] = {}
         self.fingerprint: tuple[Any, ...] | None = None
-        self.stats = {"computed": 0, "batches": 0, "invalidations": 0}
-        """Samples x variants computed, cached batches served, times the cache was cleared."""
+        self.stats = {"computed": 0, "batches": 0, "invalidations": 0, "loaded": 0}
+        """Samples x variants computed, cached batches served, times the cache was cleared, samples x variants
+        read from disk (``train.feature_cache=disk``)."""
         logger.info("feature cache: %s%s", "activations at " if self.usable else "off: ", self.why)
 
     # --- validity -------------------------------------------------------------------------------------
@@ -206,6 +224,7 @@ class FeatureCache:
             self.stats["invalidations"] += 1
             for store in self.stores.values():
                 store.values, store.have = None, torch.zeros_like(store.have)
+                store.key, store.dirty = None, False
         self.fingerprint = now
 
     # --- filling and reading --------------------------------------------------------------------------
@@ -239,33 +258,83 @@ class FeatureCache:
         was_training = model.training
         model.eval()
         try:
-            for v, idx in missing.items():
-                if store.lengths is not None and len(idx):
-                    idx = idx[torch.argsort(store.lengths[idx], stable=True)]
-                for start in range(0, len(idx), self.batch_size):
-                    b = idx[start:start + self.batch_size]
-                    x = store.transform(to_device(store.split.inputs[b], self.device), train=False,
-                                        variants=torch.full((len(b),), v, dtype=torch.long))
-                    with autocast(self.device, self.precision):
-                        acts = prefix(backbone, model.spec.blocks_path, x, self.point)
-                    h = acts.hidden
-                    if store.values is None:
-                        shape = tuple(h.shape[1:])
-                        if acts.mask is not None:  # text at a block: room for the split's longest sequence
-                            shape = (store.split.inputs.input_ids.shape[1], *shape[1:])
-                        if not self._allocate(name, store, shape, h.dtype):
-                            return False
-                    assert store.values is not None
-                    dest = store.values[v]
-                    if acts.mask is not None:
-                        dest[b.to(dest.device), :h.shape[1]] = h.to(dest.device)
-                    else:
-                        dest[b.to(dest.device)] = h.to(dest.device)
-                    store.have[v, b] = True
-                    self.stats["computed"] += len(b)
+            with skip_zero_adapters(backbone, model.spec.blocks_path, self.point):
+                return self._fill_missing(name, store, missing)
         finally:
             model.train(was_training)
+
+    def _fill_missing(self, name: str, store: _Store, missing: dict[int, torch.Tensor]) -> bool:
+        model, backbone = self.model, self.model.backbone
+        for v, idx in missing.items():
+            if store.lengths is not None and len(idx):
+                idx = idx[torch.argsort(store.lengths[idx], stable=True)]
+            for start in range(0, len(idx), self.batch_size):
+                b = idx[start:start + self.batch_size]
+                x = store.transform(to_device(store.split.inputs[b], self.device), train=False,
+                                    variants=torch.full((len(b),), v, dtype=torch.long))
+                # inference only: no autograd bookkeeping; the results are copied into the store (a normal
+                # tensor) at once, so no inference tensor ever reaches training
+                with torch.inference_mode(), autocast(self.device, self.precision):
+                    acts = prefix(backbone, model.spec.blocks_path, x, self.point)
+                h = acts.hidden
+                if store.values is None:
+                    shape = tuple(h.shape[1:])
+                    if acts.mask is not None:  # text at a block: room for the split's longest sequence
+                        shape = (store.split.inputs.input_ids.shape[1], *shape[1:])
+                    if not self._allocate(name, store, shape, h.dtype):
+                        return False
+                assert store.values is not None
+                dest = store.values[v]
+                if acts.mask is not None:
+                    dest[b.to(dest.device), :h.shape[1]] = h.to(dest.device)
+                else:
+                    dest[b.to(dest.device)] = h.to(dest.device)
+                store.have[v, b] = True
+                store.dirty = True
+                self.stats["computed"] += len(b)
         return True
+
+    # --- across runs (train.feature_cache=disk) --------------------------------------------------------
+
+    def _width(self, store: _Store) -> int | None:
+        return store.split.inputs.input_ids.shape[1] if store.lengths is not None and self.point is not None else None
+
+    def _load(self, name: str, store: _Store) -> None:
+        """Look ``store``'s activations up on disk (once per store and fingerprint) and take what is there."""
+        assert self.disk is not None
+        key = fingerprint(frozen=self._frozen(), backbone=self.model.backbone, point=self.point, variants=store.V,
+                          transform=store.transform, inputs=store.split.inputs, device=self.device,
+                          precision=self.precision, fused_attention=self.fused_attention)
+        if key is None:
+            logger.info("feature cache: the %s split's inputs cannot be fingerprinted; not kept on disk", name)
+            store.key = ""
+            return
+        store.key = key
+        got = self.disk.load(key, (store.V, store.n), self._width(store))
+        if got is None:
+            return
+        values, have = got
+        nbytes = values.numel() * values.element_size()
+        if sum(s.nbytes for s in self.stores.values()) + nbytes > self.budget:
+            logger.warning("feature cache: the %s split's activations on disk exceed train.feature_cache_mb; "
+                           "computed instead", name)
+            return
+        values = values.to(self.where)
+        store.values = values.pin_memory() if self.pin else values
+        store.have = have.clone()
+        self.stats["loaded"] += int(have.sum())
+        logger.info("feature cache: read %d activations of the %s split from %s", int(have.sum()), name,
+                    self.disk.folder)
+
+    def persist(self) -> None:
+        """``train.feature_cache=disk``: write every store with newly computed activations (a no-op otherwise).
+        The loop calls it after each task's evaluation."""
+        if self.disk is None:
+            return
+        for store in self.stores.values():
+            if store.dirty and store.key and store.values is not None:
+                self.disk.save(store.key, store.values, store.have)
+                store.dirty = False
 
     def gather(self, store: _Store, index: torch.Tensor, variants: torch.Tensor) -> Activations:
         """The cached activations of ``index`` (variant ``variants[i]`` for sample ``i``), on the device."""
@@ -292,6 +361,8 @@ class FeatureCache:
         store = self._store(name, split, transform)
         if store.disabled:
             return split, transform
+        if self.disk is not None and store.key is None:
+            self._load(name, store)
         if not self._fill(name, store, np.asarray(indices), range(store.V) if train else range(1)):
             return split, transform
         return Split(IndexInputs(len(split), store.lengths), split.labels), CachedTransform(self, store)  # type: ignore[arg-type]

@@ -326,6 +326,8 @@ class _Loop:
         row = accuracy_per_task(preds, exp.test_targets[seen], exp.test_task[seen], t + 1)
         rec = TaskRecord(task=t, classes=[int(c) for c in task.classes], accuracy=row)
         self.history.add_task(rec, self.T, self.test_sizes)
+        if s.cache is not None:
+            s.cache.persist()  # train.feature_cache=disk: what this task computed, for later runs
         rec.seconds = time.perf_counter() - t_task
         logger.info("[task %d/%d] accuracy on seen classes %.4f", t + 1, self.T, rec.seen_accuracy)
         self.emit({"event": "task", **rec.to_dict()})

@@ -214,6 +214,9 @@ class InProcessTransport(Transport):
         exp = s.exp
         live = [k for k in job.clients if not (job.faults.get(k) is not None and job.faults[k].dropped)]
         done: dict[int, ClientResult] = {}
+        if s.cache is not None and live:  # every sample of the round once, in one length-sorted pass
+            cached_inputs(s.cache, "train", exp.dataset.train, s.transform,
+                          np.concatenate([exp.partitions[job.task.index][k] for k in live]), train=True)
         for k in job.clients:
             if k not in live:  # received the model, returns nothing
                 yield ClientOutcome(k, None, "injected fault")

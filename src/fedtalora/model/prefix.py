@@ -35,7 +35,7 @@ from torch import nn
 from .hf import HFEncoder
 
 __all__ = ["Activations", "batch_statistics_modules", "block_index", "compile_backbone", "prefix", "resume",
-           "set_fused_attention", "split_points", "stochastic_modules"]
+           "set_fused_attention", "skip_zero_adapters", "split_points", "stochastic_modules"]
 
 
 @dataclass
@@ -166,6 +166,44 @@ def prefix(backbone: nn.Module, blocks_path: str, x: Any, point: int | None) -> 
     for blk in list(backbone.blocks)[:point]:
         h = blk(h)
     return Activations(h, point)
+
+
+@contextlib.contextmanager
+def skip_zero_adapters(backbone: nn.Module, blocks_path: str, point: int | None) -> Iterator[int]:
+    """Run the LoRA layers below ``point`` (all of them for the pooled point) that add exactly nothing as their
+    base layer alone; yields how many were switched off.
+
+    A peft LoRA layer computes ``base(x) + B(A(dropout(x))) * s``; while every ``B`` is zero (LoRA's
+    initialisation, and ``head-only``, which never trains it) the second term is a zero tensor and the sum
+    equals ``base(x)`` exactly, so skipping it changes no value (for finite inputs) and saves the two rank-r
+    matmuls, the scaling and the addition. Only plain, unmerged LoRA layers are skipped (a merged layer or a
+    variant such as DoRA is run as it is). The switch is peft's ``_disable_adapters`` flag, restored on exit
+    (``enable_adapters`` would also change ``requires_grad``)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        yield 0
+        return
+    switched: list[Any] = []
+    with torch.no_grad():
+        for name, m in backbone.named_modules():
+            if not isinstance(m, LoraLayer) or getattr(m, "merged", False) or getattr(m, "_disable_adapters", True):
+                continue
+            if point is not None and ((b := block_index(f"backbone.{name}", blocks_path)) is None or b >= point):
+                continue
+            active = [a for a in m.active_adapters if a in m.lora_B]
+            if any(a in getattr(m, "lora_variant", {}) for a in active):
+                continue
+            weights = [t for a in active for t in (m.lora_B[a].weight, m.lora_B[a].bias) if t is not None]
+            if active and all(t.device.type != "meta" and not bool(t.any()) for t in weights):
+                switched.append(m)
+    for m in switched:
+        m._disable_adapters = True
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            m._disable_adapters = False
 
 
 def resume(backbone: nn.Module, blocks_path: str, acts: Activations) -> torch.Tensor:
