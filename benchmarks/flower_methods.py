@@ -259,6 +259,15 @@ def write_md() -> None:
         walls = " / ".join("–" if r is None else f"{r['wall_s']:.0f}" for r in (i, s, d))
         ref_cell = "" if i is None or i["status"] == "ok" else f" (in-process: {cell(i)})"
         lines.append(f"| `{m}`{ref_cell} | {cell(s)} | {cell(d)} | {acc} | {modelled} | {wire(s)} | {wire(d)} | {walls} |")
+    lines += [
+        "",
+        "Accuracies are those of a tiny randomly initialised ViT on 8 px digits with default settings (nothing tuned, "
+        "nothing chosen on test data): they show that the engines agree, not how good a method is. Bytes: modelled = "
+        "the payload the in-process engine counts (identical on every engine); wire = Flower's serialised messages "
+        "(records, packing headers, catch-ups of clients that missed rounds, method state). Wall time includes the "
+        "`fedtalora run` process start and, for `flower-sim`, Ray's start-up; the first deployment run also pays the "
+        "warm nodes' cold start.",
+    ]
     MD.write_text("\n".join(lines) + "\n")
 
 
