@@ -123,7 +123,8 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
                  task: Task, round_: int, client: int, num_classes: int, split: Split, indices: np.ndarray,
                  targets: np.ndarray, transform: Callable[..., Any], device: torch.device) -> ClientResult:
     """Client ``client``'s local round ``round_`` of ``task``: :func:`~fedtalora.fed.client.local_train` with
-    the generators derived from ``(seed, task, round, client)`` and the configured loss mask.
+    the generators derived from ``(seed, task, round, client)`` and the configured loss mask; with
+    ``lora.train_tasks=first`` the LoRA tensors are not trained after the first task (sent back unchanged).
 
     Args:
         indices: the client's samples of the task (positions in ``split``).
@@ -131,11 +132,12 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
     """
     t, r, k = task.index, round_, client
     mask = class_mask(cfg.train.logit_mask, task_mask(num_classes, task), targets)
+    frozen = set(model.lora_parameters()) if cfg.lora.train_tasks == "first" and t > 0 else set()
     with seeded_torch(cfg.seed, "model-rng", t, r, k, device=device):  # LoRA dropout, drop-path
         return local_train(
             model, method, global_state, client=k, split=split, indices=indices, targets=targets,
             class_mask=mask, transform=transform, cfg=cfg.train,
-            generator=torch_generator(cfg.seed, "local", t, r, k), device=device,
+            generator=torch_generator(cfg.seed, "local", t, r, k), device=device, frozen=frozen,
         )
 
 
