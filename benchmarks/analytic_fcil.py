@@ -35,16 +35,19 @@ ROWS: dict[str, list[str]] = {
     "head-only-analytic": ["method=head-only", "classifier.kind=analytic"],
     "fedlora": ["method=fedlora"],
     "pilora": ["method=pilora"],
-    "ceiling": ["method=fedtalora", "scenario.num_tasks=1", "fed.num_clients=1", "fed.clients_per_round=1"],
+    "ceiling": ["method=fedtalora", "scenario.num_tasks=1", "fed.num_clients=1", "fed.clients_per_round=1",
+                "partition.kind=iid"],  # one client holds everything: the partition does not apply
 }
 PARTITIONS = {"dirichlet": ["partition.kind=dirichlet", "partition.beta=0.1"],
               "quantity": ["partition.kind=quantity", "partition.alpha=2"]}
 
 
-def run_one(name: str, args: argparse.Namespace, row: str, part: str, seed: int) -> dict[str, Any]:
+def run_one(name: str, args: argparse.Namespace, row: str, part: str, seed: int) -> dict[str, Any] | None:
     run_dir = Path(args.runs) / name
     metrics = run_dir / "metrics.json"
     if not (metrics.is_file() and json.loads(metrics.read_text()).get("complete")):
+        if args.no_run:
+            return None
         cmd = [sys.executable, "-m", "fedtalora", "run", "banking77", f"data.root={args.data}", "train.device=cpu",
                f"seed={seed}", f"data.val_fraction={args.val_fraction}", *PARTITIONS[part], *ROWS[row], *args.set,
                f"output.dir={args.runs}", f"output.name={name}", "--quiet"]
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run (the budget)")
     ap.add_argument("--reuse", nargs="*", default=[], help="row:partition:seed=RUN_NAME of finished runs")
+    ap.add_argument("--no-run", action="store_true", help="tabulate finished runs only")
     args = ap.parse_args()
     reuse = dict(r.split("=", 1) for r in args.reuse)
     records = []
@@ -78,12 +82,18 @@ def main() -> None:
         for part in args.partitions:
             for seed in args.seeds:
                 key = f"{row}:{part}:{seed}"
-                records.append(run_one(reuse.get(key, key.replace(":", "-")), args, row, part, seed))
+                name = f"ceiling-{seed}" if row == "ceiling" else key.replace(":", "-")
+                rec = run_one(reuse.get(key, name), args, row, part, seed)
+                if rec is None:
+                    continue
+                records.append(rec)
                 print(json.dumps({k: v for k, v in records[-1].items() if k != "uplink_bytes_per_round"}), flush=True)
     lines = ["| row | partition | seeds | F_AA % | AIA % | val F_AA % | uplink MB per round (mean) |", "|---|---|---|---|---|---|---|"]
     for row in args.rows:
         for part in args.partitions:
             rs = [r for r in records if r["row"] == row and r["partition"] == part]
+            if not rs:
+                continue
             f = np.array([r["F_AA"] for r in rs]) * 100
             a = np.array([r["AIA"] for r in rs]) * 100
             v = np.array([r["val_F_AA"] for r in rs], dtype=float) * 100
