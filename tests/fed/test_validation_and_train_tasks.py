@@ -102,6 +102,21 @@ def test_train_tasks_first_freezes_lora_after_the_first_task(tiny_overrides: lis
     assert not torch.equal(heads[0], heads[1])
 
 
+def test_train_tasks_first_holds_with_grouped_clients(tiny_overrides: list[str]) -> None:
+    """``train.parallel_clients`` trains clients together on a path that trains every LoRA tensor: with
+    ``lora.train_tasks=first`` the clients train one after another, so LoRA still stays what task 0 left."""
+    setup = prepare(resolve("tiny-vit", [*tiny_overrides, "lora.train_tasks=first", "train.parallel_clients=2"]))
+    ends: list[dict[str, torch.Tensor]] = []
+
+    def progress(event: dict[str, Any]) -> None:
+        if event["event"] == "task":
+            ends.append(_lora(setup.model))
+
+    run(setup, None, progress)
+    assert len(ends) >= 2
+    assert all(torch.equal(ends[0][k], ends[-1][k]) for k in ends[0])
+
+
 def test_analytic_with_lora_on_the_first_task_only_is_exact(tiny_overrides: list[str]) -> None:
     """fedtalora + analytic + train_tasks=first: task 0's statistics were taken under the final features,
     so the final W is the ridge of the final model's features of all training data (1e-6); with ``all``
