@@ -90,9 +90,11 @@ def run_one(name: str, args: argparse.Namespace, row: str, part: str, seed: int,
             head_lr: float | None = None) -> dict[str, Any] | None:
     run_dir = Path(args.runs) / name
     metrics = run_dir / "metrics.json"
+    ran = False
     if not (metrics.is_file() and json.loads(metrics.read_text()).get("complete")):
         if args.no_run:
             return None
+        ran = True
         cmd = [sys.executable, "-m", "fedtalora", "run", "banking77", f"data.root={args.data}", "train.device=cpu",
                f"seed={seed}", f"data.val_fraction={args.val_fraction}", *PARTITIONS[part], *row_overrides(row, head_lr), *args.set,
                f"output.dir={args.runs}", f"output.name={name}", "--quiet"]
@@ -103,9 +105,10 @@ def run_one(name: str, args: argparse.Namespace, row: str, part: str, seed: int,
             "uplink_bytes_total": m["uplink_bytes_total"], "wall_seconds": m.get("wall_seconds"),
             "uplink_bytes_per_round": [r["uplink_bytes"] for r in m["rounds"]],
             "rounds_per_task": len(m["rounds"]) // max(len(m["tasks"]), 1)}
-    with (RESULTS / "analytic_fcil.jsonl").open("a") as fh:  # every finished run, at once
-        fh.write(json.dumps({k: v for k, v in rec.items() if k != "uplink_bytes_per_round"}
-                            | {"set": args.set}) + "\n")
+    if ran:  # every run, as soon as it finishes (runs reused from --runs were recorded when they ran)
+        with (RESULTS / "analytic_fcil.jsonl").open("a") as fh:
+            fh.write(json.dumps({k: v for k, v in rec.items() if k != "uplink_bytes_per_round"}
+                                | {"set": args.set}) + "\n")
     return rec
 
 
