@@ -59,8 +59,16 @@ class DataConfig:
     studies and smoke runs; the client indices in ``partitions.json`` then index the subset."""
     test_per_class: int = 0
     """Keep at most this many test samples of each class, drawn from the seed (0: all)."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of every client's training data of every task as its validation split, drawn
+    from the seed (0: none). The held-out samples are not trained on; after every task the run reports the
+    accuracy on the validation samples of all classes seen (``val_accuracy`` per task,
+    ``val_final_average_accuracy``, ``val_average_incremental_accuracy``): what tuning reads instead of test
+    accuracy."""
 
     def validate(self) -> None:
+        _check(0 <= self.val_fraction < 1 and math.isfinite(self.val_fraction), "data.val_fraction",
+               self.val_fraction, "a number in [0, 1)")
         _check(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1")
         _check(self.max_length >= 2, "data.max_length", self.max_length, "an integer >= 2")
         _check(self.train_per_class >= 0, "data.train_per_class", self.train_per_class, "an integer >= 0 (0: all)")
@@ -261,6 +269,11 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers adapted in each block: a subset of qkv, proj, fc1, fc2."""
     dropout: float = 0.0
+    train_tasks: Literal["all", "first"] = "all"
+    """``all``: clients train LoRA in every task; ``first``: only in the first task, then LoRA stays as it is
+    (the head and other tensors still train). With ``first`` the backbone's features are fixed from the
+    second task on, so statistics sent at an earlier task end (``classifier.kind=prototype`` / ``analytic``)
+    keep describing the final model's features."""
 
     def validate(self) -> None:
         _check(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")

@@ -563,12 +563,13 @@ def test_flower_sim_matches_inprocess(tmp_path: Path, tiny_overrides) -> None:
 @pytest.mark.parametrize("partition", [
     ["partition.kind=iid", "fed.num_clients=1", "fed.clients_per_round=1"],
     ["partition.kind=dirichlet", "partition.beta=0.05", "fed.num_clients=10", "fed.clients_per_round=10"],
+    ["partition.kind=quantity", "partition.alpha=2", "fed.num_clients=10", "fed.clients_per_round=10"],
 ])
 def test_flower_sim_analytic_equals_inprocess_and_the_frozen_reference(tmp_path: Path, tiny_overrides,
                                                                       partition: list[str]) -> None:
     """Item 6 across engines: a frozen backbone with a fixed lambda gives the same ridge sums (1e-6) and the
-    same accuracies on Flower's simulation as in-process, for one client or ten Dirichlet(0.05) clients,
-    and the same as the one-client in-process run (the centralized reference of the analytic tests)."""
+    same accuracies on Flower's simulation as in-process, for one client, ten Dirichlet(0.05) or ten
+    quantity(2) clients, and the same as the one-client in-process run (the centralized reference of the analytic tests)."""
     pytest.importorskip("ray")
     from fedtalora.fed import rundir
 

@@ -16,7 +16,7 @@ import contextlib
 import platform
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from .cache import FeatureCache
 
 __all__ = ["Components", "Experiment", "Setup", "build_classifier", "build_components", "build_method", "check_config",
            "check_engine",
-           "environment", "git_commit", "input_transform", "prepare", "resolve_device", "torch_threads"]
+           "environment", "git_commit", "input_transform", "prepare", "resolve_device", "split_validation",
+           "torch_threads"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +160,14 @@ class Experiment:
     test_targets: np.ndarray
     test_task: np.ndarray
     """Task index of every test sample."""
+    validation: list[list[np.ndarray]] = field(default_factory=list)
+    """``validation[t][k]``: client ``k``'s held-out samples of task ``t`` (``data.val_fraction``; empty
+    without a validation split). Never in ``partitions``: they are not trained on."""
+
+    def validation_indices(self, t: int) -> np.ndarray:
+        """Every client's validation samples of tasks ``0..t`` (empty without a validation split)."""
+        parts = [ix for task in self.validation[: t + 1] for ix in task]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Experiment:
@@ -179,7 +188,11 @@ class Experiment:
                 alpha=p.alpha, beta=p.beta, min_samples=p.min_samples, max_redraws=p.max_redraws,
             )
             partitions.append([idx[part] for part in parts])
-        return cls(cfg, data, scenario, partitions, train_targets, test_targets, task_of_class[data.test.labels])
+        validation: list[list[np.ndarray]] = []
+        if cfg.data.val_fraction > 0:
+            partitions, validation = split_validation(partitions, cfg.data.val_fraction, cfg.seed)
+        return cls(cfg, data, scenario, partitions, train_targets, test_targets, task_of_class[data.test.labels],
+                   validation)
 
     def partitions_json(self) -> dict[str, Any]:
         """``partitions.json``: per task, per client, the sample indices and class counts (the manifest Flower
@@ -199,6 +212,25 @@ class Experiment:
             })
         return {"dataset": self.dataset.name, "split": "train", "num_clients": self.cfg.fed.num_clients,
                 "partition": self.cfg.to_dict()["partition"], "tasks": tasks}
+
+
+def split_validation(partitions: list[list[np.ndarray]], fraction: float,
+                     seed: int) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """``(train, validation)``: every client's samples of every task split at random (from ``seed``, task and
+    client), ``round(fraction * n)`` held out of ``n``, at least one sample kept for training. Each part keeps
+    the client's original order."""
+    train: list[list[np.ndarray]] = []
+    val: list[list[np.ndarray]] = []
+    for t, parts in enumerate(partitions):
+        train.append([])
+        val.append([])
+        for k, ix in enumerate(parts):
+            n_val = min(int(round(fraction * len(ix))), max(len(ix) - 1, 0))
+            held = np.zeros(len(ix), dtype=bool)
+            held[numpy_rng(seed, "validation", t, k).choice(len(ix), n_val, replace=False)] = True
+            train[t].append(ix[~held])
+            val[t].append(ix[held])
+    return train, val
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:

@@ -107,6 +107,7 @@ def local_train(
     cfg: TrainConfig,
     generator: torch.Generator,
     device: torch.device,
+    frozen: set[str] | frozenset[str] = frozenset(),
 ) -> ClientResult:
     """Train the method's tensors on one client's data, starting from ``global_state``.
 
@@ -115,15 +116,17 @@ def local_train(
         targets: their head-output labels (positions in the scenario's class order).
         class_mask: bool ``(num_classes,)``; logits where it is False are excluded from the loss.
         generator: CPU generator for shuffling and augmentation (derived from the root seed).
+        frozen: keys of ``global_state`` not trained this round (returned unchanged), e.g. LoRA after the
+            first task with ``lora.train_tasks=first``.
     """
     model.load_trainable(global_state)
     keys = list(global_state)
     params = model.parameters_by_key()
-    wanted = set(keys)
+    wanted = set(keys) - set(frozen)
     for k, p in params.items():
         p.requires_grad_(k in wanted)
     method.on_local_start(model, global_state)
-    opt = make_optimizer(method.param_groups(model, keys), cfg)
+    opt = make_optimizer(method.param_groups(model, [k for k in keys if k in wanted]), cfg)
     idx = torch.as_tensor(indices, dtype=torch.long)
     lengths = getattr(split.inputs, "lengths", None) if cfg.group_by_length else None
     total, steps = train_steps(

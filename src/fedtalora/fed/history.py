@@ -142,11 +142,16 @@ class TaskRecord:
     """Accuracy on the test data of each task seen so far (row ``task`` of the accuracy matrix)."""
     seen_accuracy: float | None = field(default=None, metadata=_narrow(Maybe(_ACC)))
     """Accuracy on the test data of every class seen so far (``A_t``)."""
+    val_accuracy: float | None = field(default=None, metadata=_narrow(Maybe(_ACC)))
+    """Accuracy on the clients' validation samples of every class seen so far (``data.val_fraction``; absent
+    without a validation split): what tuning reads."""
     seconds: float = field(default=0.0, metadata=_narrow(Float(min=0.0)))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if out["val_accuracy"] is None:  # no validation split: the field is left out, as before it existed
+            del out["val_accuracy"]
         out.update(self.extra)
         return out
 
@@ -156,6 +161,7 @@ class TaskRecord:
 
 
 _SUMMARY = ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "seen_accuracy")
+_VAL_SUMMARY = ("val_final_average_accuracy", "val_average_incremental_accuracy")
 _TOTALS = ("uplink_bytes_total", "downlink_bytes_total", "downlink_bytes_dense_total", "residual_bytes_dense_total",
            "residual_bytes_factored_total", "max_aggregation_error", "max_aggregation_error_rounding",
            "max_aggregation_error_accumulated", "max_aggregation_error_accumulated_rounding",
@@ -184,6 +190,10 @@ class History:
     forgetting: float | None = field(default=None, metadata=_narrow(Maybe(Float(min=-1.0, max=1.0))))
     seen_accuracy: list[float] | None = field(default=None, metadata=_narrow(Maybe(List(_ACC))))
     wall_seconds: float | None = field(default=None, metadata=_narrow(Maybe(Float(min=0.0))))
+    val_final_average_accuracy: float | None = field(default=None, metadata=_narrow(Maybe(_ACC)))
+    """F_AA on the validation split (``data.val_fraction``; absent without one)."""
+    val_average_incremental_accuracy: float | None = field(default=None, metadata=_narrow(Maybe(_ACC)))
+    """AIA on the validation split (``data.val_fraction``; absent without one)."""
     # --- run totals (set by :meth:`finish`) ---
     uplink_bytes_total: int | None = None
     downlink_bytes_total: int | None = None
@@ -215,6 +225,10 @@ class History:
             setattr(self, key, summary[key])
         record.seen_accuracy = self.seen_accuracy[-1]  # type: ignore[index]
         self.tasks.append(record)
+        vals = [r.val_accuracy for r in self.tasks]
+        if all(v is not None for v in vals):
+            self.val_final_average_accuracy = vals[-1]
+            self.val_average_incremental_accuracy = float(np.mean(vals))
 
     def finish(self) -> None:
         """Run totals, once every round is done."""
@@ -259,6 +273,8 @@ class History:
         }
         if self.tasks:  # the summaries exist once a task is evaluated
             out.update({k: getattr(self, k) for k in _SUMMARY})
+            if self.val_final_average_accuracy is not None:
+                out.update({k: getattr(self, k) for k in _VAL_SUMMARY})
         if self.wall_seconds is not None:
             out["wall_seconds"] = self.wall_seconds
         if self.complete:

@@ -325,6 +325,12 @@ class _Loop:
                         scores=lambda x: s.classifier.scores(model, s.method, x))
         row = accuracy_per_task(preds, exp.test_targets[seen], exp.test_task[seen], t + 1)
         rec = TaskRecord(task=t, classes=[int(c) for c in task.classes], accuracy=row)
+        val = exp.validation_indices(t)
+        if len(val):  # data.val_fraction: the clients' held-out samples of every task seen so far
+            val_preds = predict(model, exp.dataset.train, val, num_seen=exp.scenario.seen_classes(t),
+                                transform=s.transform, batch_size=cfg.train.eval_batch_size, device=s.device,
+                                precision=cfg.train.precision, scores=lambda x: s.classifier.scores(model, s.method, x))
+            rec.val_accuracy = float((val_preds == exp.train_targets[val]).mean())
         self.history.add_task(rec, self.T, self.test_sizes)
         if s.cache is not None:
             s.cache.persist()  # train.feature_cache=disk: what this task computed, for later runs

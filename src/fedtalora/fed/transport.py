@@ -129,7 +129,8 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
                  task: Task, round_: int, client: int, num_classes: int, split: Split, indices: np.ndarray,
                  targets: np.ndarray, transform: Callable[..., Any], device: torch.device) -> ClientResult:
     """Client ``client``'s local round ``round_`` of ``task``: :func:`~fedtalora.fed.client.local_train` with
-    the generators derived from ``(seed, task, round, client)`` and the configured loss mask.
+    the generators derived from ``(seed, task, round, client)`` and the configured loss mask; with
+    ``lora.train_tasks=first`` the LoRA tensors are not trained after the first task (sent back unchanged).
 
     Args:
         indices: the client's samples of the task (positions in ``split``).
@@ -142,13 +143,21 @@ def client_round(model: FedModel, method: Method, global_state: dict[str, torch.
         targets = np.concatenate([targets, extra[1]])
     job = client_job(cfg, task, round_, client, num_classes, indices, targets)
     mask = method.local_mask(task, job.class_mask)
+    frozen = lora_frozen(cfg, model, task)
     with seeded_torch(cfg.seed, "model-rng", task.index, round_, client, device=device):  # LoRA dropout, drop-path
         res = local_train(
             model, method, global_state, client=client, split=split, indices=indices, targets=targets,
             class_mask=mask, transform=transform, cfg=cfg.train, generator=job.generator, device=device,
+            frozen=frozen,
         )
     res.report = method.client_report()  # e.g. target: the synthetic samples it drew
     return res
+
+
+def lora_frozen(cfg: RunConfig, model: FedModel, task: Task) -> set[str]:
+    """The LoRA keys a client leaves untouched in ``task``: all of them after the first task with
+    ``lora.train_tasks=first`` (the analytic statistics of old tasks then stay exact), none otherwise."""
+    return set(model.lora_parameters()) if cfg.lora.train_tasks == "first" and task.index > 0 else set()
 
 
 def client_job(cfg: RunConfig, task: Task, round_: int, client: int, num_classes: int, indices: np.ndarray,
@@ -164,6 +173,10 @@ def parallel_group(setup: Setup) -> int:
     (:func:`fedtalora.fed.parallel.why_serial`, logged)."""
     n = setup.cfg.train.parallel_clients
     if n <= 1:
+        return 1
+    if setup.cfg.lora.train_tasks == "first":
+        logger.warning("train.parallel_clients=%d: clients train one after another: lora.train_tasks=first "
+                       "(the grouped path trains every LoRA tensor)", n)
         return 1
     why = why_serial(setup.model, setup.method, setup.method.trainable_keys(setup.model))
     if why is not None:
