@@ -92,6 +92,17 @@ def test_find_reference_matches_the_config_only(tmp_path: Path) -> None:
     assert find_reference(cfg, tmp_path / "missing") is None
 
 
+def test_a_reference_older_than_a_config_key_matches_its_default_only(tmp_path: Path) -> None:
+    """A key added after the reference was measured (here ``data.val_fraction``) compares as today's default:
+    the reference still matches a run at the default and not a run that sets the key otherwise."""
+    old = resolve("demo").to_dict()
+    del old["data"]["val_fraction"]
+    (tmp_path / "old.reference.json").write_text(json.dumps(_reference(old)))
+    assert find_reference(resolve("demo").to_dict(), tmp_path) is not None
+    assert find_reference(resolve("demo", ["data.val_fraction=0.1"]).to_dict(), tmp_path) is None
+    assert find_reference(resolve("demo", ["train.feature_cache_dir=/elsewhere"]).to_dict(), tmp_path) is not None
+
+
 def test_summary_puts_reference_lines_beside_faa() -> None:
     cfg = resolve("demo").to_dict()
     data = data_facts("banking77-demo", 2, [0, 1], [0, 1], "text")

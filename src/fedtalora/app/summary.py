@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..config import RunConfig
 from ..fed.history import History
 from ..fed.screening import screening_summary
 
@@ -29,9 +30,21 @@ __all__ = ["DataFacts", "IGNORED_KEYS", "comparable_config", "data_facts", "desc
            "format_summary", "metric_rows", "reference_rows"]
 
 REFERENCE_SUFFIX = ".reference.json"
-IGNORED_KEYS = ("output", "engine", "flower", "train.threads", "train.device")
+IGNORED_KEYS = ("output", "engine", "flower", "train.threads", "train.device", "train.feature_cache_dir",
+                "train.feature_cache_disk_mb")
 """Config keys that do not change what a run computes (on one device): a run and a reference that differ only
 there are the same experiment."""
+
+
+def _with_defaults(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` over ``defaults``, section by section: a key the reference predates takes today's default (options
+    are added with defaults that keep the behaviour they had before they existed)."""
+    out = dict(defaults)
+    for key, value in cfg.items():
+        base = defaults.get(key)
+        out[key] = _with_defaults(value, base) if isinstance(value, dict) and isinstance(base, dict) \
+            and key != "method_options" and key != "kwargs" else value
+    return out
 
 _MODEL_NAMES = {"minilm": "all-MiniLM-L6-v2"}
 _DATA_NAMES = {
@@ -197,6 +210,7 @@ def find_reference(cfg: dict[str, Any], folder: Path | None = None) -> dict[str,
     files are skipped: a reference is decoration, never a reason for a finished run to fail."""
     root: Any = folder if folder is not None else resources.files("fedtalora") / "presets"
     want = comparable_config(cfg)
+    defaults = RunConfig().to_dict()
     try:
         files = sorted((p for p in root.iterdir() if p.name.endswith(REFERENCE_SUFFIX)), key=lambda p: p.name)
     except OSError:
@@ -210,7 +224,7 @@ def find_reference(cfg: dict[str, Any], folder: Path | None = None) -> dict[str,
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         if isinstance(ref, dict) and isinstance(ref.get("config"), dict) \
-                and comparable_config(ref["config"]) == want:
+                and comparable_config(_with_defaults(ref["config"], defaults)) == want:
             return ref
     return None
 
