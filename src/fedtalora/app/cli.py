@@ -115,6 +115,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> NoReturn:
+    """The process entry point (the ``fedtalora`` script and ``python -m fedtalora``): :func:`main`, then exit.
+
+    After an interrupt in a process that started Ray (``engine=flower-sim``), the exit runs the ``atexit``
+    handlers and then skips the interpreter's finalisation: Ray's core worker saw the signal too and can abort
+    there (SIGABRT), which would turn the documented exit code 130 into -6. By then the run directory is
+    complete and resumable, the streams are flushed and every process the run started has been ended."""
+    rc = main()
+    if rc == EXIT_INTERRUPTED and "ray" in sys.modules:
+        import atexit
+
+        atexit._run_exitfuncs()  # what a normal exit runs (Ray's own shutdown included)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+    raise SystemExit(rc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
