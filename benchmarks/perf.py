@@ -674,18 +674,7 @@ def bench_profile(args: argparse.Namespace) -> dict[str, Any]:
             continue
         ours, _, _ = (setup_image if kind == "image" else setup_text)(args)
         ours()  # warm-up
-        prof = cProfile.Profile()
-        prof.enable()
-        ours()
-        prof.disable()
-        s = io.StringIO()
-        stats = pstats.Stats(prof, stream=s)
-        total = stats.total_tt  # type: ignore[attr-defined]
-        torch_ops = sum(tt for (file, _, fn), (_, _, tt, _, _) in stats.stats.items()  # type: ignore[attr-defined]
-                        if file == "~" and ("torch" in fn or "_EngineBase" in fn or "_VariableFunctions" in fn))
-        stats.sort_stats("tottime").print_stats(15)
-        out[kind] = {"profiled_seconds": total, "in_torch_builtins_s": torch_ops,
-                     "outside_torch_builtins_share": 1 - torch_ops / total, "top": s.getvalue()[-4000:]}
+        out[kind] = _profile(ours)
         print(json.dumps({"measurement": f"profile_{kind}", **{k: v for k, v in out[kind].items() if k != "top"}}))
     for kind, group in (("serial", 1), ("parallel", 10)):  # 10 tiny-ViT clients, one after another / together
         c = _parallel_case("image", 10, 32, 16, torch.device("cpu"))

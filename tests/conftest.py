@@ -385,3 +385,31 @@ def fast_method_options() -> Callable[[str], list[str]]:
     configuration (empty for methods without server-side training)."""
     return lambda name: list(_FAST_METHOD_OPTIONS.get(name, []))
 
+
+
+# --- a run crashed mid-way, then resumed --------------------------------------------------------------------
+
+
+class _Crash(Exception):
+    """Raised from a run's progress callback: a crash at a chosen round."""
+
+
+@pytest.fixture(scope="session")
+def crash_then_resume() -> Callable[..., dict[str, Any]]:
+    """``crash_then_resume(cfg, run_dir, crash)``: run ``cfg`` until the round with global index ``crash``
+    (``task * rounds_per_task + round``) starts reporting, raise there, then resume the run directory; returns
+    the resumed run's metrics."""
+    from fedtalora.api import run
+
+    def go(cfg: Any, run_dir: Path, crash: int) -> dict[str, Any]:
+        per_task = cfg.fed.rounds_per_task
+
+        def progress(event: dict[str, Any]) -> None:
+            if event["event"] == "round" and event["task"] * per_task + event["round"] == crash:
+                raise _Crash
+
+        with pytest.raises(_Crash):
+            run(cfg, run_dir=run_dir, progress=progress)
+        return run(cfg, run_dir=run_dir, resume=True).metrics
+
+    return go

@@ -132,24 +132,13 @@ def test_runs_end_to_end_on_text(variant: str, tiny_bert, write_banking, text_ov
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_resume_after_a_crash_matches_an_uninterrupted_run(variant: str, cfg_of, tmp_path) -> None:
+def test_resume_after_a_crash_matches_an_uninterrupted_run(variant: str, cfg_of, crash_then_resume, tmp_path) -> None:
     extra = ["fed.num_clients=4", "fed.clients_per_round=3"]  # not every client in every round
     cfg = cfg_of(variant, *extra)
     ref = run(cfg, run_dir=tmp_path / "ref").metrics
 
-    class Crash(Exception):
-        pass
-
     for crash in (1, 2):  # the task's last round (the server's task-end work is lost), the next task's first
-
-        def progress(event: dict[str, Any], crash: int = crash) -> None:
-            if event["event"] == "round" and event["task"] * 2 + event["round"] == crash:
-                raise Crash
-
-        run_dir = tmp_path / f"crash{crash}"
-        with pytest.raises(Crash):
-            run(cfg, run_dir=run_dir, progress=progress)
-        got = run(cfg, run_dir=run_dir, resume=True).metrics
+        got = crash_then_resume(cfg, tmp_path / f"crash{crash}", crash)
         assert without_timing(got) == without_timing(ref), crash
 
 

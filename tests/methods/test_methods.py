@@ -418,23 +418,12 @@ def test_pilora_predicts_the_nearest_prototype(tiny_overrides) -> None:
     assert logits[[3, 0, 5, 1]].argmax(1).tolist() == [0, 1, 2, 3]
 
 
-def test_pilora_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path) -> None:
+def test_pilora_resume_matches_an_uninterrupted_run(tiny_overrides, crash_then_resume, tmp_path) -> None:
     cfg = _cfg(tiny_overrides, "method=pilora")
     ref = run(cfg, run_dir=tmp_path / "ref").metrics
 
-    class Crash(Exception):
-        pass
-
     for crash in (1, 2):  # the last round of task 0 (before its prototypes are kept), the first of task 1
-
-        def progress(event: dict[str, Any], crash: int = crash) -> None:
-            if event["event"] == "round" and event["task"] * 2 + event["round"] == crash:
-                raise Crash
-
-        run_dir = tmp_path / f"crash{crash}"
-        with pytest.raises(Crash):
-            run(cfg, run_dir=run_dir, progress=progress)
-        got = run(cfg, run_dir=run_dir, resume=True).metrics
+        got = crash_then_resume(cfg, tmp_path / f"crash{crash}", crash)
         assert without_timing(got) == without_timing(ref), crash
 
 
