@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fedtalora.config import CEILING_OVERRIDES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS: dict[str, list[str]] = {
     "fedtalora-head": ["method=fedtalora", "classifier.kind=head"],
@@ -48,10 +50,9 @@ ROWS: dict[str, list[str]] = {
     "head-only-analytic": ["method=head-only", "classifier.kind=analytic"],
     "fedlora": ["method=fedlora"],
     "pilora": ["method=pilora"],
-    "ceiling": ["method=fedtalora", "scenario.num_tasks=1", "fed.num_clients=1", "fed.clients_per_round=1",
-                "partition.kind=iid"],  # one client holds everything: the partition does not apply
-    "ceiling-analytic": ["method=fedtalora", "classifier.kind=analytic", "scenario.num_tasks=1", "fed.num_clients=1",
-                         "fed.clients_per_round=1", "partition.kind=iid"],
+    # one client holds everything, all classes in one task: the partition does not apply
+    "ceiling": ["method=fedtalora", *CEILING_OVERRIDES],
+    "ceiling-analytic": ["method=fedtalora", "classifier.kind=analytic", *CEILING_OVERRIDES],
 }
 CACHED = ["train.feature_cache=host"]  # frozen backbone: cache its activations (same results, faster)
 HEAD_ROWS = {"fedtalora-head", "head-only-head", "ceiling"}  # rows that predict with the SGD head

@@ -9,7 +9,9 @@ the most):
 * ``omniglot``: the ``study-omniglot`` preset (156 characters in 6 tasks, 5 clients, Dirichlet(0.05), the
   small ViT pre-trained on three other alphabets by ``benchmarks/study_reswu.py --pretrain-only``).
 
-Every method runs with the same seed, partitions and class order; the generator methods with a reduced
+Every method runs with the same seed, partitions and class order; the ``ceiling`` row is the centralized joint
+upper bound (``method=fedtalora`` with one client holding all the training data and every class in one task,
+:data:`fedtalora.config.CEILING_OVERRIDES`, same budget); the generator methods with a reduced
 server budget (:data:`OPTIONS`), stated in the table. Hyper-parameters are the methods' defaults (none were
 tuned on test accuracy). One process per run, ``--workers`` at once::
 
@@ -32,8 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fedtalora.config import CEILING_OVERRIDES
+
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("finetune", "fedtalora", "glfc", "target", "lander")
+METHODS = ("finetune", "fedtalora", "glfc", "target", "lander", "ceiling")
+CEILING = ["method=fedtalora", *CEILING_OVERRIDES]
+"""The ``ceiling`` row's overrides: the joint upper bound of the same loop and budget."""
 GEN = ["method_options.gen_steps=10", "method_options.gen_batch=16", "method_options.syn_batch=8",
        "method_options.adv_warmup=5"]
 OPTIONS = {"target": GEN, "lander": GEN, "glfc": ["method_options.proto_steps=10"]}
@@ -93,7 +99,9 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     lines = ["# GLFC, TARGET and LANDER beside finetune and fedtalora (small CPU settings)", "",
              "Written by `benchmarks/baselines.py` (see its docstring for the two settings). Mean ± std over the "
              "seeds listed; MB per client and round; *method down* is the part of *down* that is the method's own "
-             "(generator, old model); *server s* the server time of the method's own work. Wall times on a shared "
+             "(generator, old model); *server s* the server time of the method's own work; *ceiling* the centralized "
+             "joint upper bound (fedtalora, one client with all the data, every class in one task, same budget). "
+             "Wall times on a shared "
              "2-core CPU are indicative only. Default method options except the reduced server budgets: "
              + "; ".join(f"`{m}`: {' '.join(o)}" for m, o in OPTIONS.items()) + ".", ""]
     for bench in sorted({r["benchmark"] for r in rows}):
@@ -144,8 +152,8 @@ def main() -> int:
         def go(job: tuple[str, str, int]) -> int:
             bench, method, seed = job
             preset, overrides = benches[bench]
-            return launch(preset, [*overrides, f"method={method}", *OPTIONS.get(method, []), f"seed={seed}"],
-                          run_dir(args.runs, *job))
+            chosen = CEILING if method == "ceiling" else [f"method={method}", *OPTIONS.get(method, [])]
+            return launch(preset, [*overrides, *chosen, f"seed={seed}"], run_dir(args.runs, *job))
 
         with ThreadPoolExecutor(args.workers) as pool:
             for job, rc in zip(todo, pool.map(go, todo), strict=True):

@@ -2,7 +2,9 @@
 
 One run per method of ``fedtalora.methods.METHODS`` on the ``banking77`` preset (7 tasks x 11 intents,
 10 clients, Dirichlet(0.1)), with the same seed, partitions, class order and budget; only ``method=``
-differs (each method with its default ``method_options``). Writes one JSON line per method to
+differs (each method with its default ``method_options``). The last row, ``ceiling``, is the centralized joint
+upper bound: ``method=fedtalora`` in the same loop and budget with one client holding all the training data and
+all 77 intents in one task (:data:`fedtalora.config.CEILING_OVERRIDES`). Writes one JSON line per method to
 ``benchmarks/results/methods.jsonl`` (kept: a re-run skips the methods already measured with the same
 settings) and the table to ``benchmarks/results/methods.md``::
 
@@ -25,11 +27,13 @@ from typing import Any
 import torch
 
 from fedtalora.api import run
-from fedtalora.config import RunConfig, resolve
+from fedtalora.config import CEILING_OVERRIDES, RunConfig, resolve
 from fedtalora.methods import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOAT_BYTES = 4
+CEILING = "ceiling"
+"""The pseudo-method of the joint upper bound row (``method=fedtalora`` + ``CEILING_OVERRIDES``)."""
 
 
 def measure(name: str, base: list[str], runs: Path, options: list[str] | None = None) -> dict[str, Any]:
@@ -37,12 +41,12 @@ def measure(name: str, base: list[str], runs: Path, options: list[str] | None = 
     shared overrides; the row of the table."""
     options = options or []
     label = f"{name} ({', '.join(options)})" if options else name
-    cfg = resolve("banking77", [*base, f"method={name}", *[f"method_options.{o}" for o in options],
-                                "output.overwrite=true"])
+    method = ["method=fedtalora", *CEILING_OVERRIDES] if name == CEILING else [f"method={name}"]
+    cfg = resolve("banking77", [*base, *method, *[f"method_options.{o}" for o in options], "output.overwrite=true"])
     run_dir = runs / (name + "".join(f"-{o}" for o in options))
     # The shared setting: every key but the method and where the run goes (a re-run skips a method only
-    # when this is unchanged, e.g. not after a preset edit).
-    shared = shared_config(cfg)
+    # when this is unchanged, e.g. not after a preset edit); the ceiling's is the table's, before its overrides.
+    shared = shared_config(resolve("banking77", base) if name == CEILING else cfg)
     m = run(cfg, run_dir).metrics
     rounds = m["rounds"]
     client_rounds = sum(len(r["clients"]) for r in rounds)
@@ -100,10 +104,10 @@ def main() -> int:
     base = [f"data.root={args.data}", f"seed={args.seed}", "train.device=auto", *args.set]
     if args.quick:
         base += ["fed.rounds_per_task=1", "train.local_epochs=1"]
-    names = args.only or METHODS.names()
-    unknown = [n for n in names if n not in METHODS]
+    names = args.only or [*METHODS.names(), CEILING]
+    unknown = [n for n in names if n not in METHODS and n != CEILING]
     if unknown:
-        ap.error(f"not implemented: {', '.join(unknown)}; choose from {', '.join(METHODS.names())}")
+        ap.error(f"not implemented: {', '.join(unknown)}; choose from {', '.join([*METHODS.names(), CEILING])}")
     out = Path(args.out)
     jsonl = out.with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +126,7 @@ def main() -> int:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     cfg = resolve("banking77", base)
-    order = {n: i for i, n in enumerate(METHODS.names())}
+    order = {n: i for i, n in enumerate([*METHODS.names(), CEILING])}
     write_table(sorted(done.values(), key=lambda r: (order.get(r["method"], 99), r.get("label", ""))), out, cfg, args)
     return 0
 
@@ -156,7 +160,9 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
         "whichever is smaller). `pilora`'s up includes its per-task class feature sums; `target`/`lander`'s "
         "their feature moments, `glfc`'s its prototype gradients. *of which method* is the part of *down* that is "
         "the method's own (a generator, the old model); *server s* the server time of the method's own work "
-        "(generator training, GLFC's proxy), inside *wall s*.",
+        "(generator training, GLFC's proxy), inside *wall s*. *ceiling*: the centralized joint upper bound, "
+        "`method=fedtalora` with one client holding all the training data and every intent in one task "
+        "(`scenario.num_tasks=1 fed.num_clients=1 fed.clients_per_round=1 partition.kind=iid`), same budget.",
         "",
         "| method | F_AA % | AIA % | forgetting % | trainable | up / client / round | down / client / round "
         "| of which method | max agg. error | server s | wall s |",
@@ -169,7 +175,8 @@ def write_table(rows: list[dict[str, Any]], path: Path, cfg: RunConfig, args: ar
             f"| {_count(r['uplink_params_per_client_round'])} | {_count(r['downlink_params_per_client_round'])} "
             f"| {_count(r.get('method_downlink_params_per_client_round', 0.0))} "
             f"| {r['max_aggregation_error']:.1e} | {r.get('method_server_seconds', 0.0):.0f} | {r['wall_seconds']:.0f} |")
-    path.write_text("\n".join(lines) + "\n")
+    notes = path.read_text().split("\n## Notes", 1) if path.is_file() else []  # hand-written notes are kept
+    path.write_text("\n".join(lines) + "\n" + (f"\n## Notes{notes[1]}" if len(notes) == 2 else ""))
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -37,6 +37,10 @@ INT_BOUND = 2**63
 """Every integer config value lies in ``(-INT_BOUND, INT_BOUND)`` (what torch and numpy index with)."""
 MAX_NAME_BYTES = 255
 """Longest file name (``output.name`` and each part of a path) that common file systems accept."""
+CEILING_OVERRIDES = ("scenario.num_tasks=1", "fed.num_clients=1", "fed.clients_per_round=1", "partition.kind=iid")
+"""The centralized joint upper bound of a run: the same loop, budget and method, with one client holding all the
+training data and every class in one task (the partition no longer applies). Benchmarks report it beside every
+method (``docs/analytic-classifier.md``)."""
 
 
 @dataclass
