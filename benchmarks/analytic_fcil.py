@@ -105,7 +105,10 @@ def run_one(name: str, args: argparse.Namespace, row: str, part: str, seed: int,
             "AIA": m["average_incremental_accuracy"], "val_F_AA": m.get("val_final_average_accuracy"),
             "uplink_bytes_total": m["uplink_bytes_total"], "wall_seconds": m.get("wall_seconds"),
             "uplink_bytes_per_round": [r["uplink_bytes"] for r in m["rounds"]],
-            "rounds_per_task": len(m["rounds"]) // max(len(m["tasks"]), 1)}
+            "rounds_per_task": len(m["rounds"]) // max(len(m["tasks"]), 1),
+            # what one client sends for one task (all its rounds, and the end-of-task statistics)
+            "uplink_bytes_per_client_task": m["uplink_bytes_total"] * len(m["rounds"])
+            / max(len(m["tasks"]), 1) / max(sum(len(r["clients"]) for r in m["rounds"]), 1)}
     if ran:  # every run, as soon as it finishes (runs reused from --runs were recorded when they ran)
         with (RESULTS / "analytic_fcil.jsonl").open("a") as fh:
             fh.write(json.dumps({k: v for k, v in rec.items() if k != "uplink_bytes_per_round"}
@@ -158,12 +161,12 @@ def main() -> None:
                     continue
                 records.append(rec)
                 print(json.dumps({k: v for k, v in records[-1].items() if k != "uplink_bytes_per_round"}), flush=True)
-    lines = ["| row | partition | head lr | seeds | F_AA % | AIA % | val F_AA % | uplink MB per round (mean) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | partition | head lr | seeds | F_AA % | AIA % | val F_AA % | uplink MB per round (mean) "
+             "| uplink MB per client and task |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sweep:
         lines.append(f"| sweep: head-only-head | {r['partition']} | {r['head_lr']:g} | {r['seed']} | "
                      f"{r['F_AA'] * 100:.2f} | {r['AIA'] * 100:.2f} | {r['val_F_AA'] * 100:.2f} | "
-                     f"{np.mean(r['uplink_bytes_per_round']) / 1e6:.1f} |")
+                     f"{np.mean(r['uplink_bytes_per_round']) / 1e6:.1f} | {r['uplink_bytes_per_client_task'] / 1e6:.2f} |")
     for row in args.rows:
         for part in args.partitions:
             rs = [r for r in records if r["row"] == row and r["partition"] == part]
@@ -174,9 +177,10 @@ def main() -> None:
             a = np.array([r["AIA"] for r in rs]) * 100
             v = np.array([r["val_F_AA"] for r in rs], dtype=float) * 100
             up = np.mean([np.mean(r["uplink_bytes_per_round"]) for r in rs]) / 1e6
+            up_ct = np.mean([r["uplink_bytes_per_client_task"] for r in rs]) / 1e6
             lines.append(f"| {row} | {'iid (1 client)' if is_ceiling(row) else part} | "
                          f"{'/'.join(f'{x:g}' for x in lrs)} | {len(rs)} | {f.mean():.2f}{_sd(f)} | {a.mean():.2f}{_sd(a)} | "
-                         f"{v.mean():.2f}{_sd(v)} | {up:.1f} |")
+                         f"{v.mean():.2f}{_sd(v)} | {up:.1f} | {up_ct:.2f} |")
     (RESULTS / "analytic_fcil.json").write_text(json.dumps({"set": args.set, "head_lr": head_lr, "sweep": sweep,
                                                             "records": records}, indent=1))
     (RESULTS / "analytic_fcil.table.md").write_text("\n".join(lines) + "\n")

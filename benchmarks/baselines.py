@@ -113,6 +113,8 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
                 continue
 
             def ms(key: str, scale: float = 100.0, rs: list[dict[str, Any]] = rs) -> str:
+                if any(r[key] is None for r in rs):  # e.g. forgetting of a one-task run
+                    return "–"
                 v = np.array([r[key] for r in rs], dtype=float) * scale
                 return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "")
 
