@@ -13,7 +13,10 @@ The SGD head's learning rate (``train.head_lr``) is chosen on validation: ``--sw
 first runs ``head-only-head`` (frozen backbone, feature cache) for every candidate on the sweep partition and
 seed(s), picks the one with the best mean ``val_final_average_accuracy`` (ties: the smaller lr), and then runs
 the rows whose prediction is the SGD head (``*-head``, ``ceiling``) with it; ``--head-lr X`` sets it directly.
-Other rows keep the preset's head lr. Frozen-backbone rows (``head-only-*``) run with
+Other rows keep the preset's head lr. With ``--sweep-each`` every SGD-head row (``*-head``, ``ceiling``,
+``fedlora``) instead chooses its own lr among the candidates on its own validation runs (``fedlora`` takes
+``fedtalora-head``'s: the same model and head): the rate that suits a frozen, task-masked federated head can
+make the one-task joint head diverge. Frozen-backbone rows (``head-only-*``) run with
 ``train.feature_cache=host``: the same numbers, computed once per sample.
 
     python benchmarks/analytic_fcil.py --data /path/to/banking77 --runs /tmp/analytic/runs \
@@ -55,7 +58,10 @@ ROWS: dict[str, list[str]] = {
     "ceiling-analytic": ["method=fedtalora", "classifier.kind=analytic", *CEILING_OVERRIDES],
 }
 CACHED = ["train.feature_cache=host"]  # frozen backbone: cache its activations (same results, faster)
-HEAD_ROWS = {"fedtalora-head", "head-only-head", "ceiling"}  # rows that predict with the SGD head
+HEAD_ROWS = {"fedtalora-head", "head-only-head", "ceiling", "fedlora"}  # rows that predict with the SGD head
+SWEEP_AS = {"fedlora": "fedtalora-head"}
+"""``--sweep-each``: rows that take the head lr chosen for another row (fedlora is fedtalora-head without the
+residual: the same model and head, so the same lr)."""
 
 
 def is_ceiling(row: str) -> bool:
@@ -134,6 +140,9 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=None, help="train.head_lr of the SGD-head rows (default: preset)")
     ap.add_argument("--sweep-head-lr", nargs="*", type=float, default=[],
                     help="candidate head lrs: chosen on validation (head-only-head, cached), overrides --head-lr")
+    ap.add_argument("--sweep-each", action="store_true",
+                    help="every SGD-head row chooses its own head lr among --sweep-head-lr on its own validation "
+                         "(runs of that row on --sweep-partition / --sweep-seeds) instead of head-only-head's")
     ap.add_argument("--sweep-partition", default="dirichlet", choices=list(PARTITIONS))
     ap.add_argument("--sweep-seeds", nargs="+", type=int, default=[0])
     args = ap.parse_args()
@@ -141,22 +150,38 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     head_lr = args.head_lr
     sweep: list[dict[str, Any]] = []
-    for lr in args.sweep_head_lr:  # on validation, frozen backbone + feature cache
-        for seed in args.sweep_seeds:
-            rec = run_one(run_name("head-only-head", args.sweep_partition, seed, lr), args, "head-only-head",
-                          args.sweep_partition, seed, lr)
-            if rec is not None:
-                sweep.append(rec)
-                print(json.dumps({k: v for k, v in rec.items() if k != "uplink_bytes_per_round"}), flush=True)
-    if sweep:
-        head_lr = choose_head_lr(sweep)
-        print(f"head lr chosen on validation: {head_lr:g}", flush=True)
+
+    def sweep_row(row: str) -> float | None:
+        """The head lr among ``--sweep-head-lr`` with the best validation F_AA of ``row``'s own runs."""
+        recs = []
+        for lr in args.sweep_head_lr:
+            for seed in args.sweep_seeds:
+                rec = run_one(run_name(row, args.sweep_partition, seed, lr), args, row, args.sweep_partition, seed, lr)
+                if rec is not None:
+                    recs.append(rec)
+                    print(json.dumps({k: v for k, v in rec.items() if k != "uplink_bytes_per_round"}), flush=True)
+        sweep.extend(r for r in recs if r not in sweep)
+        if not recs:
+            return None
+        chosen = choose_head_lr(recs)
+        print(f"{row}: head lr chosen on validation: {chosen:g}", flush=True)
+        return chosen
+
+    row_lr: dict[str, float | None] = {row: head_lr for row in args.rows}
+    if args.sweep_head_lr and args.sweep_each:  # each SGD-head row on its own validation
+        for row in args.rows:
+            if row in HEAD_ROWS:
+                row_lr[row] = sweep_row(SWEEP_AS.get(row, row))
+    elif args.sweep_head_lr:  # one choice for every SGD-head row: frozen backbone + feature cache
+        head_lr = sweep_row("head-only-head")
+        row_lr = {row: head_lr for row in args.rows}
     records = []
     for row in args.rows:
         for part in (args.partitions[:1] if is_ceiling(row) else args.partitions):
             for seed in args.seeds:
                 key = f"{row}:{part}:{seed}"
-                rec = run_one(reuse.get(key, run_name(row, part, seed, head_lr)), args, row, part, seed, head_lr)
+                lr = row_lr[row]
+                rec = run_one(reuse.get(key, run_name(row, part, seed, lr)), args, row, part, seed, lr)
                 if rec is None:
                     continue
                 records.append(rec)
@@ -164,7 +189,7 @@ def main() -> None:
     lines = ["| row | partition | head lr | seeds | F_AA % | AIA % | val F_AA % | uplink MB per round (mean) "
              "| uplink MB per client and task |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sweep:
-        lines.append(f"| sweep: head-only-head | {r['partition']} | {r['head_lr']:g} | {r['seed']} | "
+        lines.append(f"| sweep: {r['row']} | {r['partition']} | {r['head_lr']:g} | {r['seed']} | "
                      f"{r['F_AA'] * 100:.2f} | {r['AIA'] * 100:.2f} | {r['val_F_AA'] * 100:.2f} | "
                      f"{np.mean(r['uplink_bytes_per_round']) / 1e6:.1f} | {r['uplink_bytes_per_client_task'] / 1e6:.2f} |")
     for row in args.rows:
@@ -181,7 +206,7 @@ def main() -> None:
             lines.append(f"| {row} | {'iid (1 client)' if is_ceiling(row) else part} | "
                          f"{'/'.join(f'{x:g}' for x in lrs)} | {len(rs)} | {f.mean():.2f}{_sd(f)} | {a.mean():.2f}{_sd(a)} | "
                          f"{v.mean():.2f}{_sd(v)} | {up:.1f} | {up_ct:.2f} |")
-    (RESULTS / "analytic_fcil.json").write_text(json.dumps({"set": args.set, "head_lr": head_lr, "sweep": sweep,
+    (RESULTS / "analytic_fcil.json").write_text(json.dumps({"set": args.set, "head_lr": row_lr, "sweep": sweep,
                                                             "records": records}, indent=1))
     (RESULTS / "analytic_fcil.table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
