@@ -44,6 +44,8 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fedtalora.methods import SMOKE_OPTIONS  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 JSONL = RESULTS / "flower_methods.jsonl"
 MD = RESULTS / "flower_methods.md"
@@ -58,14 +60,6 @@ TINY = [  # the test suite's tiny overrides (tests/conftest.py TINY_OVERRIDES)
 ]
 CLIENTS = 3
 PARTIAL = [f"fed.num_clients={CLIENTS}", "fed.clients_per_round=2", "partition.min_samples=3"]
-FAST_OPTIONS: dict[str, list[str]] = {  # the test suite's fast_method_options
-    "target": ["method_options.gen_steps=30", "method_options.gen_batch=32", "method_options.syn_batch=16",
-               "method_options.adv_warmup=10"],
-    "lander": ["method_options.gen_steps=30", "method_options.gen_batch=32", "method_options.syn_batch=16",
-               "method_options.adv_warmup=10"],
-    "glfc": ["method_options.proto_steps=5", "method_options.recon_iters=4", "method_options.recon_evals=3",
-             "method_options.recon_images=3"],
-}
 ROUND_KEYS = ("clients", "aggregated", "num_samples", "dropped", "skipped", "train_loss", "aggregation_error",
               "aggregation_error_rounding", "aggregation_error_accumulated",
               "aggregation_error_accumulated_rounding", "naive_aggregation_loss")
@@ -73,7 +67,7 @@ BYTE_KEYS = ("uplink_bytes", "downlink_bytes", "method_downlink_bytes")
 
 
 def overrides(method: str) -> list[str]:
-    return [*TINY, *PARTIAL, f"method={method}", *FAST_OPTIONS.get(method, [])]
+    return [*TINY, *PARTIAL, f"method={method}", *SMOKE_OPTIONS.get(method, ())]
 
 
 def _same(x: Any, y: Any) -> bool:

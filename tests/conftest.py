@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fedtalora.methods import SMOKE_OPTIONS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 
@@ -369,21 +371,12 @@ def wrong_types() -> _WrongTypes:
 
 # --- small server budgets of the distillation baselines (a generator, the proxy's inversions) ------------
 
-_FAST_METHOD_OPTIONS: dict[str, list[str]] = {
-    "target": ["method_options.gen_steps=30", "method_options.gen_batch=32", "method_options.syn_batch=16",
-               "method_options.adv_warmup=10"],
-    "lander": ["method_options.gen_steps=30", "method_options.gen_batch=32", "method_options.syn_batch=16",
-               "method_options.adv_warmup=10"],
-    "glfc": ["method_options.proto_steps=5", "method_options.recon_iters=4", "method_options.recon_evals=3",
-             "method_options.recon_images=3"],
-}
-
 
 @pytest.fixture(scope="session")
 def fast_method_options() -> Callable[[str], list[str]]:
     """``fast_method_options(method)``: overrides giving ``method`` a server budget of seconds on the tiny
     configuration (empty for methods without server-side training)."""
-    return lambda name: list(_FAST_METHOD_OPTIONS.get(name, []))
+    return lambda name: list(SMOKE_OPTIONS.get(name, ()))
 
 
 
